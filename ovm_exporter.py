@@ -1,0 +1,5348 @@
+#!/usr/bin/env python
+# -*- coding: utf-8 -*-
+"""ovm_exporter: crash-consistent disk snapshots and incremental exports for Oracle VM.
+
+Copy this one file onto an Oracle VM Server (dom0) and run it. It lists the host's virtual
+machines (from the ovs-agent databases and each repository's vm.cfg files), takes
+copy-on-write snapshots of their disks (OCFS2 reflinks, or FICLONE on XFS/btrfs), tells a
+backup or migration client which byte ranges of a snapshot hold data or changed since an
+earlier snapshot, and serves those bytes over authenticated HTTPS with HTTP Range.
+
+It is a drop-in replacement for the Go service "coriolis-ovm-exporter": same configuration
+file, port, routes, JSON and tokens.
+
+    python ovm_exporter.py serve --config /etc/coriolis-ovm-exporter/config.toml
+    python ovm_exporter.py vms --config FILE [--json]    # what discovery sees on this host
+    python ovm_exporter.py check-config --config FILE    # validate, print without secrets
+    python ovm_exporter.py demo                          # sample host, no OVM or root needed
+    python ovm_exporter.py --version
+
+Standard library only; runs unchanged on Python 2.6 (the dom0's) and on Python 3.6-3.13.
+"""
+
+from __future__ import print_function
+
+import array
+import ast
+import base64
+import binascii
+import errno
+import fcntl
+import hashlib
+import hmac
+import io
+import itertools
+import json
+import logging
+import logging.handlers
+import math
+import numbers
+import operator
+import optparse
+import os
+import posixpath
+import pickle
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+
+__version__ = '1.0.0'
+
+# ------------------------------------------------------------------ compatibility prelude ---
+
+PY2 = sys.version_info[0] == 2
+
+if PY2:  # `novm`: tells the vermin checker these lines only run on Python 2
+    import BaseHTTPServer as http_server  # novm
+    import httplib as http_client  # novm
+    import urllib2 as urllib_request  # novm
+    from urllib import unquote as url_unquote  # novm
+    from urlparse import parse_qs, urlsplit  # novm
+    text_type = unicode  # novm (noqa: F821)
+    string_types = (str, unicode)  # novm (noqa: F821)
+    integer_types = (int, long)  # novm (noqa: F821)
+else:
+    import http.client as http_client  # novm
+    import http.server as http_server  # novm
+    import urllib.request as urllib_request  # novm
+    from urllib.parse import parse_qs, urlsplit  # novm
+    from urllib.parse import unquote as url_unquote  # novm
+    text_type = str
+    string_types = (str,)
+    integer_types = (int,)
+
+# A test hook: OVM_EXPORTER_COMPAT=py26 makes Python 2.7/3.x take the code paths that
+# Python 2.6 must take (no SSLContext, no compare_digest, no WAL), so that they are tested.
+FORCE_PY26_PATHS = os.environ.get('OVM_EXPORTER_COMPAT') == 'py26'
+
+log = logging.getLogger('ovm_exporter')
+BytesIO = io.BytesIO
+
+
+def to_bytes(value, encoding='utf-8'):
+    if isinstance(value, bytes):
+        return value
+    return value.encode(encoding)
+
+
+def to_native_str(value):
+    """bytes or text -> the interpreter's `str` (bytes on Python 2, text on Python 3)."""
+    if isinstance(value, str):
+        return value
+    if PY2:
+        return value.encode('utf-8')
+    return value.decode('utf-8', 'replace')
+
+
+def json_dumps(obj):
+    return json.dumps(obj, separators=(',', ':'), sort_keys=False)
+
+
+# ------------------------------------------------------ TOML config parser, Go durations ---
+# A TOML 1.0 subset parser (everything but dates and times) for the config file, because
+# Python 2.6 has no TOML parser and tomllib only exists from 3.11 on. For every document it
+# accepts, the result is the same as tomllib.loads() (same dicts, lists, unicode strings, ints,
+# floats, bools); the rules about redefining tables follow tomllib's (MIT, Taneli Hukkinen).
+# Also Go's time.ParseDuration, for durations such as "168h" in the config.
+
+
+_TOML_PY2 = sys.version_info[0] < 3
+_TOML_TEXT = type(u'')
+_TOML_BYTES = type(b'')
+_TOML_MAX_NESTING = 100
+
+try:
+    _toml_unichr = unichr  # noqa: F821 (Python 2)
+except NameError:
+    _toml_unichr = chr
+
+_TOML_WS = u' \t'
+_TOML_WS_NL = u' \t\n'
+_TOML_BARE_KEY_CHARS = frozenset(
+    u'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_')
+_TOML_KEY_START = _TOML_BARE_KEY_CHARS | frozenset(u'"\'')
+_TOML_HEX_DIGITS = frozenset(u'0123456789abcdefABCDEF')
+_TOML_CTRL = frozenset(_toml_unichr(code) for code in list(range(32)) + [127])
+# Characters not allowed raw in one-line strings and comments, and in multi-line strings.
+_TOML_ILLEGAL_LINE = _TOML_CTRL - frozenset(u'\t')
+_TOML_ILLEGAL_MULTILINE = _TOML_CTRL - frozenset(u'\t\n')
+_TOML_ESCAPES = {
+    u'b': u'\b', u't': u'\t', u'n': u'\n', u'f': u'\f', u'r': u'\r', u'"': u'"', u'\\': u'\\',
+}
+_TOML_NUMBER_RE = re.compile(
+    r'0(?:x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|b[01](?:_?[01])*|o[0-7](?:_?[0-7])*)'
+    r'|[+-]?(?:0|[1-9](?:_?[0-9])*)'
+    r'(?P<frac>(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?)')
+# Anything that starts like a date (1979-05-27) or a time (07:32): not supported here.
+_TOML_DATETIME_RE = re.compile(r'[0-9]{4}-[0-9]{2}|[0-9]{2}:[0-9]{2}')
+_TOML_TOKEN_RE = re.compile(r'[^\s,\[\]{}#=]+')
+_TOML_BARE_KEY_RE = re.compile(r'^[A-Za-z0-9_-]+$')
+_TOML_FROZEN = 0      # an inline table or array: nothing may be added to it later
+_TOML_EXPLICIT = 1    # a table defined by a [header] or by dotted keys: no [header] for it later
+
+
+def _toml_native(text):
+    """Unicode message -> the native str type (ASCII with escapes on Python 2)."""
+    if _TOML_PY2 and isinstance(text, _TOML_TEXT):
+        return text.encode('ascii', 'backslashreplace')
+    return text
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used. str(e) is the whole message, e.g.
+    "config.toml line 7: key 'api.port': expected a value, found 'abc'".
+    Attributes: source, line (int or None), key (dotted text or None), reason."""
+
+    def __init__(self, message, source=None, line=None, key=None, reason=None):
+        Exception.__init__(self, _toml_native(message))
+        self.source = source
+        self.line = line
+        self.key = key
+        self.reason = reason if reason is not None else message
+
+
+def _toml_printable(text):
+    """Text for an error message: control characters escaped."""
+    out = []
+    for ch in text:
+        if ch in _TOML_CTRL:
+            out.append(u'\\x%02x' % ord(ch))
+        else:
+            out.append(ch)
+    return u''.join(out)
+
+
+def _toml_format_key(parts):
+    """('api', 'tls', 'key') -> u'api.tls.key'; parts that are not bare keys are quoted."""
+    out = []
+    for part in parts:
+        if _TOML_BARE_KEY_RE.match(part):
+            out.append(part)
+        else:
+            out.append(u'"' + _toml_printable(part.replace(u'\\', u'\\\\')
+                                              .replace(u'"', u'\\"')) + u'"')
+    return u'.'.join(out)
+
+
+def _toml_as_text(value):
+    if isinstance(value, _TOML_TEXT):
+        return value
+    if isinstance(value, _TOML_BYTES):
+        return value.decode('utf-8', 'replace')
+    return _TOML_TEXT(value)
+
+
+def _toml_error_message(source, line, key, reason):
+    head = _toml_as_text(source)
+    if line is not None:
+        head = u'%s line %d' % (head, line)
+    if key:
+        return u"%s: key '%s': %s" % (head, key, reason)
+    return u'%s: %s' % (head, reason)
+
+
+class _TomlNestError(Exception):
+    """Internal: the path up to `key` holds a value that is not a table."""
+
+    def __init__(self, key):
+        Exception.__init__(self)
+        self.key = key
+
+
+class _TomlFlags(object):
+    """Which tables were defined how (tomllib's rules). A tree keyed by key parts; each
+    node is (flags, recursive_flags, children). Array-of-tables indices are not part of
+    the keys: a new [[x]] element clears the flags below x."""
+
+    def __init__(self):
+        self.tree = {}
+        self.pending = []
+
+    def add_pending(self, key, flag):
+        self.pending.append((key, flag))
+
+    def finalize_pending(self):
+        for key, flag in self.pending:
+            self.set(key, flag, False)
+        self.pending = []
+
+    def unset_all(self, key):
+        cont = self.tree
+        for part in key[:-1]:
+            if part not in cont:
+                return
+            cont = cont[part][2]
+        cont.pop(key[-1], None)
+
+    def set(self, key, flag, recursive):
+        cont = self.tree
+        for part in key[:-1]:
+            if part not in cont:
+                cont[part] = (set(), set(), {})
+            cont = cont[part][2]
+        if key[-1] not in cont:
+            cont[key[-1]] = (set(), set(), {})
+        cont[key[-1]][1 if recursive else 0].add(flag)
+
+    def has(self, key, flag):
+        if not key:
+            return False
+        cont = self.tree
+        for part in key[:-1]:
+            if part not in cont:
+                return False
+            node = cont[part]
+            if flag in node[1]:
+                return True
+            cont = node[2]
+        node = cont.get(key[-1])
+        if node is None:
+            return False
+        return flag in node[0] or flag in node[1]
+
+
+def _toml_get_or_create_nest(root, key, access_lists):
+    cont = root
+    for i in range(len(key)):
+        part = key[i]
+        if part not in cont:
+            cont[part] = {}
+        cont = cont[part]
+        if access_lists and isinstance(cont, list) and cont:
+            cont = cont[-1]
+        if not isinstance(cont, dict):
+            raise _TomlNestError(key[:i + 1])
+    return cont
+
+
+class _TomlParser(object):
+
+    def __init__(self, text, source):
+        # TOML allows reading CRLF as LF everywhere, also inside strings (tomllib does).
+        self.src = text.replace(u'\r\n', u'\n')
+        self.end = len(self.src)
+        self.pos = 0
+        self.source = source
+        self.data = {}
+        self.flags = _TomlFlags()
+        self.errkey = None
+        self.depth = 0
+
+    # ------------------------------------------------------------------ errors
+    def line_of(self, pos):
+        if pos >= self.end:
+            pos = self.end
+            if self.src.endswith(u'\n'):
+                pos -= 1
+        return self.src.count(u'\n', 0, max(pos, 0)) + 1
+
+    def error(self, reason, pos=None):
+        if pos is None:
+            pos = self.pos
+        line = self.line_of(pos)
+        key = None
+        if self.errkey:
+            key = _toml_format_key(self.errkey)
+        return ConfigError(_toml_error_message(self.source, line, key, reason),
+                           source=self.source, line=line, key=key, reason=reason)
+
+    def found(self, pos=None):
+        if pos is None:
+            pos = self.pos
+        if pos >= self.end:
+            return u'end of file'
+        ch = self.src[pos]
+        if ch == u'\n':
+            return u'end of line'
+        match = _TOML_TOKEN_RE.match(self.src, pos)
+        token = match.group() if match else ch
+        if len(token) > 40:
+            token = token[:40] + u'...'
+        return u"'" + _toml_printable(token) + u"'"
+
+    # ------------------------------------------------------------------ skipping
+    def skip_ws(self):
+        src, pos, end = self.src, self.pos, self.end
+        while pos < end and src[pos] in _TOML_WS:
+            pos += 1
+        self.pos = pos
+
+    def skip_comment(self):
+        src, pos, end = self.src, self.pos, self.end
+        if pos < end and src[pos] == u'#':
+            pos += 1
+            while pos < end and src[pos] != u'\n':
+                if src[pos] in _TOML_ILLEGAL_LINE:
+                    raise self.error(u'control character U+%04X is not allowed in a comment'
+                                     % ord(src[pos]), pos)
+                pos += 1
+            self.pos = pos
+
+    def skip_array_space(self):
+        while True:
+            before = self.pos
+            src, pos, end = self.src, self.pos, self.end
+            while pos < end and src[pos] in _TOML_WS_NL:
+                pos += 1
+            self.pos = pos
+            self.skip_comment()
+            if self.pos == before:
+                return
+
+    # ------------------------------------------------------------------ document
+    def parse(self):
+        src = self.src
+        header = ()
+        while True:
+            self.errkey = None
+            self.skip_ws()
+            if self.pos >= self.end:
+                break
+            ch = src[self.pos]
+            if ch == u'\n':
+                self.pos += 1
+                continue
+            what = u'comment'
+            if ch in _TOML_KEY_START:
+                self.key_value_statement(header)
+                what = u'value'
+            elif ch == u'[':
+                self.flags.finalize_pending()
+                if src.startswith(u'[[', self.pos):
+                    header = self.array_table_header()
+                else:
+                    header = self.table_header()
+                what = u'table header'
+            elif ch != u'#':
+                raise self.error(u'expected a key, a [table] header or a comment, found '
+                                 + self.found())
+            self.skip_ws()
+            self.skip_comment()
+            if self.pos >= self.end:
+                break
+            if src[self.pos] != u'\n':
+                raise self.error(u'expected end of line after the %s, found %s'
+                                 % (what, self.found()))
+            self.pos += 1
+        return self.data
+
+    def table_header(self):
+        start = self.pos
+        self.pos += 1
+        self.skip_ws()
+        key = self.parse_key()
+        self.errkey = key
+        name = _toml_format_key(key)
+        if self.flags.has(key, _TOML_FROZEN):
+            raise self.error(u'table [%s] cannot be opened: it is already defined as an '
+                             u'inline table or array' % name, start)
+        if self.flags.has(key, _TOML_EXPLICIT):
+            raise self.error(u'table [%s] is defined twice' % name, start)
+        self.flags.set(key, _TOML_EXPLICIT, False)
+        try:
+            _toml_get_or_create_nest(self.data, key, True)
+        except _TomlNestError as exc:
+            raise self.error(u'table [%s] cannot be opened: %s is already defined as a value'
+                             % (name, _toml_format_key(exc.key)), start)
+        if not self.src.startswith(u']', self.pos):
+            raise self.error(u"expected ']' at the end of the table header, found "
+                             + self.found())
+        self.pos += 1
+        return key
+
+    def array_table_header(self):
+        start = self.pos
+        self.pos += 2
+        self.skip_ws()
+        key = self.parse_key()
+        self.errkey = key
+        name = _toml_format_key(key)
+        if self.flags.has(key, _TOML_FROZEN):
+            raise self.error(u'array of tables [[%s]] cannot be extended: it is already '
+                             u'defined as an inline table or array' % name, start)
+        self.flags.unset_all(key)
+        self.flags.set(key, _TOML_EXPLICIT, False)
+        try:
+            cont = _toml_get_or_create_nest(self.data, key[:-1], True)
+            if key[-1] not in cont:
+                cont[key[-1]] = [{}]
+            elif isinstance(cont[key[-1]], list):
+                cont[key[-1]].append({})
+            else:
+                raise _TomlNestError(key)
+        except _TomlNestError as exc:
+            raise self.error(u'array of tables [[%s]] cannot be opened: %s is already defined'
+                             u' as a table or value' % (name, _toml_format_key(exc.key)), start)
+        if not self.src.startswith(u']]', self.pos):
+            raise self.error(u"expected ']]' at the end of the array of tables header, found "
+                             + self.found())
+        self.pos += 2
+        return key
+
+    def key_value_statement(self, header):
+        start = self.pos
+        key, value = self.parse_key_value(header)
+        parent, stem = key[:-1], key[-1]
+        for i in range(1, len(key)):
+            cont_key = header + key[:i]
+            if self.flags.has(cont_key, _TOML_EXPLICIT):
+                raise self.error(u'cannot add keys to table [%s] with a dotted key: it is '
+                                 u'defined elsewhere' % _toml_format_key(cont_key), start)
+            self.flags.add_pending(cont_key, _TOML_EXPLICIT)
+        if self.flags.has(header + parent, _TOML_FROZEN):
+            raise self.error(u'cannot add keys to %s: it is an inline table or array'
+                             % _toml_format_key(header + parent), start)
+        try:
+            nest = _toml_get_or_create_nest(self.data, header + parent, True)
+        except _TomlNestError as exc:
+            raise self.error(u'%s is already defined as a value, not a table'
+                             % _toml_format_key(exc.key), start)
+        if stem in nest:
+            raise self.error(u'duplicate key: it is already defined', start)
+        if isinstance(value, (dict, list)):
+            self.flags.set(header + key, _TOML_FROZEN, True)
+        nest[stem] = value
+
+    def parse_key_value(self, prefix):
+        """key = value; sets self.errkey to prefix + key (for messages)."""
+        key = self.parse_key()
+        self.errkey = prefix + key
+        if not self.src.startswith(u'=', self.pos):
+            raise self.error(u"expected '=' after the key, found " + self.found())
+        self.pos += 1
+        self.skip_ws()
+        return key, self.parse_value()
+
+    def parse_key(self):
+        parts = [self.parse_key_part()]
+        self.skip_ws()
+        while self.src.startswith(u'.', self.pos):
+            self.pos += 1
+            self.skip_ws()
+            parts.append(self.parse_key_part())
+            self.skip_ws()
+        return tuple(parts)
+
+    def parse_key_part(self):
+        src, pos, end = self.src, self.pos, self.end
+        ch = src[pos] if pos < end else u''
+        if ch and ch in _TOML_BARE_KEY_CHARS:
+            first = pos
+            while pos < end and src[pos] in _TOML_BARE_KEY_CHARS:
+                pos += 1
+            self.pos = pos
+            return src[first:pos]
+        if ch == u"'":
+            return self.parse_literal_string()
+        if ch == u'"':
+            return self.parse_basic_string()
+        raise self.error(u'expected a key, found ' + self.found())
+
+    # ------------------------------------------------------------------ values
+    def parse_value(self):
+        src, pos = self.src, self.pos
+        ch = src[pos] if pos < self.end else u''
+        if ch == u'"':
+            if src.startswith(u'"""', pos):
+                return self.parse_multiline_string(u'"')
+            return self.parse_basic_string()
+        if ch == u"'":
+            if src.startswith(u"'''", pos):
+                return self.parse_multiline_string(u"'")
+            return self.parse_literal_string()
+        if ch == u't' and src.startswith(u'true', pos):
+            self.pos += 4
+            return self.value_end(pos, True, u'expected a value')
+        if ch == u'f' and src.startswith(u'false', pos):
+            self.pos += 5
+            return self.value_end(pos, False, u'expected a value')
+        if ch == u'[' or ch == u'{':
+            if self.depth >= _TOML_MAX_NESTING:
+                raise self.error(u'arrays and inline tables nested more than %d deep'
+                                 % _TOML_MAX_NESTING)
+            self.depth += 1
+            try:
+                if ch == u'[':
+                    return self.parse_array()
+                return self.parse_inline_table()
+            finally:
+                self.depth -= 1
+        if _TOML_DATETIME_RE.match(src, pos):
+            raise self.error(u'dates and times are not supported, found %s (write it as a '
+                             u'quoted string)' % self.found())
+        match = _TOML_NUMBER_RE.match(src, pos)
+        if match:
+            text = match.group()
+            self.pos = match.end()
+            if text[:2] in (u'0x', u'0o', u'0b'):
+                value = int(text[2:].replace(u'_', u''), {u'x': 16, u'o': 8, u'b': 2}[text[1]])
+            elif match.group('frac'):
+                value = float(text.replace(u'_', u''))
+            else:
+                value = int(text.replace(u'_', u''))
+            return self.value_end(pos, value, u'invalid number')
+        for special in (u'inf', u'nan', u'+inf', u'+nan', u'-inf', u'-nan'):
+            if src.startswith(special, pos):
+                self.pos += len(special)
+                # An explicit sign bit: Python 2's float('nan') is negative on x86.
+                value = math.copysign(float(special.lstrip(u'+-')),
+                                      -1.0 if special[0] == u'-' else 1.0)
+                return self.value_end(pos, value, u'expected a value')
+        raise self.error(u'expected a value, found ' + self.found())
+
+    def value_end(self, start, value, reason):
+        """A bare value (number, bool) must not run on into more word characters:
+        '05544', '1.', '1_000_', 'truex' are errors (as in tomllib); say so clearly."""
+        if self.pos < self.end and (self.src[self.pos] in _TOML_BARE_KEY_CHARS
+                                    or self.src[self.pos] in u'.+'):
+            reason = u'%s, found %s' % (reason, self.found(start))
+            if _TOML_NUMBER_RE.match(self.src, start) and re.match(
+                    r'[+-]?0[0-9_]', self.src[start:start + 3]):
+                reason += u' (leading zeros are not allowed)'
+            raise self.error(reason, start)
+        return value
+
+    def parse_array(self):
+        start = self.pos
+        self.pos += 1
+        result = []
+        self.skip_array_space()
+        if self.src.startswith(u']', self.pos):
+            self.pos += 1
+            return result
+        while True:
+            if self.pos >= self.end:
+                raise self.error(u"unterminated array (no closing ']')", start)
+            result.append(self.parse_value())
+            self.skip_array_space()
+            ch = self.src[self.pos:self.pos + 1]
+            if ch == u']':
+                self.pos += 1
+                return result
+            if ch != u',':
+                if not ch:
+                    raise self.error(u"unterminated array (no closing ']')", start)
+                raise self.error(u"expected ',' or ']' in the array, found " + self.found())
+            self.pos += 1
+            self.skip_array_space()
+            if self.src.startswith(u']', self.pos):
+                self.pos += 1
+                return result
+
+    def parse_inline_table(self):
+        self.pos += 1
+        outer_key = self.errkey or ()
+        table = {}
+        flags = _TomlFlags()
+        self.skip_ws()
+        if self.src.startswith(u'}', self.pos):
+            self.pos += 1
+            return table
+        while True:
+            self.errkey = outer_key
+            if self.pos >= self.end or self.src[self.pos] == u'\n':
+                raise self.error(u'an inline table must be on one line: expected a key, found '
+                                 + self.found())
+            start = self.pos
+            key, value = self.parse_key_value(outer_key)
+            parent, stem = key[:-1], key[-1]
+            if flags.has(key, _TOML_FROZEN):
+                raise self.error(u'cannot add keys to %s: it is an inline table or array'
+                                 % _toml_format_key(outer_key + parent), start)
+            try:
+                nest = _toml_get_or_create_nest(table, parent, False)
+            except _TomlNestError as exc:
+                raise self.error(u'%s is already defined as a value, not a table'
+                                 % _toml_format_key(outer_key + exc.key), start)
+            if stem in nest:
+                raise self.error(u'duplicate key: it is already defined', start)
+            nest[stem] = value
+            self.skip_ws()
+            ch = self.src[self.pos:self.pos + 1]
+            if ch == u'}':
+                self.pos += 1
+                self.errkey = outer_key
+                return table
+            if ch != u',':
+                raise self.error(u"expected ',' or '}' in the inline table, found "
+                                 + self.found())
+            if isinstance(value, (dict, list)):
+                flags.set(key, _TOML_FROZEN, True)
+            self.pos += 1
+            self.skip_ws()
+
+    # ------------------------------------------------------------------ strings
+    def bad_char(self, pos, what):
+        return self.error(u'control character U+%04X is not allowed in %s (use an escape)'
+                          % (ord(self.src[pos]), what), pos)
+
+    def parse_literal_string(self):
+        start = self.pos
+        src, pos, end = self.src, self.pos + 1, self.end
+        while True:
+            if pos >= end or src[pos] == u'\n':
+                raise self.error(u"unterminated string: a '...' string must end on the same"
+                                 u" line", start)
+            ch = src[pos]
+            if ch == u"'":
+                self.pos = pos + 1
+                return src[start + 1:pos]
+            if ch in _TOML_ILLEGAL_LINE:
+                raise self.bad_char(pos, u'a string')
+            pos += 1
+
+    def parse_basic_string(self):
+        """A "..." string (self.pos at the quote)."""
+        return self.parse_escaped(self.pos + 1, False, self.pos)
+
+    def parse_multiline_string(self, delim):
+        start = self.pos
+        src = self.src
+        pos = start + 3
+        if src.startswith(u'\n', pos):
+            pos += 1
+        if delim == u'"':
+            text = self.parse_escaped(pos, True, start)
+        else:
+            end = self.end
+            first = pos
+            while True:
+                if pos >= end:
+                    raise self.error(u"unterminated ''' string (no closing ''')", start)
+                if src.startswith(u"'''", pos):
+                    text = src[first:pos]
+                    self.pos = pos + 3
+                    break
+                if src[pos] in _TOML_ILLEGAL_MULTILINE:
+                    raise self.bad_char(pos, u'a string')
+                pos += 1
+        # A closing delimiter of 4 or 5 quotes: the first one or two belong to the string.
+        for _extra in (1, 2):
+            if src.startswith(delim, self.pos):
+                text += delim
+                self.pos += 1
+        return text
+
+    def parse_escaped(self, pos, multiline, start):
+        """Body of a basic string from pos to its closing quote(s); sets self.pos after them."""
+        src, end = self.src, self.end
+        illegal = _TOML_ILLEGAL_MULTILINE if multiline else _TOML_ILLEGAL_LINE
+        parts = []
+        seg = pos
+        while True:
+            if pos >= end:
+                if multiline:
+                    raise self.error(u'unterminated """ string (no closing """)', start)
+                raise self.error(u'unterminated string', start)
+            ch = src[pos]
+            if ch == u'"':
+                if not multiline:
+                    parts.append(src[seg:pos])
+                    self.pos = pos + 1
+                    return u''.join(parts)
+                if src.startswith(u'"""', pos):
+                    parts.append(src[seg:pos])
+                    self.pos = pos + 3
+                    return u''.join(parts)
+                pos += 1
+            elif ch == u'\\':
+                parts.append(src[seg:pos])
+                pos = self.parse_escape(pos, multiline, parts)
+                seg = pos
+            elif ch in illegal:
+                if ch == u'\n':
+                    raise self.error(u'unterminated string: a "..." string must end on the '
+                                     u'same line (use """ for several lines)', start)
+                raise self.bad_char(pos, u'a string')
+            else:
+                pos += 1
+
+    def parse_escape(self, pos, multiline, parts):
+        src, end = self.src, self.end
+        code = src[pos + 1:pos + 2]
+        if multiline and code in (u' ', u'\t', u'\n'):
+            # Line-ending backslash: drop the newline and all whitespace after it.
+            pos += 1
+            while pos < end and src[pos] in _TOML_WS:
+                pos += 1
+            if pos >= end:
+                return pos
+            if src[pos] != u'\n':
+                raise self.error(u"a '\\' followed by spaces must end the line in a \"\"\" "
+                                 u"string", pos)
+            while pos < end and src[pos] in _TOML_WS_NL:
+                pos += 1
+            return pos
+        if code in _TOML_ESCAPES:
+            parts.append(_TOML_ESCAPES[code])
+            return pos + 2
+        if code in (u'u', u'U'):
+            size = 4 if code == u'u' else 8
+            digits = src[pos + 2:pos + 2 + size]
+            if len(digits) != size or not _TOML_HEX_DIGITS.issuperset(digits):
+                raise self.error(u'invalid escape: \\%s needs %d hex digits' % (code, size), pos)
+            value = int(digits, 16)
+            if not (0 <= value <= 0xD7FF or 0xE000 <= value <= 0x10FFFF):
+                raise self.error(u'invalid escape \\%s%s: not a Unicode scalar value'
+                                 % (code, digits), pos)
+            if value > sys.maxunicode:
+                # Narrow Python 2 build: a surrogate pair, as decoding UTF-8 would give.
+                value -= 0x10000
+                parts.append(_toml_unichr(0xD800 + (value >> 10))
+                             + _toml_unichr(0xDC00 + (value & 0x3FF)))
+            else:
+                parts.append(_toml_unichr(value))
+            return pos + 2 + size
+        raise self.error(u"invalid escape '\\%s' in string (valid: \\b \\t \\n \\f \\r \\\" "
+                         u"\\\\ \\uXXXX \\UXXXXXXXX)" % _toml_printable(code), pos)
+
+
+def parse_toml(text, source='<string>'):
+    """Parse a TOML document (unicode text; UTF-8 bytes are decoded) into a dict.
+
+    Supports TOML 1.0 except dates and times (rejected with a ConfigError). Results equal
+    tomllib.loads(); strings and keys are unicode on Python 2. Raises ConfigError naming the
+    source, the line and the key."""
+    if isinstance(text, _TOML_BYTES) and not isinstance(text, _TOML_TEXT):
+        try:
+            text = text.decode('utf-8')
+        except UnicodeDecodeError as exc:
+            line = text.count(b'\n', 0, exc.start) + 1
+            raise ConfigError(_toml_error_message(source, line, None, u'not valid UTF-8'),
+                              source=source, line=line, reason=u'not valid UTF-8')
+    if not isinstance(text, _TOML_TEXT):
+        raise TypeError('parse_toml() needs text, not %s' % type(text).__name__)
+    return _TomlParser(text, source).parse()
+
+
+def load_toml_file(path):
+    """Read a UTF-8 TOML file (a leading BOM is ignored) and parse it; ConfigError when the
+    file cannot be read, is not UTF-8 or is not valid TOML."""
+    try:
+        handle = open(path, 'rb')
+        try:
+            data = handle.read()
+        finally:
+            handle.close()
+    except (IOError, OSError) as exc:
+        reason = u'cannot read the file: %s' % _toml_as_text(exc.strerror or exc)
+        raise ConfigError(_toml_error_message(path, None, None, reason), source=path,
+                          reason=reason)
+    if data.startswith(b'\xef\xbb\xbf'):
+        data = data[3:]
+    return parse_toml(data, source=path)
+
+
+# ------------------------------------------------------------------------- Go durations
+_GO_DURATION_UNITS = {
+    u'ns': 1, u'us': 1000, u'\u00b5s': 1000, u'\u03bcs': 1000, u'ms': 1000000,
+    u's': 1000000000, u'm': 60 * 1000000000, u'h': 3600 * 1000000000,
+}
+_GO_DURATION_MAX = 1 << 63
+
+
+def _go_duration_nanoseconds(text):
+    """Go's time.ParseDuration, step by step (same accepted syntax, same rounding,
+    same overflow limits), returning an int number of nanoseconds."""
+    if _TOML_PY2 and isinstance(text, _TOML_BYTES):
+        try:
+            text = text.decode('utf-8')
+        except UnicodeDecodeError:
+            raise ValueError('invalid duration %r: not UTF-8 text' % (text,))
+    if not isinstance(text, _TOML_TEXT):
+        raise ValueError('a duration must be a string such as "168h" or "1h30m", not %s'
+                         % type(text).__name__)
+    quoted = u'"' + _toml_printable(text) + u'"'
+    hint = u' (expected a number and a unit for each part, e.g. "168h", "90m", "1h30m",' \
+           u' "300ms"; units: ns, us, ms, s, m, h)'
+    invalid = u'invalid duration ' + quoted + hint
+    rest = text
+    negative = False
+    if rest[:1] in (u'-', u'+'):
+        negative = rest[:1] == u'-'
+        rest = rest[1:]
+    if rest == u'0':
+        return 0
+    if not rest:
+        raise ValueError(_toml_native(invalid))
+    digits = u'0123456789'
+    total = 0
+    while rest:
+        if not (rest[0] == u'.' or rest[0] in digits):
+            raise ValueError(_toml_native(invalid))
+        i = 0
+        while i < len(rest) and rest[i] in digits:
+            i += 1
+        whole = int(rest[:i]) if i else 0
+        if whole > _GO_DURATION_MAX:
+            raise ValueError(_toml_native(invalid))
+        has_whole = i > 0
+        rest = rest[i:]
+        fraction, scale, has_fraction = 0, 1.0, False
+        if rest[:1] == u'.':
+            rest = rest[1:]
+            i = 0
+            overflow = False
+            while i < len(rest) and rest[i] in digits:
+                if not overflow:
+                    if fraction > (_GO_DURATION_MAX - 1) // 10:
+                        overflow = True
+                    else:
+                        bigger = fraction * 10 + int(rest[i])
+                        if bigger > _GO_DURATION_MAX:
+                            overflow = True
+                        else:
+                            fraction = bigger
+                            scale *= 10
+                i += 1
+            has_fraction = i > 0
+            rest = rest[i:]
+        if not has_whole and not has_fraction:
+            raise ValueError(_toml_native(invalid))
+        i = 0
+        while i < len(rest) and not (rest[i] == u'.' or rest[i] in digits):
+            i += 1
+        if i == 0:
+            raise ValueError(_toml_native(u'missing unit in duration ' + quoted + hint))
+        unit_text, rest = rest[:i], rest[i:]
+        unit = _GO_DURATION_UNITS.get(unit_text)
+        if unit is None:
+            raise ValueError(_toml_native(u'unknown unit "%s" in duration %s%s'
+                                          % (_toml_printable(unit_text), quoted, hint)))
+        if whole > _GO_DURATION_MAX // unit:
+            raise ValueError(_toml_native(invalid))
+        whole *= unit
+        if fraction > 0:
+            whole += int(float(fraction) * (float(unit) / scale))
+            if whole > _GO_DURATION_MAX:
+                raise ValueError(_toml_native(invalid))
+        total += whole
+        if total > _GO_DURATION_MAX:
+            raise ValueError(_toml_native(invalid))
+    if negative:
+        return -total
+    if total > _GO_DURATION_MAX - 1:
+        raise ValueError(_toml_native(invalid))
+    return total
+
+
+def parse_go_duration(text):
+    """Go time.ParseDuration syntax -> float seconds: "168h" -> 604800.0, "1h30m" -> 5400.0,
+    "300ms" -> 0.3, "-1.5h", "0". Strings only; ValueError (clear message) otherwise."""
+    return _go_duration_nanoseconds(text) / 1e9
+
+# ------------------------------------------------------------------------- configuration ---
+
+DEFAULT_CONFIG_PATH = '/etc/coriolis-ovm-exporter/config.toml'
+# The secret printed in the Go service's README: everybody knows it.
+PUBLISHED_EXAMPLE_SECRET = 'yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd'
+MANAGER_DEFAULT_PORT = 7002
+
+# (dotted key, kind, default). Kinds: str, int, bool, duration, list.
+CONFIG_SCHEMA = [
+    ('db_file', 'str', '/etc/coriolis-ovm-exporter/exporter.db'),
+    ('ovm_endpoint', 'str', ''),
+    ('ovm_ca_certificate', 'str', ''),
+    ('ovm_certificate_fingerprint', 'str', ''),
+    ('ovm_fingerprint_file', 'str', ''),
+    ('ovm_timeout', 'duration', 10.0),
+    ('log_file', 'str', ''),
+    ('log_level', 'str', 'info'),
+    ('ovs_agent_db_dir', 'str', '/etc/ovs-agent/db'),
+    ('snapshot_min_free_percent', 'int', 10),
+    ('jwt.secret', 'str', ''),
+    ('jwt.time_to_live', 'duration', 168 * 3600.0),
+    ('api.bind', 'str', '0.0.0.0'),
+    ('api.port', 'int', 5544),
+    ('api.max_connections', 'int', 64),
+    ('api.handshake_timeout', 'duration', 10.0),
+    ('api.idle_timeout', 'duration', 60.0),
+    ('api.login_max_failures', 'int', 5),
+    ('api.login_failure_window', 'duration', 300.0),
+    ('api.tls.certificate', 'str', ''),
+    ('api.tls.key', 'str', ''),
+    ('api.tls.ca_certificate', 'str', ''),
+    ('api.tls.require_client_certificate', 'bool', False),
+    ('repository', 'list', None),
+]
+SECRET_KEYS = ('jwt.secret',)
+LOG_LEVELS = ('debug', 'info', 'warning', 'error')
+
+
+class Config(object):
+    """The effective configuration: every key of CONFIG_SCHEMA, flattened with '_' for '.'."""
+
+    def __init__(self, values, source='<defaults>'):
+        self.source = source
+        self.values = values
+        for key, value in values.items():
+            setattr(self, key.replace('.', '_'), value)
+        self.demo = False  # the demo (and only the demo) may copy where it cannot clone
+
+    @property
+    def fingerprint_file(self):
+        if self.ovm_fingerprint_file:
+            return self.ovm_fingerprint_file
+        return os.path.join(os.path.dirname(os.path.abspath(self.db_file)),
+                            'ovm-manager.fingerprint')
+
+    def describe(self):
+        """Lines of `key = value` for check-config, secrets hidden."""
+        lines = []
+        for key, kind, default in CONFIG_SCHEMA:
+            value = self.values[key]
+            if key in SECRET_KEYS:
+                value = '<hidden, %d bytes>' % len(to_bytes(value))
+            elif key == 'repository':
+                value = [dict((k, r.get(k)) for k in ('id', 'mount_point', 'filesystem'))
+                         for r in (value or [])]
+            lines.append('%s = %s' % (key, json.dumps(value)))
+        return lines
+
+
+def _lookup_dotted(document, dotted):
+    node = document
+    for part in dotted.split('.'):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _known_config_paths():
+    known = set()
+    for key, kind, default in CONFIG_SCHEMA:
+        parts = key.split('.')
+        for i in range(1, len(parts)):
+            known.add('.'.join(parts[:i]))
+        known.add(key)
+    return known
+
+
+def _unknown_config_keys(document, prefix=''):
+    known = _known_config_paths()
+    found = []
+    for key, value in document.items():
+        dotted = prefix + key
+        if dotted == 'repository':
+            continue
+        if dotted not in known:
+            found.append(dotted)
+        elif isinstance(value, dict):
+            found.extend(_unknown_config_keys(value, dotted + '.'))
+    return found
+
+
+def _coerce_config_value(source, key, kind, value):
+    def fail(what):
+        raise ConfigError('%s: key %r: %s' % (source, key, what))
+    if kind == 'str':
+        if not isinstance(value, string_types):
+            fail('expected a string, found %r' % (value,))
+        return text_type(value)
+    if kind == 'int':
+        if isinstance(value, bool) or not isinstance(value, integer_types):
+            fail('expected an integer, found %r' % (value,))
+        return int(value)
+    if kind == 'bool':
+        if not isinstance(value, bool):
+            fail('expected true or false, found %r' % (value,))
+        return value
+    if kind == 'duration':
+        if isinstance(value, bool):
+            fail('expected a duration such as "10s" or "168h"')
+        if isinstance(value, integer_types):
+            return float(value)
+        if not isinstance(value, string_types):
+            fail('expected a duration such as "10s" or "168h"')
+        try:
+            return parse_go_duration(value)
+        except ValueError as exc:
+            fail(str(exc))
+    if kind == 'list':
+        if not isinstance(value, list) or [r for r in value if not isinstance(r, dict)]:
+            fail('expected [[%s]] tables' % key)
+        return value
+    raise AssertionError(kind)
+
+
+def config_from_document(document, source):
+    values = {}
+    for key, kind, default in CONFIG_SCHEMA:
+        present, value = _lookup_dotted(document, key)
+        values[key] = _coerce_config_value(source, key, kind, value) if present else default
+    for key in _unknown_config_keys(document):
+        log.warning('%s: unknown key %r ignored', source, key)
+    return Config(values, source)
+
+
+def validate_config(config, need_tls=True):
+    """Raise ConfigError naming the first problem; return a list of warnings."""
+    source = config.source
+    warnings = []
+
+    def fail(key, what):
+        raise ConfigError('%s: key %r: %s' % (source, key, what))
+
+    secret = to_bytes(config.jwt_secret)
+    if not secret:
+        fail('jwt.secret', 'is empty; set a long random secret')
+    if config.jwt_secret == PUBLISHED_EXAMPLE_SECRET:
+        fail('jwt.secret', 'is the example secret published in the Go service README; '
+                           'anybody could forge tokens. Generate a new one')
+    if len(secret) < 32:
+        warnings.append('jwt.secret is shorter than 32 bytes; use a longer random secret')
+    if not 0 <= config.api_port <= 65535:
+        fail('api.port', 'must be between 1 and 65535 (0: any free port), found %d'
+             % config.api_port)
+    if config.jwt_time_to_live <= 0:
+        fail('jwt.time_to_live', 'must be positive')
+    for key in ('api.max_connections', 'api.login_max_failures'):
+        if config.values[key] < 1:
+            fail(key, 'must be at least 1')
+    if not 0 <= config.snapshot_min_free_percent < 100:
+        fail('snapshot_min_free_percent', 'must be between 0 and 99')
+    if config.log_level.lower() not in LOG_LEVELS:
+        fail('log_level', 'must be one of %s' % ', '.join(LOG_LEVELS))
+    if config.ovm_endpoint and not re.match(r'^https://[^/\s]+(/.*)?$', config.ovm_endpoint):
+        fail('ovm_endpoint', 'must be an https:// URL such as https://manager:7002')
+    if config.ovm_certificate_fingerprint:
+        try:
+            normalize_certificate_fingerprint(config.ovm_certificate_fingerprint)
+        except ValueError as exc:
+            fail('ovm_certificate_fingerprint', str(exc))
+    if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
+        fail('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
+    for index, repo in enumerate(config.repository or []):
+        for field in ('id', 'mount_point'):
+            if not isinstance(repo.get(field), string_types) or not repo.get(field):
+                fail('repository[%d].%s' % (index, field), 'is required and must be a string')
+        if not os.path.isabs(repo['mount_point']):
+            fail('repository[%d].mount_point' % index, 'must be an absolute path')
+    if need_tls:
+        for key in ('api.tls.certificate', 'api.tls.key'):
+            path = config.values[key]
+            if not path:
+                fail(key, 'is required (the service speaks HTTPS only)')
+            if not os.path.isfile(path):
+                fail(key, 'file %s does not exist' % path)
+        if config.api_tls_require_client_certificate and not config.api_tls_ca_certificate:
+            fail('api.tls.ca_certificate', 'is required when require_client_certificate = true')
+        try:
+            make_server_tls(config)
+        except (ssl.SSLError, IOError, OSError, ValueError) as exc:
+            fail('api.tls', 'cannot load certificate/key: %s' % exc)
+    return warnings
+
+
+def load_config(path):
+    """Read, parse and check a configuration file. Raises ConfigError."""
+    try:
+        with open(path, 'rb') as handle:
+            raw = handle.read(1024 * 1024 + 1)
+        mode = os.stat(path).st_mode
+    except (IOError, OSError) as exc:
+        raise ConfigError('cannot read configuration file %s: %s' % (path, exc.strerror or exc))
+    if len(raw) > 1024 * 1024:
+        raise ConfigError('%s: larger than 1 MiB; not a configuration file' % path)
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError:
+        raise ConfigError('%s: not UTF-8 text' % path)
+    config = config_from_document(parse_toml(text, path), path)
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning('%s is readable by other users and holds the JWT secret: chmod 600 it', path)
+    return config
+
+
+def default_config():
+    return Config(dict((key, default) for key, kind, default in CONFIG_SCHEMA))
+
+
+# ------------------------------------------------------ Berkeley DB hash reader / ovs-agent DBs ---
+# Read-only, pure-Python reader for Berkeley DB HASH files (hash format versions 7-9, as written by
+# DB 4.x/5.x), a restricted unpickler for the Python 2 pickles ovs-agent stores in them, and a
+# sniffer for a repository's `.ovsmeta`.  Format notes: /work/shared/design/ovm-host-facts.md s.2.
+
+
+BDB_HASH_MAGIC = 0x061561
+BDB_BTREE_MAGIC = 0x053162
+_BDB_HASH_VERSIONS = (7, 8, 9)
+_BDB_P_INVALID = 0
+_BDB_P_HASH_UNSORTED = 2
+_BDB_P_OVERFLOW = 7
+_BDB_P_HASHMETA = 8
+_BDB_P_HASH = 13
+_BDB_H_KEYDATA = 1
+_BDB_H_DUPLICATE = 2
+_BDB_H_OFFPAGE = 3
+_BDB_H_OFFDUP = 4
+_BDB_HOFFPAGE_SIZE = 12
+_BDB_DB_HASH_DUP = 0x01
+_BDB_DB_HASH_SUBDB = 0x02
+_BDB_DB_HASH_DUPSORT = 0x04
+_BDB_DBMETA_CHKSUM = 0x01
+_BDB_SIZEOF_PAGE = 26
+_BDB_SIZEOF_PAGE_CHKSUM = 32
+
+_BDB_PY3 = sys.version_info[0] >= 3
+if _BDB_PY3:
+    _bdb_bytes_type = bytes
+else:
+    _bdb_bytes_type = str
+
+
+class BerkeleyDBError(Exception):
+    """A Berkeley DB file that cannot be read: corrupt, truncated, or of an unsupported kind."""
+
+
+class BerkeleyDBUnsupportedError(BerkeleyDBError):
+    """A well-formed Berkeley DB file of a kind this reader refuses (encrypted, sub-databases,
+    duplicates).  Not retried: re-reading cannot change the answer."""
+
+
+class UnsafePickleError(Exception):
+    """A pickle that is refused (asks for a global / object) or cannot be unpickled."""
+
+
+def _bdb_log2(n):
+    """Smallest i with 2**i >= n (Berkeley DB's __db_log2)."""
+    i = 0
+    limit = 1
+    while limit < n:
+        limit <<= 1
+        i += 1
+    return i
+
+
+def _bdb_parse_meta(data, name):
+    if len(data) < 512:
+        raise BerkeleyDBError('%s: not a Berkeley DB hash file (only %d bytes)' % (name, len(data)))
+    endian = None
+    for prefix in ('<', '>'):
+        magic = struct.unpack_from(prefix + 'I', data, 12)[0]
+        if magic == BDB_HASH_MAGIC:
+            endian = prefix
+            break
+        if magic == BDB_BTREE_MAGIC:
+            raise BerkeleyDBUnsupportedError(
+                '%s: is a Berkeley DB btree file or a file of named sub-databases, '
+                'not a single hash database' % name)
+    if endian is None:
+        raise BerkeleyDBError('%s: not a Berkeley DB hash file (bad magic)' % name)
+    version, pagesize = struct.unpack_from(endian + 'II', data, 16)
+    encrypt_alg, ptype, metaflags = struct.unpack_from('BBB', data, 24)
+    free_pgno, last_pgno = struct.unpack_from(endian + 'II', data, 28)
+    flags = struct.unpack_from(endian + 'I', data, 48)[0]
+    if version not in _BDB_HASH_VERSIONS:
+        raise BerkeleyDBUnsupportedError(
+            '%s: unsupported Berkeley DB hash version %d' % (name, version))
+    if pagesize < 512 or pagesize > 65536 or (pagesize & (pagesize - 1)) != 0:
+        raise BerkeleyDBError('%s: invalid page size %d' % (name, pagesize))
+    if ptype != _BDB_P_HASHMETA:
+        raise BerkeleyDBError('%s: page 0 is not a hash meta page (type %d)' % (name, ptype))
+    if encrypt_alg != 0:
+        raise BerkeleyDBUnsupportedError('%s: encrypted Berkeley DB files are not supported' % name)
+    if flags & _BDB_DB_HASH_SUBDB:
+        raise BerkeleyDBUnsupportedError(
+            '%s: Berkeley DB files with sub-databases are not supported' % name)
+    if flags & (_BDB_DB_HASH_DUP | _BDB_DB_HASH_DUPSORT):
+        raise BerkeleyDBUnsupportedError(
+            '%s: Berkeley DB files with duplicate keys are not supported' % name)
+    max_bucket, high_mask, low_mask = struct.unpack_from(endian + 'III', data, 72)
+    spares = struct.unpack_from(endian + '32I', data, 96)
+    if metaflags & _BDB_DBMETA_CHKSUM:
+        hdrlen = _BDB_SIZEOF_PAGE_CHKSUM
+    else:
+        hdrlen = _BDB_SIZEOF_PAGE
+    return {
+        'endian': endian, 'version': version, 'pagesize': pagesize, 'hdrlen': hdrlen,
+        'max_bucket': max_bucket, 'spares': spares, 'free': free_pgno,
+        'last_pgno': last_pgno,
+    }
+
+
+def _bdb_read_overflow(data, name, meta, npages, start, tlen, used):
+    """Collect an off-page item: chain of P_OVERFLOW pages from `start`, total length `tlen`."""
+    pagesize = meta['pagesize']
+    hdrlen = meta['hdrlen']
+    endian = meta['endian']
+    if tlen > npages * pagesize:
+        raise BerkeleyDBError('%s: overflow item length %d exceeds the file size' % (name, tlen))
+    parts = []
+    got = 0
+    pgno = start
+    while True:
+        if pgno <= 0 or pgno >= npages:
+            raise BerkeleyDBError('%s: overflow page %d out of range' % (name, pgno))
+        if pgno in used:
+            raise BerkeleyDBError('%s: page %d referenced twice (loop or corruption)' % (name, pgno))
+        used.add(pgno)
+        base = pgno * pagesize
+        hdr_pgno, _prev, nxt, _ref, ov_len, _level, ptype = struct.unpack_from(
+            endian + 'IIIHHBB', data, base + 8)
+        if ptype != _BDB_P_OVERFLOW or hdr_pgno != pgno:
+            raise BerkeleyDBError('%s: page %d is not an overflow page (type %d)' % (name, pgno, ptype))
+        if ov_len > pagesize - hdrlen or got + ov_len > tlen:
+            raise BerkeleyDBError('%s: overflow page %d has a bad length %d' % (name, pgno, ov_len))
+        parts.append(data[base + hdrlen:base + hdrlen + ov_len])
+        got += ov_len
+        if nxt == 0:
+            break
+        pgno = nxt
+    if got != tlen:
+        raise BerkeleyDBError('%s: overflow item is %d bytes, expected %d' % (name, got, tlen))
+    return b''.join(parts)
+
+
+def _bdb_item(data, name, meta, npages, pgno, base, off, length, used, is_key):
+    itype = struct.unpack_from('B', data, base + off)[0]
+    if itype == _BDB_H_KEYDATA:
+        return data[base + off + 1:base + off + length]
+    if itype == _BDB_H_OFFPAGE:
+        if length != _BDB_HOFFPAGE_SIZE:
+            raise BerkeleyDBError('%s: page %d: bad off-page item size %d' % (name, pgno, length))
+        ov_pgno, tlen = struct.unpack_from(meta['endian'] + 'II', data, base + off + 4)
+        return _bdb_read_overflow(data, name, meta, npages, ov_pgno, tlen, used)
+    if not is_key and itype in (_BDB_H_DUPLICATE, _BDB_H_OFFDUP):
+        raise BerkeleyDBUnsupportedError(
+            '%s: duplicate data items are not supported (page %d)' % (name, pgno))
+    raise BerkeleyDBError('%s: page %d: unknown item type %d' % (name, pgno, itype))
+
+
+def _bdb_read_hash_page(data, name, meta, npages, pgno, used, out):
+    """Append the pairs of hash page `pgno` to `out`; return next_pgno (0 = end of chain)."""
+    pagesize = meta['pagesize']
+    hdrlen = meta['hdrlen']
+    endian = meta['endian']
+    base = pgno * pagesize
+    hdr_pgno, _prev, nxt, entries, _hf, _level, ptype = struct.unpack_from(
+        endian + 'IIIHHBB', data, base + 8)
+    if ptype not in (_BDB_P_HASH, _BDB_P_HASH_UNSORTED) or hdr_pgno != pgno:
+        raise BerkeleyDBError('%s: page %d is not a hash page (type %d, pgno %d)'
+                              % (name, pgno, ptype, hdr_pgno))
+    if entries % 2 != 0 or hdrlen + 2 * entries > pagesize:
+        raise BerkeleyDBError('%s: page %d: bad entry count %d' % (name, pgno, entries))
+    if entries:
+        inp = struct.unpack_from(endian + '%dH' % entries, data, base + hdrlen)
+    else:
+        inp = ()
+    low = hdrlen + 2 * entries
+    prev_off = pagesize
+    key = None
+    for j in range(entries):
+        off = inp[j]
+        if off < low or off >= prev_off:
+            raise BerkeleyDBError('%s: page %d: item %d offset %d out of place' % (name, pgno, j, off))
+        length = prev_off - off
+        prev_off = off
+        item = _bdb_item(data, name, meta, npages, pgno, base, off, length, used, j % 2 == 0)
+        if j % 2 == 0:
+            key = item
+        else:
+            out.append((key, item))
+    return nxt
+
+
+def parse_bdb_hash(data, name='<bytes>'):
+    """Parse a whole Berkeley DB HASH file held in `data` (bytes).
+
+    Returns a list of (key_bytes, value_bytes) in bucket order.  Raises BerkeleyDBError (or its
+    subclass BerkeleyDBUnsupportedError) naming `name` for anything unreadable or unsupported."""
+    if not isinstance(data, _bdb_bytes_type):
+        data = _bdb_bytes_type(data)
+    try:
+        meta = _bdb_parse_meta(data, name)
+        pagesize = meta['pagesize']
+        npages = len(data) // pagesize
+        if len(data) % pagesize != 0:
+            raise BerkeleyDBError('%s: file size %d is not a multiple of the page size %d'
+                                  % (name, len(data), pagesize))
+        max_bucket = meta['max_bucket']
+        if max_bucket >= npages:
+            raise BerkeleyDBError('%s: %d buckets but only %d pages' % (name, max_bucket + 1, npages))
+        spares = meta['spares']
+        zero_page = b'\x00' * pagesize
+        used = set()
+        out = []
+        for bucket in range(max_bucket + 1):
+            pgno = (bucket + spares[_bdb_log2(bucket + 1)]) & 0xffffffff
+            first = True
+            while True:
+                if pgno <= 0 or pgno >= npages:
+                    raise BerkeleyDBError('%s: bucket %d: page %d out of range' % (name, bucket, pgno))
+                if pgno in used:
+                    raise BerkeleyDBError('%s: page %d referenced twice (loop or corruption)'
+                                          % (name, pgno))
+                used.add(pgno)
+                if first and data[pgno * pagesize:(pgno + 1) * pagesize] == zero_page:
+                    break  # an empty bucket whose page was never written
+                first = False
+                pgno = _bdb_read_hash_page(data, name, meta, npages, pgno, used, out)
+                if pgno == 0:
+                    break
+        return out
+    except (struct.error, IndexError, ValueError, OverflowError) as e:
+        raise BerkeleyDBError('%s: corrupt Berkeley DB file (%s)' % (name, e))
+
+
+def _bdb_read_file(path):
+    f = open(path, 'rb')
+    try:
+        return f.read()
+    finally:
+        f.close()
+
+
+def read_bdb_hash(path):
+    """Read the Berkeley DB HASH file `path` -> list of (key_bytes, value_bytes).
+
+    The file is read whole into memory and parsed from there (ovs-agent may rewrite it at any
+    time); on a structural error it is read and parsed once more before BerkeleyDBError is raised.
+    I/O errors (missing file, permissions) propagate as IOError/OSError."""
+    data = _bdb_read_file(path)
+    try:
+        return parse_bdb_hash(data, path)
+    except BerkeleyDBUnsupportedError:
+        raise
+    except BerkeleyDBError as e:
+        log.debug('%s; reading it again', e)
+    return parse_bdb_hash(_bdb_read_file(path), path)
+
+
+# --------------------------------------------------------------------------- pickles ---
+
+def _bdb_bytes_to_text(b):
+    try:
+        return b.decode('utf-8')
+    except UnicodeDecodeError:
+        return b.decode('latin-1')
+
+
+_TO_TEXT_MAX_DEPTH = 100
+_TO_TEXT_MAX_NODES = 1000000
+
+
+def _to_text_walk(value, depth, budget):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError('structure too large')
+    if depth > _TO_TEXT_MAX_DEPTH:
+        raise ValueError('structure nested too deeply (or recursive)')
+    if isinstance(value, _bdb_bytes_type):
+        return _bdb_bytes_to_text(value)
+    if isinstance(value, bytearray):
+        return _bdb_bytes_to_text(bytes(value))
+    if isinstance(value, dict):
+        res = {}
+        for k, v in value.items():
+            res[_to_text_walk(k, depth + 1, budget)] = _to_text_walk(v, depth + 1, budget)
+        return res
+    if isinstance(value, list):
+        return [_to_text_walk(v, depth + 1, budget) for v in value]
+    if isinstance(value, tuple):
+        return tuple([_to_text_walk(v, depth + 1, budget) for v in value])
+    return value
+
+
+def to_text(value):
+    """Recursively turn bytes (Python 2 `str`) into text (UTF-8, else latin-1) inside dicts,
+    lists and tuples; other values are returned unchanged.  Text is `unicode` on Python 2 and
+    `str` on Python 3.  Raises ValueError for recursive, too deep or too large structures."""
+    return _to_text_walk(value, 0, [_TO_TEXT_MAX_NODES])
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that allows only plain data: any global (class, function) is refused."""
+
+    def find_class(self, module, name):
+        raise UnsafePickleError('pickle refers to a global %s.%s: refused' % (module, name))
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError('pickle uses a persistent id: refused')
+
+
+def safe_unpickle(data):
+    """Unpickle `data` (bytes; pickle protocols 0-2, e.g. written by Python 2) allowing only
+    plain data (dict, list, tuple, str, unicode, int, long, float, bool, None).
+
+    Python 2 `str` values become text (UTF-8, else latin-1, per string) on every Python, so the
+    result equals to_text(result).  Raises UnsafePickleError for a pickle asking for any global
+    and for every other failure (truncated, garbage, recursive)."""
+    if not isinstance(data, _bdb_bytes_type):
+        raise UnsafePickleError('pickle data must be bytes, not %s' % type(data).__name__)
+    if data[:1] == b'\x80' and len(data) >= 2 and struct.unpack_from('B', data, 1)[0] > 2:
+        raise UnsafePickleError('pickle protocol %d refused (only 0-2)'
+                                % struct.unpack_from('B', data, 1)[0])
+    try:
+        if _BDB_PY3:
+            unpickler = _SafeUnpickler(io.BytesIO(data), encoding='bytes')
+        else:
+            unpickler = _SafeUnpickler(io.BytesIO(data))
+        value = unpickler.load()
+        return to_text(value)
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise UnsafePickleError('cannot unpickle: %s: %s' % (type(e).__name__, e))
+
+
+def read_ovs_agent_db(path):
+    """Read an ovs-agent database (Berkeley DB hash of pickles) -> dict text key -> value.
+
+    Values are safe_unpickle()d (text, not bytes).  A record whose value cannot be unpickled is
+    logged as a warning and skipped; an unreadable file raises BerkeleyDBError; I/O errors
+    propagate as IOError/OSError."""
+    result = {}
+    for key, value in read_bdb_hash(path):
+        tkey = _bdb_bytes_to_text(key)
+        try:
+            result[tkey] = safe_unpickle(value)
+        except UnsafePickleError as e:
+            log.warning('%s: record %r skipped: %s', path, tkey, e)
+    return result
+
+
+def _ovsmeta_entries(mapping, path):
+    res = {}
+    for k, v in mapping.items():
+        if isinstance(v, dict):
+            res[k] = v
+        else:
+            log.debug('%s: entry %r is not an object, ignored', path, k)
+    return res
+
+
+def _ovsmeta_decode_value(value):
+    try:
+        return to_text(json.loads(value.decode('utf-8')))
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return safe_unpickle(value)
+
+
+def sniff_ovsmeta(path):
+    """Read a repository's `.ovsmeta`, whatever it is: a JSON object, or a Berkeley DB hash whose
+    values are JSON or pickles.  Returns {file basename (text): {"OBJECT_TYPE": ..., ...}};
+    anything unreadable gives {} (logged at debug level)."""
+    try:
+        data = _bdb_read_file(path)
+        stripped = data.lstrip()
+        if stripped.startswith(b'\xef\xbb\xbf'):
+            stripped = stripped[3:].lstrip()
+        if stripped[:1] == b'{':
+            obj = to_text(json.loads(stripped.decode('utf-8')))
+            if not isinstance(obj, dict):
+                return {}
+            return _ovsmeta_entries(obj, path)
+        if len(data) >= 16 and BDB_HASH_MAGIC in (struct.unpack_from('<I', data, 12)[0],
+                                                  struct.unpack_from('>I', data, 12)[0]):
+            try:
+                pairs = parse_bdb_hash(data, path)
+            except BerkeleyDBUnsupportedError:
+                raise
+            except BerkeleyDBError as e:
+                log.debug('%s; reading it again', e)
+                pairs = read_bdb_hash(path)
+            res = {}
+            for key, value in pairs:
+                tkey = _bdb_bytes_to_text(key)
+                try:
+                    res[tkey] = _ovsmeta_decode_value(value)
+                except UnsafePickleError as e:
+                    log.debug('%s: entry %r ignored: %s', path, tkey, e)
+            return _ovsmeta_entries(res, path)
+        log.debug('%s: neither JSON nor Berkeley DB, ignored', path)
+    except Exception as e:
+        log.debug('%s: cannot read repository metadata: %s', path, e)
+    return {}
+
+# ------------------------------------------------------- VM and repository discovery ---
+# Finds repositories (ovs-agent `repository` database or the config's [[repository]] tables),
+# the VMs in `<mount_point>/VirtualMachines/*/vm.cfg`, and their disks, and decides which
+# disks / VMs can be snapshotted (see api-contract.md "Virtual machines").
+# vm.cfg files are read with ast.parse + ast.literal_eval only: never eval/exec.
+
+
+VM_CFG_MAX_BYTES = 1024 * 1024
+# More "depth-making" characters than this outside string literals and comments means the file
+# is not an OVM-written vm.cfg; ast.parse is then not trusted with the whole file (Python 2.7's
+# compiler crashes with a segfault on a ~100,000-deep `1+1+...` or `a.b.c...` chain).
+VM_CFG_MAX_OPERATORS = 5000
+VM_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
+VM_CFG_KEYS_NEEDED = ('name', 'uuid', 'OVM_simple_name', 'disk')
+DISK_MODES = ('r', 'ro', 'w', 'w!', 'rw')
+OVSMETA_OBJECT_TYPES_CLONABLE = ('', 'VIRTUAL_DISK')
+OVSMETA_OBJECT_TYPES_MEDIA = ('ISO',)
+
+_DISCOVERY_TEXT_TYPE = type(u'')
+_DISCOVERY_STRING_RE = re.compile(
+    r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|\"[^\"\\\n]*(?:\\.[^\"\\\n]*)*\"")
+_DISCOVERY_COMMENT_RE = re.compile(r'#[^\n]*')
+_DISCOVERY_OPERATOR_RE = re.compile(r'[-+*/%&|^~<>.@(\[{]|\b(?:not|if|lambda|and|or)\b')
+_DISCOVERY_CODING_RE = re.compile(r'^[ \t\f]*#.*?coding[:=]')
+_DISCOVERY_LINE_ASSIGN_RE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?!=)(.*)$')
+_DISCOVERY_TAP_FILE_PREFIXES = ('tap:aio:', 'tap:tapdisk:aio:', 'tap2:tapdisk:aio:', 'tap2:aio:')
+
+
+class VmConfigError(Exception):
+    """A vm.cfg that cannot be read at all (too large, unreadable)."""
+
+
+class RepositoryConfigError(Exception):
+    """An invalid [[repository]] table in the configuration."""
+
+
+def discovery_text(value):
+    """Text (unicode) from bytes (UTF-8, undecodable bytes replaced), None ("") or a scalar."""
+    if isinstance(value, _DISCOVERY_TEXT_TYPE):
+        return value
+    if value is None:
+        return u''
+    if isinstance(value, bytes):
+        return value.decode('utf-8', 'replace')
+    return _DISCOVERY_TEXT_TYPE(value)
+
+
+def discovery_error_text(error):
+    """An exception (or message) as text, on Python 2 too (non-ASCII messages)."""
+    try:
+        return _DISCOVERY_TEXT_TYPE(error)
+    except UnicodeError:
+        return discovery_text(str(error))
+
+
+def _discovery_is_ascii(text):
+    try:
+        text.encode('ascii')
+    except UnicodeError:
+        return False
+    return True
+
+
+def _vm_cfg_normalise(value):
+    """Turn literal_eval output into text strings and lists, recursively."""
+    if isinstance(value, bytes):
+        return value.decode('utf-8', 'replace')
+    if isinstance(value, (list, tuple)):
+        return [_vm_cfg_normalise(item) for item in value]
+    if isinstance(value, dict):
+        result = {}
+        for key, item in value.items():
+            result[_vm_cfg_normalise(key)] = _vm_cfg_normalise(item)
+        return result
+    return value
+
+
+def _vm_cfg_operator_count(text):
+    """Rough count of characters/words that deepen an expression tree, outside strings and
+    comments. OVM-written files have a few dozen; a hostile file can have 100,000+."""
+    stripped = _DISCOVERY_STRING_RE.sub('', text)
+    stripped = _DISCOVERY_COMMENT_RE.sub('', stripped)
+    return len(_DISCOVERY_OPERATOR_RE.findall(stripped))
+
+
+def _vm_cfg_literal(node_or_text):
+    """literal_eval that reports every failure (including RecursionError/MemoryError from a
+    pathological value) as ValueError."""
+    try:
+        return _vm_cfg_normalise(ast.literal_eval(node_or_text))
+    except ValueError:
+        raise ValueError('')
+    except Exception as e:  # SyntaxError, RecursionError, MemoryError, ...
+        raise ValueError(u'{0}: {1}'.format(type(e).__name__, discovery_error_text(e)))
+
+
+def _vm_cfg_node_kind(node):
+    return type(node).__name__
+
+
+def _vm_cfg_parse_ast(text, source):
+    tree = ast.parse(text, '<vm.cfg>')  # source may be non-ASCII: Python 2 wants a str
+    result = {}
+    for stmt in tree.body:
+        lineno = getattr(stmt, 'lineno', 0)
+        if not isinstance(stmt, ast.Assign):
+            log.warning('%s line %s: ignoring a statement of type %s (only "key = literal" is read)',
+                        source, lineno, _vm_cfg_node_kind(stmt))
+            continue
+        keys = []
+        for target in stmt.targets:
+            if isinstance(target, ast.Name):
+                keys.append(target.id)
+        if not keys:
+            log.warning('%s line %s: ignoring an assignment to something other than a name',
+                        source, lineno)
+            continue
+        try:
+            value = _vm_cfg_literal(stmt.value)
+        except ValueError as e:
+            detail = discovery_error_text(e)
+            log.warning('%s line %s: skipping %s: its value is a %s, not a literal%s', source, lineno,
+                        ', '.join(keys), _vm_cfg_node_kind(stmt.value), detail and ' (' + detail + ')' or '')
+            continue
+        for key in keys:
+            result[discovery_text(key)] = value
+    return result
+
+
+def _vm_cfg_parse_lines(text, source):
+    """Fallback for a file that ast.parse rejects: `key = value` per line (a value opening a
+    bracket may continue on the following lines), each value literal_eval'ed on its own."""
+    result = {}
+    lines = text.splitlines()
+    count = len(lines)
+    index = 0
+    while index < count:
+        line = lines[index].strip()
+        index += 1
+        if not line or line.startswith('#'):
+            continue
+        match = _DISCOVERY_LINE_ASSIGN_RE.match(line)
+        if match is None:
+            continue
+        key = discovery_text(match.group(1))
+        value_text = match.group(2).strip()
+        if _vm_cfg_operator_count(value_text) > VM_CFG_MAX_OPERATORS:
+            log.warning('%s line %s: skipping %s: value too complex', source, index, key)
+            continue
+        value = None
+        found = False
+        error = None
+        try:
+            value = _vm_cfg_literal(value_text)
+            found = True
+        except ValueError as e:
+            error = e
+        if not found and value_text[:1] in ('[', '(', '{'):
+            # A list spread over several lines: add lines until it parses (bounded).
+            joined = value_text
+            for extra in range(index, min(count, index + 1000)):
+                joined = joined + '\n' + lines[extra]
+                if _vm_cfg_operator_count(joined) > VM_CFG_MAX_OPERATORS:
+                    break
+                try:
+                    value = _vm_cfg_literal(joined)
+                except ValueError:
+                    continue
+                found = True
+                index = extra + 1
+                break
+        if found:
+            result[key] = value
+        else:
+            log.warning('%s line %s: skipping %s: not a literal%s', source, index, key,
+                        error and discovery_error_text(error) and u' (' + discovery_error_text(error) + u')' or u'')
+    return result
+
+
+def parse_vm_cfg(text, source):
+    """Parse an xm-style vm.cfg (Python assignments of literals) into {key: value} with text
+    strings. Never executes anything: values that are not literals (calls, names,
+    __import__, ...) are skipped with a warning. If the file as a whole is not valid Python,
+    falls back to per-line `key = value` parsing. Raises VmConfigError for input over
+    VM_CFG_MAX_BYTES."""
+    if isinstance(text, bytes):
+        if len(text) > VM_CFG_MAX_BYTES:
+            raise VmConfigError(u'{0}: {1} bytes, larger than the {2} bytes a vm.cfg may have'.format(
+                source, len(text), VM_CFG_MAX_BYTES))
+        text = text.decode('utf-8', 'replace')
+    if not isinstance(text, _DISCOVERY_TEXT_TYPE):
+        raise VmConfigError(u'{0}: not text'.format(source))
+    if len(text) > VM_CFG_MAX_BYTES:
+        raise VmConfigError(u'{0}: {1} characters, larger than the {2} bytes a vm.cfg may have'.format(
+            source, len(text), VM_CFG_MAX_BYTES))
+    source = discovery_text(source)
+    # A coding cookie in a text (unicode) source is a SyntaxError on Python 2: blank it.
+    lines = text.split('\n', 2)
+    for i in range(min(2, len(lines))):
+        if _DISCOVERY_CODING_RE.match(lines[i]):
+            lines[i] = u'#'
+    text = u'\n'.join(lines)
+    if _vm_cfg_operator_count(text) > VM_CFG_MAX_OPERATORS:
+        log.warning('%s: too many operators for an OVM vm.cfg; reading it line by line', source)
+        return _vm_cfg_parse_lines(text, source)
+    try:
+        return _vm_cfg_parse_ast(text, source)
+    except Exception as e:  # SyntaxError, MemoryError ("s_push: parser stack overflow"), ...
+        detail = discovery_error_text(e)
+        if isinstance(e, SyntaxError):
+            detail = u'line {0}: {1}'.format(e.lineno, discovery_error_text(e.msg))
+        log.warning('%s is not valid Python (%s); reading it line by line', source, detail)
+        return _vm_cfg_parse_lines(text, source)
+
+
+def read_vm_cfg_file(path):
+    """Read and parse one vm.cfg. Returns (parsed dict, os.fstat result).
+    Raises VmConfigError (too large) or EnvironmentError (unreadable)."""
+    handle = open(path, 'rb')
+    try:
+        st = os.fstat(handle.fileno())
+        if st.st_size > VM_CFG_MAX_BYTES:
+            raise VmConfigError(u'{0}: {1} bytes, larger than the {2} bytes a vm.cfg may have'.format(
+                path, st.st_size, VM_CFG_MAX_BYTES))
+        data = handle.read(VM_CFG_MAX_BYTES + 1)
+    finally:
+        handle.close()
+    return parse_vm_cfg(data, path), st
+
+
+def parse_disk_entry(entry):
+    """Parse one vm.cfg `disk` entry `<type>:<path>,<vdev>,<mode>`.
+    Returns {"kind": "file"|"phy", "path", "device_name", "mode", "cdrom": bool}, or None (with
+    a warning) for a shape we do not understand. `file:///p` and `tap:aio:p` are files; file paths
+    are normalised (one leading slash, no `..`). An empty CD-ROM drive gives path ""."""
+    if not isinstance(entry, (bytes, _DISCOVERY_TEXT_TYPE)):
+        log.warning('disk entry %r is not a string; ignored', entry)
+        return None
+    entry = discovery_text(entry)
+    text = entry.strip()
+    parts = text.rsplit(',', 2)
+    if len(parts) != 3:
+        log.warning('disk entry %r is not "<type>:<path>,<device>,<mode>"; ignored', entry)
+        return None
+    target, device, mode = parts[0].strip(), parts[1].strip(), parts[2].strip()
+    if mode not in DISK_MODES:
+        log.warning('disk entry %r: unknown mode %r; ignored', entry, mode)
+        return None
+    if not device or len(device.split()) != 1:
+        log.warning('disk entry %r: bad device name %r; ignored', entry, device)
+        return None
+    cdrom = device.endswith(':cdrom')
+    kind = None
+    path = None
+    if target.startswith('file:'):
+        kind, path = 'file', target[len('file:'):]
+    elif target.startswith('phy:'):
+        kind, path = 'phy', target[len('phy:'):]
+    else:
+        for prefix in _DISCOVERY_TAP_FILE_PREFIXES:
+            if target.startswith(prefix):
+                kind, path = 'file', target[len(prefix):]
+                break
+    if kind is None:
+        if target == '' and cdrom:
+            kind, path = 'file', ''
+        else:
+            log.warning('disk entry %r: unsupported disk type; ignored', entry)
+            return None
+    path = path.strip()
+    if kind == 'file':
+        if path:
+            if not path.startswith('/'):
+                log.warning('disk entry %r: file path is not absolute; ignored', entry)
+                return None
+            # file:/p, file:///p -> /p; remove "." and ".." so that prefix tests are honest
+            path = posixpath.normpath('/' + path.lstrip('/'))
+        elif not cdrom:
+            log.warning('disk entry %r: empty path; ignored', entry)
+            return None
+    else:
+        if not path:
+            log.warning('disk entry %r: empty device path; ignored', entry)
+            return None
+        if not path.startswith('/'):
+            path = '/dev/' + path  # xm: phy:sdb1 means /dev/sdb1
+    return {'kind': kind, 'path': path, 'device_name': device, 'mode': mode, 'cdrom': cdrom}
+
+
+def _repository_mount_point(value):
+    mount_point = discovery_text(value).strip()
+    if len(mount_point) > 1:
+        mount_point = mount_point.rstrip('/') or '/'
+    return mount_point
+
+
+def make_repository_record(repo_id, values):
+    """A repository record with text fields id, mount_point, filesystem, alias, manager_uuid,
+    version, fs_location (missing -> "")."""
+    record = {'id': discovery_text(repo_id).strip()}
+    for field in ('filesystem', 'alias', 'manager_uuid', 'version', 'fs_location'):
+        record[field] = discovery_text(values.get(field))
+    record['mount_point'] = _repository_mount_point(values.get('mount_point'))
+    return record
+
+
+def _discovery_lookup(mapping, key):
+    """mapping[key] with key tried as text and as bytes (pickles from Python 2 may have either)."""
+    if key in mapping:
+        return mapping[key]
+    other = key.encode('utf-8') if isinstance(key, _DISCOVERY_TEXT_TYPE) else key.decode('utf-8')
+    return mapping.get(other)
+
+
+def _repositories_from_config(configured):
+    records = []
+    seen = {}
+    for index, table in enumerate(configured):
+        where = u'[[repository]] #{0}'.format(index + 1)
+        if not isinstance(table, dict):
+            raise RepositoryConfigError(u'{0}: not a table'.format(where))
+        repo_id = table.get('id')
+        mount_point = table.get('mount_point')
+        if not isinstance(repo_id, (bytes, _DISCOVERY_TEXT_TYPE)) or not discovery_text(repo_id).strip():
+            raise RepositoryConfigError(u'{0}: "id" must be a non-empty string'.format(where))
+        if not isinstance(mount_point, (bytes, _DISCOVERY_TEXT_TYPE)) or \
+                not discovery_text(mount_point).strip().startswith('/'):
+            raise RepositoryConfigError(u'{0}: "mount_point" must be an absolute path'.format(where))
+        for field in ('filesystem', 'alias'):
+            if table.get(field) is not None and not isinstance(table.get(field), (bytes, _DISCOVERY_TEXT_TYPE)):
+                raise RepositoryConfigError(u'{0}: "{1}" must be a string'.format(where, field))
+        record = make_repository_record(repo_id, table)
+        if record['id'] in seen:
+            raise RepositoryConfigError(u'{0}: repository id {1} listed twice'.format(where, record['id']))
+        seen[record['id']] = True
+        records.append(record)
+    return records
+
+
+def load_repositories(db_reader, db_dir, configured):
+    """Repository records: the configured [[repository]] tables when `configured` is non-empty
+    (RepositoryConfigError if one is invalid), else the ovs-agent `<db_dir>/repository` database
+    read with db_reader(path) -> {repo id: {field: value}} (its errors propagate). Records
+    without a mount point are skipped with a warning. Database records are sorted by id."""
+    if configured:
+        return _repositories_from_config(configured)
+    path = os.path.join(db_dir, 'repository')
+    raw = db_reader(path)
+    records = []
+    for key in sorted(raw.keys(), key=discovery_text):
+        values = raw[key]
+        if not isinstance(values, dict):
+            log.warning('%s: record %r is not a dict; ignored', path, key)
+            continue
+        text_values = {}
+        for field, value in values.items():
+            text_values[discovery_text(field)] = value
+        record = make_repository_record(key, text_values)
+        if not record['mount_point'].startswith('/'):
+            log.warning('%s: repository %s has no usable mount_point; ignored', path, record['id'])
+            continue
+        records.append(record)
+    return records
+
+
+def manager_ip_from_server_db(db_reader, db_dir):
+    """`manager_ip` from the ovs-agent `<db_dir>/server` database, as text, or None when the
+    database cannot be read or holds no manager_ip (the reason is logged)."""
+    path = os.path.join(db_dir, 'server')
+    try:
+        raw = db_reader(path)
+    except Exception as e:
+        log.warning('cannot read the ovs-agent server database %s: %s', path, discovery_error_text(e))
+        return None
+    value = _discovery_lookup(raw, u'manager_ip')
+    if value is None or not isinstance(value, (bytes, _DISCOVERY_TEXT_TYPE)):
+        log.warning('%s holds no manager_ip', path)
+        return None
+    value = discovery_text(value).strip()
+    return value or None
+
+
+def _discovery_stat_key(st):
+    return (st.st_mtime, st.st_size, st.st_ino, st.st_dev)
+
+
+class RepositoryDbLoader(object):
+    """A repositories_loader for HostInventory: load_repositories(...) that re-reads the
+    `repository` database only when its (mtime, size, inode) changed."""
+
+    def __init__(self, db_reader, db_dir, configured=None):
+        self.db_reader = db_reader
+        self.db_dir = db_dir
+        self.configured = configured or []
+        self._key = None
+        self._records = None
+        self._lock = threading.Lock()
+        if self.configured:
+            self._records = _repositories_from_config(self.configured)
+
+    def __call__(self):
+        if self.configured:
+            return [dict(r) for r in self._records]
+        path = os.path.join(self.db_dir, 'repository')
+        self._lock.acquire()
+        try:
+            key = _discovery_stat_key(os.stat(path))
+            if key != self._key or self._records is None:
+                self._records = load_repositories(self.db_reader, self.db_dir, None)
+                self._key = key
+            return [dict(r) for r in self._records]
+        finally:
+            self._lock.release()
+
+
+def vm_public_fields(vm):
+    """A copy of a VM dict without the internal "_..." keys (also inside its disks)."""
+    result = {}
+    for key, value in vm.items():
+        if key.startswith('_'):
+            continue
+        if key == 'disks':
+            disks = []
+            for disk in value:
+                clean = {}
+                for dkey, dvalue in disk.items():
+                    if not dkey.startswith('_'):
+                        clean[dkey] = dvalue
+                disks.append(clean)
+            value = disks
+        result[key] = value
+    return result
+
+
+class HostInventory(object):
+    """The VMs of this host, found in every repository's VirtualMachines/*/vm.cfg.
+
+    repositories_loader() -> list of repository records (see make_repository_record);
+    ovsmeta_reader(path) -> {basename: {"OBJECT_TYPE": ..., "SIMPLE_NAME": ...}};
+    clone_probe(directory) -> (bool, reason text).
+    vm.cfg files are re-parsed only when their (mtime, size, inode) change, directories are
+    listed on every call, clone probes are cached per repository for probe_ttl seconds.
+    A problem (unmounted repository, broken vm.cfg, bad VM name) is logged once when it
+    appears, not on every listing. Thread-safe."""
+
+    def __init__(self, repositories_loader, ovsmeta_reader, clone_probe, probe_ttl=300.0,
+                 clock=time.time):
+        self.repositories_loader = repositories_loader
+        self.ovsmeta_reader = ovsmeta_reader
+        self.clone_probe = clone_probe
+        self.probe_ttl = float(probe_ttl)
+        self.clock = clock
+        self.cfg_reads = 0        # vm.cfg files read and parsed (for tests and the CLI)
+        self.probe_calls = 0      # clone_probe calls
+        self._lock = threading.RLock()
+        self._cfg_cache = {}      # path -> (stat key, (cfg dict, [(entry, parsed)]) or None, problem)
+        self._meta_cache = {}     # repo id -> (stat key, {basename: meta}, problem)
+        self._probe_cache = {}    # (repo id, mount point) -> (time, ok, reason)
+        self._repos = []
+        self._warned = {}
+        self._warnings = None
+        self._cfg_seen = {}
+
+    # -- warnings: logged once when a condition appears (or its message changes)
+    def _warn(self, key, message):
+        if self._warnings is not None:
+            self._warnings[key] = message
+        if self._warned.get(key) != message:
+            log.warning('%s', message)
+            self._warned[key] = message
+
+    def reset_caches(self):
+        """Forget parsed vm.cfg files, .ovsmeta contents and clone probe results."""
+        self._lock.acquire()
+        try:
+            self._cfg_cache = {}
+            self._meta_cache = {}
+            self._probe_cache = {}
+        finally:
+            self._lock.release()
+
+    def _load_repositories(self):
+        try:
+            repos = self.repositories_loader()
+        except Exception as e:
+            self._warn('repositories', u'cannot read the repository list ({0}); using the last one read '
+                       u'({1} repositories)'.format(discovery_error_text(e), len(self._repos)))
+            return self._repos
+        clean = []
+        for repo in repos:
+            if not isinstance(repo, dict):
+                self._warn('repo-type', u'the repository list holds a {0}, not a record; ignored'.format(
+                    type(repo).__name__))
+                continue
+            record = make_repository_record(repo.get('id'), repo)
+            if not record['id'] or not record['mount_point'].startswith('/'):
+                self._warn('repo-bad:' + record['id'], u'repository "{0}": no id or mount point; ignored'.format(
+                    record['id']))
+                continue
+            clean.append(record)
+        self._repos = clean
+        return clean
+
+    def repositories(self):
+        """The current repository records (copies)."""
+        self._lock.acquire()
+        try:
+            return [dict(r) for r in self._load_repositories()]
+        finally:
+            self._lock.release()
+
+    def _ovsmeta(self, repo):
+        path = os.path.join(repo['mount_point'], '.ovsmeta')
+        try:
+            key = _discovery_stat_key(os.stat(path))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
+                    repo['id'], path, discovery_error_text(e)))
+            self._meta_cache.pop(repo['id'], None)
+            return {}
+        cached = self._meta_cache.get(repo['id'])
+        if cached is not None and cached[0] == key:
+            if cached[2]:
+                self._warn('ovsmeta:' + repo['id'], cached[2])
+            return cached[1]
+        meta = {}
+        problem = ''
+        try:
+            raw = self.ovsmeta_reader(path)
+            if not isinstance(raw, dict):
+                raise ValueError('not a mapping')
+            for name, values in raw.items():
+                if isinstance(values, dict):
+                    entry = {}
+                    for field, value in values.items():
+                        entry[discovery_text(field)] = value
+                    meta[discovery_text(name)] = entry
+        except Exception as e:
+            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(repo['id'], path, discovery_error_text(e))
+            meta = {}
+        self._meta_cache[repo['id']] = (key, meta, problem)
+        if problem:
+            self._warn('ovsmeta:' + repo['id'], problem)
+        return meta
+
+    def _probe(self, repo):
+        """(ok, reason) of the repository's clone probe, cached for probe_ttl seconds."""
+        cache_key = (repo['id'], repo['mount_point'])
+        now = self.clock()
+        cached = self._probe_cache.get(cache_key)
+        if cached is not None and cached[0] <= now < cached[0] + self.probe_ttl:
+            return cached[1], cached[2]
+        if not os.path.isdir(repo['mount_point']):
+            ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
+        else:
+            self.probe_calls += 1
+            try:
+                ok, reason = self.clone_probe(repo['mount_point'])
+                ok = bool(ok)
+                reason = discovery_text(reason)
+            except Exception as e:
+                ok, reason = False, u'clone probe failed: {0}'.format(discovery_error_text(e))
+        self._probe_cache[cache_key] = (now, ok, reason)
+        return ok, reason
+
+    def repository_clone_support(self, repo_id):
+        """(ok, reason) for one repository id (probe cached as for listings); None if unknown."""
+        self._lock.acquire()
+        try:
+            for repo in self._load_repositories():
+                if repo['id'] == repo_id:
+                    return self._probe(repo)
+            return None
+        finally:
+            self._lock.release()
+
+    def _read_cfg(self, path):
+        """(parsed dict or None, problem text). Parses only when the file changed."""
+        try:
+            key = _discovery_stat_key(os.stat(path))
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None, ''  # not a VM directory (or one being created / removed)
+            return None, u'cannot read {0}: {1}'.format(path, discovery_error_text(e))
+        cached = self._cfg_cache.get(path)
+        if cached is not None and cached[0] == key:
+            self._cfg_seen[path] = cached
+            return cached[1], cached[2]
+        self.cfg_reads += 1
+        parsed, problem = None, ''
+        try:
+            cfg, st = read_vm_cfg_file(path)
+            key = _discovery_stat_key(st)
+            # parse the disk entries now, so that their warnings come once per file change
+            entries = cfg.get('disk', [])
+            disks = None
+            if isinstance(entries, list):
+                disks = []
+                for entry in entries:
+                    disks.append((entry, parse_disk_entry(entry)))
+            parsed = (cfg, disks)
+        except VmConfigError as e:
+            problem = u'skipping VM: {0}'.format(discovery_error_text(e))
+        except EnvironmentError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None, ''
+            problem = u'skipping VM: cannot read {0}: {1}'.format(path, discovery_error_text(e))
+        entry = (key, parsed, problem)
+        self._cfg_seen[path] = entry
+        return parsed, problem
+
+    def _disk_repo(self, path, basename, repos, metas):
+        """The repository a file disk belongs to: longest mount_point + '/' prefix, else the one
+        whose .ovsmeta lists its basename; None if none."""
+        best = None
+        best_length = -1
+        for repo in repos:
+            prefix = repo['mount_point'].rstrip('/') + '/'
+            if path.startswith(prefix) and len(prefix) > best_length:
+                best, best_length = repo, len(prefix)
+        if best is not None:
+            return best
+        for repo in repos:
+            if basename in metas[repo['id']]:
+                return repo
+        return None
+
+    def _build_vm(self, parsed, cfg_path, dir_name, repo, repos, metas):
+        cfg, parsed_disks = parsed
+        name = cfg.get('name')
+        if not isinstance(name, _DISCOVERY_TEXT_TYPE) or not name:
+            self._warn('vm:' + cfg_path, u'skipping VM {0}: no "name" string in {1}'.format(dir_name, cfg_path))
+            return None
+        if not VM_NAME_RE.match(name):
+            self._warn('vm:' + cfg_path, u'skipping VM "{0}" of {1}: the name is not usable in URLs '
+                       u'(must match {2})'.format(name, cfg_path, VM_NAME_RE.pattern))
+            return None
+        simple_name = cfg.get('OVM_simple_name')
+        if not isinstance(simple_name, _DISCOVERY_TEXT_TYPE) or not simple_name.strip():
+            simple_name = name
+        uuid = cfg.get('uuid')
+        if not isinstance(uuid, _DISCOVERY_TEXT_TYPE):
+            uuid = u''
+        reasons = []
+        if parsed_disks is None:
+            self._warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot compatible'.format(
+                cfg_path, name))
+            reasons.append('its "disk" setting is not a list')
+            parsed_disks = []
+        disks = []
+        unparsed = []
+        data_disks = 0
+        names_seen = {}
+        for entry, parsed in parsed_disks:
+            if parsed is None:
+                unparsed.append(entry)
+                reasons.append(u'disk entry "{0}" is not understood'.format(discovery_text(entry)))
+                continue
+            path = parsed['path']
+            if not path:
+                continue  # empty CD-ROM drive: no media, nothing to list
+            basename = posixpath.basename(path)
+            disk = {'name': basename, 'path': path, 'device_name': parsed['device_name'],
+                    'mode': parsed['mode'], 'snapshot_compatible': False,
+                    '_repo_mountpoint': u'', '_repo_id': u'', '_object_type': u'', '_reason': u''}
+            kind = 'cdrom' if parsed['cdrom'] else parsed['kind']
+            if parsed['kind'] == 'file':
+                disk_repo = self._disk_repo(path, basename, repos, metas)
+                if disk_repo is not None:
+                    disk['_repo_mountpoint'] = disk_repo['mount_point']
+                    disk['_repo_id'] = disk_repo['id']
+                    meta = metas[disk_repo['id']].get(basename) or {}
+                    object_type = discovery_text(meta.get('OBJECT_TYPE')).strip()
+                    disk['_object_type'] = object_type
+                    if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
+                        kind = 'cdrom'
+            disk['_kind'] = kind
+            disks.append(disk)
+            if kind == 'cdrom':
+                disk['_reason'] = u'CD-ROM media'
+                continue
+            data_disks += 1
+            if basename in names_seen:
+                disk['_reason'] = u'another disk of this VM has the same name'
+                reasons.append(u'two disks are named {0}'.format(basename))
+                continue
+            names_seen[basename] = True
+            if kind == 'phy':
+                disk['_reason'] = u'physical device (phy:) cannot be cloned'
+            elif not disk['_repo_id']:
+                disk['_reason'] = u'not in a known repository'
+            elif disk['_object_type'] not in OVSMETA_OBJECT_TYPES_CLONABLE:
+                disk['_reason'] = u'repository metadata says {0}, not VIRTUAL_DISK'.format(disk['_object_type'])
+            else:
+                ok, why = self._probe(disk_repo)
+                if ok:
+                    disk['snapshot_compatible'] = True
+                else:
+                    disk['_reason'] = u'repository {0} cannot clone files: {1}'.format(disk['_repo_id'], why)
+            if not disk['snapshot_compatible']:
+                reasons.append(u'disk {0} ({1}): {2}'.format(disk['device_name'], path, disk['_reason']))
+        if unparsed:
+            self._warn('disk:' + cfg_path, u'{0}: disk entries not understood: {1}; VM {2} is not snapshot '
+                       'compatible'.format(cfg_path, len(unparsed), name))
+        if data_disks == 0 and not unparsed:
+            reasons.append('no data disks')
+        return {'friendly_name': simple_name, 'name': name, 'uuid': uuid, 'disks': disks,
+                'snapshot_compatible': not reasons,
+                '_config_path': cfg_path, '_vm_dir': os.path.dirname(cfg_path),
+                '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
+                '_compat_reason': '; '.join(reasons), '_unparsed_disks': unparsed}
+
+    def _list_locked(self):
+        repos = self._load_repositories()
+        self._warnings = {}
+        self._cfg_seen = {}
+        metas = {}
+        for repo in repos:
+            metas[repo['id']] = self._ovsmeta(repo)
+        vms = []
+        by_name = {}
+        for repo in repos:
+            vm_root = os.path.join(repo['mount_point'], 'VirtualMachines')
+            try:
+                dir_names = os.listdir(vm_root)
+            except OSError as e:
+                if os.path.isdir(repo['mount_point']) and e.errno == errno.ENOENT:
+                    continue  # mounted repository without VMs
+                self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
+                           'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
+                                               discovery_error_text(e.strerror or e)))
+                # keep the cached parses of this repository for when it comes back
+                for path, entry in self._cfg_cache.items():
+                    if path.startswith(vm_root + '/'):
+                        self._cfg_seen[path] = entry
+                continue
+            ascii_names = []
+            for dir_name in dir_names:
+                if isinstance(dir_name, bytes) or not _discovery_is_ascii(dir_name):
+                    # OVM names VM directories after the VM id (hex). Python 2 gives bytes for
+                    # names it cannot decode; Python 3 surrogate escapes: skip them on both.
+                    self._warn('dir:' + vm_root + '/' + repr(dir_name), u'{0}: ignoring the directory {1}: '
+                               u'not an ASCII name'.format(vm_root, repr(dir_name)))
+                    continue
+                ascii_names.append(dir_name)
+            ascii_names.sort()
+            for dir_name in ascii_names:
+                cfg_path = os.path.join(vm_root, dir_name, 'vm.cfg')
+                parsed, problem = self._read_cfg(cfg_path)
+                if problem:
+                    self._warn('vm:' + cfg_path, problem)
+                    continue
+                if parsed is None:
+                    continue
+                vm = self._build_vm(parsed, cfg_path, dir_name, repo, repos, metas)
+                if vm is None:
+                    continue
+                first = by_name.get(vm['name'])
+                if first is not None:
+                    self._warn('dup:' + cfg_path, u'skipping {0}: VM name {1} is already used by {2}'.format(
+                        cfg_path, vm['name'], first['_config_path']))
+                    continue
+                by_name[vm['name']] = vm
+                vms.append(vm)
+        self._cfg_cache = self._cfg_seen
+        self._cfg_seen = {}
+        # conditions that went away may be logged again if they come back
+        self._warned = self._warnings
+        self._warnings = None
+        vms.sort(key=lambda vm: (vm['friendly_name'], vm['name']))
+        return vms
+
+    def list_vms(self):
+        """Every VM of every repository, sorted by friendly_name then name."""
+        self._lock.acquire()
+        try:
+            try:
+                return self._list_locked()
+            finally:
+                self._warnings = None
+                self._cfg_seen = {}
+        finally:
+            self._lock.release()
+
+    def get_vm(self, vm_id):
+        """The VM named vm_id, or None."""
+        if not isinstance(vm_id, (bytes, _DISCOVERY_TEXT_TYPE)):
+            return None
+        vm_id = discovery_text(vm_id)
+        if not VM_NAME_RE.match(vm_id):
+            return None
+        for vm in self.list_vms():
+            if vm['name'] == vm_id:
+                return vm
+        return None
+
+
+def format_vm_table(vms):
+    """An aligned plain-text table of VMs for the `vms` command."""
+    header = (u'FRIENDLY NAME', u'NAME', u'SNAPSHOT', u'DISKS')
+    rows = []
+    for vm in vms:
+        disks = []
+        for disk in vm.get('disks', []):
+            disks.append(u'{0}:{1}({2})'.format(discovery_text(disk.get('device_name')),
+                                                 discovery_text(disk.get('name')),
+                                                 disk.get('snapshot_compatible') and u'yes' or u'no'))
+        rows.append((discovery_text(vm.get('friendly_name')), discovery_text(vm.get('name')),
+                     vm.get('snapshot_compatible') and u'yes' or u'no', u' '.join(disks) or u'-'))
+    widths = [len(h) for h in header[:3]]
+    for row in rows:
+        for i in range(3):
+            widths[i] = max(widths[i], len(row[i]))
+    lines = []
+    for row in [header] + rows:
+        cells = []
+        for i in range(3):
+            cells.append(row[i].ljust(widths[i]))
+        cells.append(row[3])
+        lines.append(u'  '.join(cells).rstrip())
+    if not rows:
+        lines.append(u'(no VMs found)')
+    return u'\n'.join(lines) + u'\n'
+
+# ------------------------------------------------ clones, FIEMAP extent maps, chunk diffs ---
+#
+# Everything the exporter does with the blocks of a disk file:
+#   * clone_file(src, dst)        - a copy-on-write clone: OCFS2_IOC_REFLINK first (OVM's OCFS2
+#                                   on UEK4), then the VFS FICLONE (XFS, btrfs, OCFS2 >= 4.10).
+#                                   Failures raise CloneError; the destination is never left
+#                                   behind by a failed clone.
+#   * clone_supported(directory)  - probe: clone a 4 KiB scratch file inside `directory`.
+#   * fiemap(fd)                  - the file's extent map (FS_IOC_FIEMAP with FIEMAP_FLAG_SYNC,
+#                                   paged), as a FiemapExtents object.
+#   * data_chunks(extents, size)  - the snapshot's "chunks": written extents, clamped to size.
+#   * squash_chunks(chunks)       - merge chunks that touch.
+#   * diff_chunks(old, new, size) - compareTo: every byte range whose content may differ.
+#
+# Extent representation (what fiemap() returns, what the chunk functions take):
+#   FiemapExtents holds four parallel arrays of unsigned 64-bit integers, `logical`, `length`,
+#   `physical` and `flags` (32 bytes per extent: 1,000,000 extents take 32 MB, not the ~170 MB a
+#   list of tuples would). Iterating it, or indexing it, gives (logical, length, physical, flags)
+#   tuples. Every chunk function also accepts a plain list of such 4-tuples.
+#
+# diff_chunks() compares, for every byte offset, the physical address each snapshot maps it
+# to. An extent maps offset x to physical + (x - logical), so two extents hold the same, shared
+# data exactly where physical - logical is equal on both sides. Each side is first reduced to
+# sorted, non-overlapping runs (lists starts, ends, physicals, mostly built by C loops):
+# unwritten extents are dropped (they read as zeros, like holes), extents with an unreliable
+# address get physical None (always "changed"). Then one merge sweep over both run lists,
+# O(n + m); runs identical on both sides (the common case) cost a few comparisons each.
+# Defensive cases the kernel never produces: unsorted input is sorted; where extents overlap,
+# both runs become unreliable (reported, never missed).
+#
+# Unreliable physical address: FIEMAP_EXTENT_UNKNOWN, DELALLOC, ENCODED, DATA_INLINE,
+# NOT_ALIGNED, and also DATA_TAIL and DATA_ENCRYPTED. Encrypted extents do have real addresses,
+# but whether equal ciphertext blocks mean equal plaintext depends on the filesystem's key and
+# IV scheme; counting them as changed costs some bytes, never correctness (and OVM's OCFS2
+# has no encryption). SHARED says nothing about change (OCFS2 leaves it stale) and is ignored.
+
+
+
+OCFS2_IOC_REFLINK = 0x40186F04      # _IOW('o', 4, struct reflink_arguments{u64 old, new, preserve})
+FICLONE = 0x40049409                # _IOW(0x94, 9, int)
+FS_IOC_FIEMAP = 0xC020660B          # _IOWR('f', 11, struct fiemap)
+
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_MAX_OFFSET = 0xFFFFFFFFFFFFFFFF
+
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNKNOWN = 0x2
+FIEMAP_EXTENT_DELALLOC = 0x4
+FIEMAP_EXTENT_ENCODED = 0x8
+FIEMAP_EXTENT_DATA_ENCRYPTED = 0x80
+FIEMAP_EXTENT_NOT_ALIGNED = 0x100
+FIEMAP_EXTENT_DATA_INLINE = 0x200
+FIEMAP_EXTENT_DATA_TAIL = 0x400
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+FIEMAP_EXTENT_MERGED = 0x1000
+FIEMAP_EXTENT_SHARED = 0x2000
+
+FIEMAP_EXTENT_UNRELIABLE = (FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC |
+                            FIEMAP_EXTENT_ENCODED | FIEMAP_EXTENT_DATA_ENCRYPTED |
+                            FIEMAP_EXTENT_NOT_ALIGNED | FIEMAP_EXTENT_DATA_INLINE |
+                            FIEMAP_EXTENT_DATA_TAIL)
+
+_FIEMAP_HEADER = struct.Struct('=QQIIII')   # fm_start fm_length fm_flags fm_mapped_extents
+                                            # fm_extent_count fm_reserved (32 bytes)
+_FIEMAP_EXTENT_SIZE = 56                    # 7 u64 words: logical physical length res res
+                                            # flags(u32)+res(u32) res res
+_FIEMAP_DEFAULT_BATCH = 8192
+
+# errnos meaning "this filesystem/kernel cannot do that clone ioctl" (515 = ENOIOCTLCMD, which
+# should never reach user space, but some kernels leaked it).
+_CLONE_UNSUPPORTED_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                             getattr(errno, 'ENOTSUP', errno.EOPNOTSUPP), 515)
+_CLONE_PROBE_PREFIX = '.ovm-exporter-probe-'
+
+_izip = getattr(itertools, 'izip', zip)
+try:
+    _xrange = xrange
+except NameError:
+    _xrange = range
+
+
+def _u64_typecode():
+    for code in ('L', 'Q'):     # Python 2 has no 'Q'; 'L' is 8 bytes on 64-bit Linux
+        try:
+            if array.array(code).itemsize == 8:
+                return code
+        except ValueError:
+            pass
+    raise RuntimeError('no 8-byte unsigned array type on this platform')
+
+
+_U64_TYPECODE = _u64_typecode()
+
+
+def _array_tobytes(arr):
+    if hasattr(arr, 'tobytes'):
+        return arr.tobytes()
+    return arr.tostring()
+
+
+def _array_frombytes(arr, data):
+    if hasattr(arr, 'frombytes'):
+        arr.frombytes(data)
+    else:
+        arr.fromstring(data)
+
+
+def _path_to_bytes(path):
+    if isinstance(path, bytes):
+        return path
+    fsencode = getattr(os, 'fsencode', None)
+    if fsencode is not None:
+        return fsencode(path)
+    return path.encode(sys.getfilesystemencoding() or 'utf-8')
+
+
+# ------------------------------------------------------------------------------------ clone --
+
+class CloneError(EnvironmentError):
+    """A clone failed. .errno is the kernel's errno, str() a sentence naming both paths,
+    .cannot_clone is True when the filesystem (or kernel) cannot clone files at all."""
+
+    def __init__(self, err, message, src_path=None, dst_path=None, cannot_clone=False):
+        EnvironmentError.__init__(self, err, message)
+        self.src_path = src_path
+        self.dst_path = dst_path
+        self.cannot_clone = cannot_clone
+
+    def __str__(self):
+        return self.strerror
+
+
+def _clone_error(err, src_path, dst_path, detail=None):
+    if err in _CLONE_UNSUPPORTED_ERRNOS:
+        reason = 'the filesystem of {0!r} cannot clone files (no reflink support)'.format(
+            src_path)
+    elif err == errno.EXDEV:
+        reason = '{0!r} and {1!r} are on different filesystems or mounts'.format(
+            src_path, dst_path)
+    elif err == errno.ENOSPC:
+        reason = 'no space left on the filesystem'
+    elif err == getattr(errno, 'EDQUOT', None):
+        reason = 'disk quota exceeded'
+    elif err == errno.EEXIST:
+        reason = 'the destination {0!r} already exists'.format(dst_path)
+    elif err == errno.ENOENT:
+        reason = 'the source or the destination directory does not exist'
+    elif err in (errno.EPERM, errno.EACCES):
+        reason = 'permission denied (or the source is not a regular file)'
+    elif err == errno.EISDIR:
+        reason = 'the source is a directory'
+    elif err == errno.EROFS:
+        reason = 'the filesystem is read-only'
+    else:
+        reason = os.strerror(err) if err else 'unknown error'
+    message = 'cannot clone {0!r} to {1!r}: {2}'.format(src_path, dst_path, reason)
+    if detail:
+        message = '{0} ({1})'.format(message, detail)
+    return CloneError(err, message, src_path, dst_path, err in _CLONE_UNSUPPORTED_ERRNOS)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except EnvironmentError:
+        pass
+
+
+def _ocfs2_reflink(src_path, dst_path):
+    """OCFS2_IOC_REFLINK with preserve=1 (uid, gid, mode, mtime copied). Paths are passed to
+    the kernel by address; the ioctl's fd only selects the filesystem."""
+    old_path = array.array('b', _path_to_bytes(src_path) + b'\0')
+    new_path = array.array('b', _path_to_bytes(dst_path) + b'\0')
+    args = struct.pack('=QQQ', old_path.buffer_info()[0], new_path.buffer_info()[0], 1)
+    fd = os.open(src_path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, OCFS2_IOC_REFLINK, args)
+    finally:
+        os.close(fd)
+    # old_path/new_path stay referenced until here, so their buffers outlive the ioctl
+    return len(old_path) + len(new_path)
+
+
+def _ficlone(src_path, dst_path):
+    """FICLONE into a new file (O_EXCL), then copy mode, owner and times from the source like
+    the reflink's preserve=1 does. A failed clone removes the file it created."""
+    cloexec = getattr(os, 'O_CLOEXEC', 0)
+    src_fd = os.open(src_path, os.O_RDONLY | cloexec)
+    try:
+        st = os.fstat(src_fd)
+        dst_fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o600)
+        try:
+            try:
+                fcntl.ioctl(dst_fd, FICLONE, src_fd)
+                os.fchmod(dst_fd, st.st_mode & 0o7777)
+                try:
+                    os.fchown(dst_fd, st.st_uid, st.st_gid)
+                except EnvironmentError as e:
+                    if e.errno not in (errno.EPERM, errno.EACCES):
+                        raise
+            finally:
+                os.close(dst_fd)
+            os.utime(dst_path, (st.st_atime, st.st_mtime))
+        except BaseException:
+            _remove_quietly(dst_path)
+            raise
+    finally:
+        os.close(src_fd)
+
+
+def clone_file(src_path, dst_path):
+    """Clone src_path to the new file dst_path (which must not exist). Returns the method used,
+    'ocfs2_reflink' or 'ficlone'. Raises CloneError; dst_path is never left behind on failure
+    (and an existing dst_path is never touched)."""
+    try:
+        _ocfs2_reflink(src_path, dst_path)
+        return 'ocfs2_reflink'
+    except EnvironmentError as e:
+        if e.errno not in _CLONE_UNSUPPORTED_ERRNOS:
+            raise _clone_error(e.errno, src_path, dst_path)
+        reflink_errno = e.errno
+    try:
+        _ficlone(src_path, dst_path)
+        return 'ficlone'
+    except EnvironmentError as e:
+        detail = None
+        if e.errno in _CLONE_UNSUPPORTED_ERRNOS:
+            detail = 'OCFS2 reflink: {0}; FICLONE: {1}'.format(
+                os.strerror(reflink_errno), os.strerror(e.errno))
+        raise _clone_error(e.errno, src_path, dst_path, detail)
+
+
+def clone_supported(directory):
+    """(True, text) when files in `directory` can be cloned, else (False, reason). Creates and
+    removes a 4 KiB scratch file named .ovm-exporter-probe-* and its clone; leaves nothing."""
+    src = None
+    dst = None
+    dst_made = False
+    try:
+        try:
+            fd, src = tempfile.mkstemp(prefix=_CLONE_PROBE_PREFIX, dir=directory)
+            try:
+                data = b'ovm-exporter clone probe\n' * 164
+                data = data[:4096]
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dst = src + '-clone'
+            method = clone_file(src, dst)
+            dst_made = True
+            return True, 'files in {0!r} can be cloned ({1})'.format(directory, method)
+        except CloneError as e:
+            return False, str(e)
+        except EnvironmentError as e:
+            return False, 'cannot probe {0!r} for cloning: {1}'.format(
+                directory, e.strerror or e)
+    finally:
+        if dst_made:
+            _remove_quietly(dst)
+        if src is not None:
+            _remove_quietly(src)
+
+
+# ----------------------------------------------------------------------------------- FIEMAP --
+
+class FiemapExtents(object):
+    """A file's extent map: parallel arrays logical[], length[], physical[], flags[] (byte
+    offsets/lengths, kernel FIEMAP flags), sorted by logical as the kernel reports them.
+    Iteration and indexing give (logical, length, physical, flags) tuples."""
+
+    __slots__ = ('logical', 'length', 'physical', 'flags')
+
+    def __init__(self, logical=None, length=None, physical=None, flags=None):
+        self.logical = logical if logical is not None else array.array(_U64_TYPECODE)
+        self.length = length if length is not None else array.array(_U64_TYPECODE)
+        self.physical = physical if physical is not None else array.array(_U64_TYPECODE)
+        self.flags = flags if flags is not None else array.array(_U64_TYPECODE)
+
+    @classmethod
+    def from_tuples(cls, items):
+        result = cls()
+        for logical, length, physical, flags in items:
+            result.logical.append(logical)
+            result.length.append(length)
+            result.physical.append(physical)
+            result.flags.append(flags)
+        return result
+
+    def __len__(self):
+        return len(self.logical)
+
+    def __iter__(self):
+        return _izip(self.logical, self.length, self.physical, self.flags)
+
+    def __getitem__(self, index):
+        return (self.logical[index], self.length[index], self.physical[index],
+                self.flags[index])
+
+    def tuples(self):
+        return list(_izip(self.logical, self.length, self.physical, self.flags))
+
+    def __eq__(self, other):
+        if isinstance(other, FiemapExtents):
+            return self.tuples() == other.tuples()
+        return self.tuples() == list(other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return 'FiemapExtents(<{0} extents>)'.format(len(self))
+
+
+def _fiemap_decode(raw, count):
+    """`count` struct fiemap_extent records (an array('B') or bytes) -> four u64 arrays
+    logical, physical, length, flags. Each record is 7 native u64 words: logical, physical,
+    length, 2 reserved, flags (u32) + reserved u32, reserved; stride slicing is C-speed."""
+    words = array.array(_U64_TYPECODE)
+    if not isinstance(raw, bytes):
+        raw = _array_tobytes(raw)
+    _array_frombytes(words, raw[:_FIEMAP_EXTENT_SIZE * count])
+    if sys.byteorder == 'little':   # the u32 fe_flags is the low half of word 5
+        flags = map(operator.and_, words[5::7], itertools.repeat(0xFFFFFFFF, count))
+    else:                           # big endian: the high half
+        flags = map(operator.rshift, words[5::7], itertools.repeat(32, count))
+    return words[0::7], words[1::7], words[2::7], array.array(_U64_TYPECODE, flags)
+
+
+def fiemap(fd, batch=_FIEMAP_DEFAULT_BATCH):
+    """The extent map of an open file (fd or object with fileno()) as FiemapExtents, asking
+    FS_IOC_FIEMAP with FIEMAP_FLAG_SYNC for `batch` extents per call until the LAST flag.
+    Raises EnvironmentError from the kernel (EOPNOTSUPP: the filesystem has no FIEMAP)."""
+    if hasattr(fd, 'fileno'):
+        fd = fd.fileno()
+    batch = max(1, int(batch))
+    # A mutable array: Python 2 copies immutable ioctl arguments into a 1 KiB buffer, and its
+    # fcntl.ioctl refuses a bytearray.
+    buf = array.array('B', b'\0' * (_FIEMAP_HEADER.size + _FIEMAP_EXTENT_SIZE * batch))
+    result = FiemapExtents()
+    start = 0
+    while True:
+        buf[0:_FIEMAP_HEADER.size] = array.array('B', _FIEMAP_HEADER.pack(
+            start, FIEMAP_MAX_OFFSET - start, FIEMAP_FLAG_SYNC, 0, batch, 0))
+        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
+        mapped = _FIEMAP_HEADER.unpack(_array_tobytes(buf[0:_FIEMAP_HEADER.size]))[3]
+        if mapped == 0:
+            break
+        mapped = min(mapped, batch)
+        logical, physical, length, flags = _fiemap_decode(
+            buf[_FIEMAP_HEADER.size:_FIEMAP_HEADER.size + _FIEMAP_EXTENT_SIZE * mapped],
+            mapped)
+        skip = 0    # an extent that began before fm_start may be reported again: drop it
+        while skip < mapped and logical[skip] + length[skip] <= start:
+            skip += 1
+        if skip:
+            logical, physical, length, flags = (
+                logical[skip:], physical[skip:], length[skip:], flags[skip:])
+        result.logical.extend(logical)
+        result.length.extend(length)
+        result.physical.extend(physical)
+        result.flags.extend(flags)
+        if flags and flags[-1] & FIEMAP_EXTENT_LAST:
+            break
+        if not logical:
+            break
+        next_start = logical[-1] + length[-1]
+        if next_start <= start or next_start >= FIEMAP_MAX_OFFSET:
+            log.warning('FIEMAP made no progress at offset %d; extent map may be partial',
+                        start)
+            break
+        start = next_start
+    return result
+
+
+def file_extents(path):
+    """(FiemapExtents, size) of the file at `path`, both read through one descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+    try:
+        size = os.fstat(fd).st_size
+        return fiemap(fd), size
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------ chunk arithmetic --
+
+def _extent_columns(extents):
+    if isinstance(extents, FiemapExtents):
+        return extents.logical, extents.length, extents.physical, extents.flags
+    items = list(extents)
+    if not items:
+        return (), (), (), ()
+    columns = list(zip(*items))
+    return columns[0], columns[1], columns[2], columns[3]
+
+
+_compress = getattr(itertools, 'compress', None)     # Python 2.7+
+
+
+def _select(values, keep):
+    if _compress is not None:
+        return list(_compress(values, keep))
+    return [v for v, k in _izip(values, keep) if k]
+
+
+def _extent_runs(extents, limit):
+    """Written extents as sorted, non-overlapping runs inside [0, limit): lists starts, ends,
+    physicals (address at start; None = unreliable address) and a dict start -> address of the
+    unreliable runs. Unwritten extents are left out: they read as zeros."""
+    logical, length, physical, flags = _extent_columns(extents)
+    if not len(logical) or limit <= 0:
+        return [], [], [], {}
+    unreliable = {}
+    odd = [f for f in set(flags) if f & (FIEMAP_EXTENT_UNWRITTEN | FIEMAP_EXTENT_UNRELIABLE)]
+    if odd:     # left out unwritten extents; note the unreliable ones (list comprehensions)
+        unwritten = set([f for f in odd if f & FIEMAP_EXTENT_UNWRITTEN])
+        if unwritten:
+            keep = [f not in unwritten for f in flags]
+            logical, length, physical, flags = (_select(logical, keep), _select(length, keep),
+                                                _select(physical, keep), _select(flags, keep))
+        bad = set([f for f in odd if not f & FIEMAP_EXTENT_UNWRITTEN])
+        bad_index = [k for k, f in enumerate(flags) if f in bad] if bad else []
+    starts = list(logical)
+    if not starts:
+        return [], [], [], {}
+    ends = list(map(operator.add, logical, length))
+    physicals = list(physical)
+    # sorted, not overlapping, no empty extent (always so from the kernel)? else the slow way
+    if 0 in length or not all(map(operator.le, itertools.islice(ends, 0, len(ends) - 1),
+                                  itertools.islice(starts, 1, None))):
+        return _extent_runs_slow(logical, length, physical, flags, limit)
+    if odd:
+        for k in bad_index:
+            unreliable[starts[k]] = physicals[k]
+            physicals[k] = None
+    cut = _bisect_left(starts, limit)
+    if cut < len(starts):
+        del starts[cut:], ends[cut:], physicals[cut:]
+    if ends and ends[-1] > limit:
+        ends[-1] = limit
+    return starts, ends, physicals, unreliable
+
+
+def _bisect_left(values, x):
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if values[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _extent_runs_slow(logical, length, physical, flags, limit):
+    """_extent_runs for input the kernel never gives: unsorted is sorted; where extents
+    overlap, both runs become unreliable (reported as changed, never missed)."""
+    starts, ends, physicals, unreliable = [], [], [], {}
+    prev_end = 0
+    for lo, ln, ph, fl in sorted(_izip(logical, length, physical, flags)):
+        if ln <= 0 or fl & FIEMAP_EXTENT_UNWRITTEN or lo >= limit:
+            continue
+        end = min(lo + ln, limit)
+        trusted = not fl & FIEMAP_EXTENT_UNRELIABLE
+        if starts and lo < prev_end:
+            if physicals[-1] is not None:
+                unreliable[starts[-1]] = physicals[-1]
+                physicals[-1] = None
+            if end <= prev_end:
+                continue
+            ph += prev_end - lo
+            lo = prev_end
+            trusted = False
+        starts.append(lo)
+        ends.append(end)
+        if trusted:
+            physicals.append(ph)
+        else:
+            physicals.append(None)
+            unreliable[lo] = ph
+        prev_end = end
+    return starts, ends, physicals, unreliable
+
+
+def data_chunks(extents, size):
+    """The snapshot's chunks: written extents (unwritten ones read as zeros and are left out),
+    clamped to the file size, sorted: [{"start", "length", "physical_start"}]."""
+    starts, ends, physicals, unreliable = _extent_runs(extents, size)
+    return [{'start': s, 'length': e - s,
+             'physical_start': p if p is not None else unreliable[s]}
+            for s, e, p in _izip(starts, ends, physicals)]
+
+
+def squash_chunks(chunks):
+    """Merge chunks that touch (a.start + a.length == b.start) and have the same "zero" flag;
+    a merged chunk keeps its first chunk's physical_start. Returns new dicts, sorted."""
+    result = []
+    last = None
+    for chunk in sorted(chunks, key=operator.itemgetter('start')):
+        zero = bool(chunk.get('zero'))
+        if (last is not None and bool(last.get('zero')) == zero and
+                last['start'] + last['length'] == chunk['start']):
+            last['length'] += chunk['length']
+            continue
+        last = {'start': chunk['start'], 'length': chunk['length'],
+                'physical_start': chunk['physical_start']}
+        if zero:
+            last['zero'] = True
+        result.append(last)
+    return result
+
+
+def diff_chunks(old_extents, new_extents, new_size, old_size=None):
+    """compareTo: the chunks a client must rewrite, reading the newer snapshot, to turn its
+    image of the older snapshot into the newer one. For every offset in [0, new_size):
+      - the newer maps it to written data and the older maps it to nothing, to unwritten
+        space, to a different physical address, or either address is unreliable
+        -> data chunk {"start", "length", "physical_start"} (newer address at start);
+      - the newer maps it to a hole or unwritten space and the older to written data
+        -> {"start", "length", "physical_start": 0, "zero": True}.
+    old_size (optional): the older snapshot's size; its extents past it are then ignored,
+    so data the newer file has past the old end is always sent. Output sorted; neighbouring
+    pieces are merged when they touch (data pieces only when also physically contiguous)."""
+    old_limit = new_size if old_size is None else min(old_size, new_size)
+    o_start, o_end, o_phys, _o_unreliable = _extent_runs(old_extents, old_limit)
+    n_start, n_end, n_phys, n_unreliable = _extent_runs(new_extents, new_size)
+    out = []    # (start, end, physical at start, or None for zeros), in order
+    emit = out.append
+    sentinel = new_size + 1     # an old run past every new offset: no bounds checks below
+    o_start.append(sentinel)
+    o_end.append(sentinel)
+    o_phys.append(None)
+    i = 0
+    prev_end = 0
+    for s, e, p in _izip(n_start, n_end, n_phys):
+        if o_start[i] == s:
+            if o_end[i] == e and o_phys[i] == p and p is not None:
+                i += 1      # the same run in both: unchanged
+                prev_end = e
+                continue
+        else:
+            # older data in the gap [prev_end, s) the newer does not map: zeros
+            while o_start[i] < s:
+                a = o_start[i] if o_start[i] > prev_end else prev_end
+                b = o_end[i] if o_end[i] < s else s
+                if a < b:
+                    emit((a, b, None))
+                if o_end[i] <= s:
+                    i += 1
+                else:
+                    break
+        prev_end = e
+        # [s, e): the newer maps it to data
+        delta = None if p is None else p - s       # physical(x) = x + delta
+        base = n_unreliable[s] - s if p is None else delta
+        cur = s
+        while cur < e:
+            if o_start[i] < e:
+                a = o_start[i]
+                if a > cur:     # the older has nothing in [cur, a)
+                    emit((cur, a, cur + base))
+                else:
+                    a = cur
+                b = o_end[i] if o_end[i] < e else e
+                if delta is None or o_phys[i] is None or o_phys[i] - o_start[i] != delta:
+                    emit((a, b, a + base))
+                cur = b
+                if o_end[i] <= e:
+                    i += 1
+            else:
+                emit((cur, e, cur + base))
+                cur = e
+    while i < len(o_start) - 1:     # older data past the newer's last extent
+        a = max(o_start[i], prev_end)
+        if a < o_end[i]:
+            emit((a, o_end[i], None))
+        i += 1
+
+    chunks = []     # merge pieces that touch (data pieces: when physically contiguous too)
+    last = None
+    for a, b, phys in out:
+        if last is not None and last['start'] + last['length'] == a:
+            if phys is None:
+                if 'zero' in last:
+                    last['length'] = b - last['start']
+                    continue
+            elif 'zero' not in last and last['physical_start'] + last['length'] == phys:
+                last['length'] = b - last['start']
+                continue
+        if phys is None:
+            last = {'start': a, 'length': b - a, 'physical_start': 0, 'zero': True}
+        else:
+            last = {'start': a, 'length': b - a, 'physical_start': phys}
+        chunks.append(last)
+    return chunks
+
+# ------------------------------------------------------------------------ snapshot store ---
+#
+# SQLite holds what snapshots exist; the snapshot files themselves are the truth about data.
+# A snapshot's life: a 'creating' record is written before anything touches the filesystem,
+# then every disk is cloned, then the record becomes 'ready'. Deleting marks 'deleting',
+# removes the files, then the record. reconcile() at start-up finishes or undoes whatever a
+# crash interrupted, so a kill -9 at any moment leaves nothing behind after the next start.
+
+SNAPSHOTS_DIR_NAME = 'CoriolisSnapshots'
+SCHEMA_VERSION = 1
+SQLITE_MAGIC = b'SQLite format 3\x00'
+UUID_RE = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
+
+STORE_SCHEMA = [
+    'CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)',
+    'CREATE TABLE IF NOT EXISTS snapshots ('
+    ' seq INTEGER PRIMARY KEY AUTOINCREMENT,'
+    ' id TEXT NOT NULL UNIQUE,'
+    ' vm_id TEXT NOT NULL,'
+    ' state TEXT NOT NULL,'
+    ' created REAL NOT NULL)',
+    'CREATE INDEX IF NOT EXISTS snapshots_vm ON snapshots (vm_id, seq)',
+    'CREATE TABLE IF NOT EXISTS snapshot_disks ('
+    ' snapshot_id TEXT NOT NULL,'
+    ' position INTEGER NOT NULL,'
+    ' name TEXT NOT NULL,'
+    ' parent_path TEXT NOT NULL,'
+    ' path TEXT NOT NULL,'
+    ' repo_mountpoint TEXT NOT NULL,'
+    ' size INTEGER,'
+    ' data_bytes INTEGER,'
+    ' extent_count INTEGER,'
+    ' clone_method TEXT,'
+    ' PRIMARY KEY (snapshot_id, name))',
+]
+
+
+class StoreError(Exception):
+    pass
+
+
+def snapshot_dir(repo_mountpoint, snapshot_id):
+    return os.path.join(repo_mountpoint, SNAPSHOTS_DIR_NAME, snapshot_id)
+
+
+class SnapshotStore(object):
+    """Snapshot records in SQLite, safe to call from many threads."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.RLock()
+        self._check_is_sqlite(path)
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o700)
+        try:
+            self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False,
+                                       isolation_level=None)
+            self._setup()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError('cannot open state database %s: %s' % (path, exc))
+
+    @staticmethod
+    def _check_is_sqlite(path):
+        try:
+            with open(path, 'rb') as handle:
+                head = handle.read(len(SQLITE_MAGIC))
+        except (IOError, OSError) as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise StoreError('cannot read state database %s: %s' % (path, exc.strerror))
+        if head and head != SQLITE_MAGIC:
+            raise StoreError(
+                '%s is not an SQLite database (the Go service kept a BoltDB file here?). '
+                'It was left untouched; point db_file at a new path.' % path)
+
+    def _setup(self):
+        if sqlite3.sqlite_version_info >= (3, 7, 0) and not FORCE_PY26_PATHS:
+            self._db.execute('PRAGMA journal_mode=WAL')
+        self._db.execute('PRAGMA synchronous=FULL')
+        with self._lock:
+            self._db.execute('BEGIN IMMEDIATE')
+            try:
+                for statement in STORE_SCHEMA:
+                    self._db.execute(statement)
+                row = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                                     (str(SCHEMA_VERSION),))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise StoreError('%s has schema version %s, newer than this program (%d)'
+                                     % (self.path, row[0], SCHEMA_VERSION))
+                self._db.execute('COMMIT')
+            except Exception:
+                self._db.execute('ROLLBACK')
+                raise
+
+    def _write(self, statements):
+        with self._lock:
+            self._db.execute('BEGIN IMMEDIATE')
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute('COMMIT')
+            except Exception:
+                self._db.execute('ROLLBACK')
+                raise
+
+    def _query(self, sql, args=()):
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    # -- writes
+    def record_intent(self, snapshot_id, vm_id, disks):
+        """disks: dicts with name, parent_path, path, repo_mountpoint."""
+        statements = [('INSERT INTO snapshots (id, vm_id, state, created) VALUES (?, ?, ?, ?)',
+                       (snapshot_id, vm_id, 'creating', time.time()))]
+        for position, disk in enumerate(disks):
+            statements.append((
+                'INSERT INTO snapshot_disks (snapshot_id, position, name, parent_path, path,'
+                ' repo_mountpoint) VALUES (?, ?, ?, ?, ?, ?)',
+                (snapshot_id, position, disk['name'], disk['parent_path'], disk['path'],
+                 disk['repo_mountpoint'])))
+        self._write(statements)
+
+    def mark_ready(self, snapshot_id, disk_facts):
+        """disk_facts: name -> (size, data_bytes, extent_count, clone_method)."""
+        statements = []
+        for name, facts in disk_facts.items():
+            statements.append((
+                'UPDATE snapshot_disks SET size = ?, data_bytes = ?, extent_count = ?,'
+                ' clone_method = ? WHERE snapshot_id = ? AND name = ?',
+                tuple(facts) + (snapshot_id, name)))
+        statements.append(("UPDATE snapshots SET state = 'ready' WHERE id = ?", (snapshot_id,)))
+        self._write(statements)
+
+    def mark_deleting(self, snapshot_id):
+        self._write([("UPDATE snapshots SET state = 'deleting' WHERE id = ?", (snapshot_id,))])
+
+    def forget(self, snapshot_id):
+        self._write([('DELETE FROM snapshot_disks WHERE snapshot_id = ?', (snapshot_id,)),
+                     ('DELETE FROM snapshots WHERE id = ?', (snapshot_id,))])
+
+    # -- reads
+    def _snapshot_from_row(self, row):
+        seq, snapshot_id, vm_id, state, created = row
+        disks = []
+        for d in self._query(
+                'SELECT name, parent_path, path, repo_mountpoint, size, data_bytes,'
+                ' extent_count, clone_method FROM snapshot_disks WHERE snapshot_id = ?'
+                ' ORDER BY position', (snapshot_id,)):
+            disks.append({'name': d[0], 'parent_path': d[1], 'path': d[2],
+                          'repo_mountpoint': d[3], 'size': d[4], 'data_bytes': d[5],
+                          'extent_count': d[6], 'clone_method': d[7]})
+        return {'seq': seq, 'id': snapshot_id, 'vm_id': vm_id, 'state': state,
+                'created': created, 'disks': disks}
+
+    def get(self, snapshot_id):
+        rows = self._query('SELECT seq, id, vm_id, state, created FROM snapshots WHERE id = ?',
+                           (snapshot_id,))
+        return self._snapshot_from_row(rows[0]) if rows else None
+
+    def list_for_vm(self, vm_id, states=('ready',)):
+        rows = self._query('SELECT seq, id, vm_id, state, created FROM snapshots'
+                           ' WHERE vm_id = ? ORDER BY seq', (vm_id,))
+        return [self._snapshot_from_row(r) for r in rows if r[3] in states]
+
+    def list_all(self):
+        rows = self._query('SELECT seq, id, vm_id, state, created FROM snapshots ORDER BY seq')
+        return [self._snapshot_from_row(r) for r in rows]
+
+    def ready_ids_by_vm(self):
+        result = {}
+        for vm_id, snapshot_id in self._query(
+                "SELECT vm_id, id FROM snapshots WHERE state = 'ready' ORDER BY seq"):
+            result.setdefault(vm_id, []).append(snapshot_id)
+        return result
+
+    def repo_mountpoints(self):
+        return [r[0] for r in self._query('SELECT DISTINCT repo_mountpoint FROM snapshot_disks')]
+
+
+# -------------------------------------------------------------------- snapshot service ---
+
+class ApiError(Exception):
+    """An error with an HTTP status, a short title and a human sentence."""
+
+    def __init__(self, status, title, details, headers=None):
+        Exception.__init__(self, details)
+        self.status = status
+        self.title = title
+        self.details = details
+        self.headers = headers or {}
+
+
+def not_found(details):
+    return ApiError(404, 'Not Found', details)
+
+
+def bad_request(details):
+    return ApiError(400, 'Bad Request', details)
+
+
+def conflict(details):
+    return ApiError(409, 'Conflict', details)
+
+
+def remove_tree_quietly(path):
+    """Remove a snapshot folder; return True when nothing is left."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        shutil.rmtree(path)
+        return True
+    except (IOError, OSError) as exc:
+        log.error('cannot remove %s: %s', path, exc)
+        return False
+
+
+def copy_sparse(src, dst):
+    """Copy data regions only (demo fallback where the folder's filesystem cannot clone)."""
+    seek_data, seek_hole = getattr(os, 'SEEK_DATA', 3), getattr(os, 'SEEK_HOLE', 4)
+    src_fd = os.open(src, os.O_RDONLY)
+    try:
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            size = os.fstat(src_fd).st_size
+            offset = 0
+            while offset < size:
+                try:
+                    start = os.lseek(src_fd, offset, seek_data)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break
+                    raise
+                end = os.lseek(src_fd, start, seek_hole)
+                os.lseek(src_fd, start, os.SEEK_SET)
+                os.lseek(dst_fd, start, os.SEEK_SET)
+                remaining = end - start
+                while remaining:
+                    block = os.read(src_fd, min(remaining, 1 << 20))
+                    if not block:
+                        break
+                    os.write(dst_fd, block)
+                    remaining -= len(block)
+                offset = end
+            os.ftruncate(dst_fd, size)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    return 'sparse_copy'
+
+
+class KeyedLocks(object):
+    """One lock per key (a VM id), created on demand."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks = {}
+
+    def get(self, key):
+        with self._guard:
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = threading.Lock()
+            return lock
+
+
+class SnapshotService(object):
+    """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
+
+    def __init__(self, config, inventory, store):
+        self.config = config
+        self.inventory = inventory
+        self.store = store
+        self.vm_locks = KeyedLocks()
+
+    # -- virtual machines
+    def list_vms(self):
+        snapshot_ids = self.store.ready_ids_by_vm()
+        result = []
+        for vm in self.inventory.list_vms():
+            view = vm_public_fields(vm)
+            view['snapshots'] = snapshot_ids.get(vm['name'], [])
+            result.append(view)
+        return result
+
+    def _vm_or_404(self, vm_id):
+        vm = self.inventory.get_vm(vm_id)
+        if vm is None:
+            raise not_found('virtual machine %s not found on this host' % vm_id)
+        return vm
+
+    def get_vm(self, vm_id):
+        view = vm_public_fields(self._vm_or_404(vm_id))
+        view['snapshots'] = [s['id'] for s in self.store.list_for_vm(vm_id)]
+        return view
+
+    # -- snapshots
+    def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
+        record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
+        if record is None or record['state'] != 'ready':
+            raise not_found('%s %s not found' % (what, snapshot_id))
+        if record['vm_id'] != vm_id:
+            raise conflict('%s %s belongs to virtual machine %s, not %s'
+                           % (what, snapshot_id, record['vm_id'], vm_id))
+        return record
+
+    def _check_free_space(self, mountpoints):
+        minimum = self.config.snapshot_min_free_percent
+        for mountpoint in mountpoints:
+            try:
+                st = os.statvfs(mountpoint)
+            except OSError as exc:
+                raise ApiError(500, 'Internal Server Error',
+                               'cannot read free space of %s: %s' % (mountpoint, exc.strerror))
+            if st.f_blocks and 100.0 * st.f_bavail / st.f_blocks < minimum:
+                raise ApiError(507, 'Insufficient Storage',
+                               'repository %s has less than %d%% free space; snapshots pin '
+                               'blocks and a full repository stops its VMs'
+                               % (mountpoint, minimum))
+
+    def _clone(self, source, target):
+        try:
+            return clone_file(source, target)
+        except CloneError as exc:
+            if self.config.demo and exc.cannot_clone:
+                return copy_sparse(source, target)
+            raise
+
+    def create_snapshot(self, vm_id):
+        vm = self._vm_or_404(vm_id)
+        if not vm['snapshot_compatible']:
+            raise bad_request('virtual machine %s is not snapshot compatible: %s' % (
+                vm_id, vm.get('_compat_reason') or 'it has no data disks'))
+        snapshot_id = str(uuid.uuid4())
+        disks = []
+        for disk in vm['disks']:
+            if disk.get('_kind') == 'cdrom':
+                continue
+            mountpoint = disk['_repo_mountpoint']
+            disks.append({'name': disk['name'], 'parent_path': disk['path'],
+                          'repo_mountpoint': mountpoint,
+                          'path': os.path.join(snapshot_dir(mountpoint, snapshot_id),
+                                               disk['name'])})
+        with self.vm_locks.get(vm_id):
+            self._check_free_space(sorted(set(d['repo_mountpoint'] for d in disks)))
+            self.store.record_intent(snapshot_id, vm_id, disks)
+            try:
+                facts = {}
+                for disk in disks:
+                    folder = os.path.dirname(disk['path'])
+                    if not os.path.isdir(folder):
+                        os.makedirs(folder, 0o700)
+                    method = self._clone(disk['parent_path'], disk['path'])
+                    log.info('snapshot %s: cloned %s with %s', snapshot_id,
+                             disk['parent_path'], method)
+                    extents, size = file_extents(disk['path'])
+                    chunks = data_chunks(extents, size)
+                    facts[disk['name']] = (size, sum(c['length'] for c in chunks),
+                                           len(chunks), method)
+                self.store.mark_ready(snapshot_id, facts)
+            except BaseException as exc:
+                self._undo_create(snapshot_id, disks)
+                raise self._clone_failure(exc)
+        return self.get_snapshot(vm_id, snapshot_id, squash=False)
+
+    def _undo_create(self, snapshot_id, disks):
+        clean = True
+        for mountpoint in sorted(set(d['repo_mountpoint'] for d in disks)):
+            clean = remove_tree_quietly(snapshot_dir(mountpoint, snapshot_id)) and clean
+        if clean:
+            self.store.forget(snapshot_id)
+
+    @staticmethod
+    def _clone_failure(exc):
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, CloneError):
+            if exc.cannot_clone:
+                return bad_request(str(exc))
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return ApiError(507, 'Insufficient Storage', str(exc))
+            return ApiError(500, 'Internal Server Error', str(exc))
+        if isinstance(exc, (IOError, OSError)):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return ApiError(507, 'Insufficient Storage', 'no space left: %s' % exc)
+            return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
+        if isinstance(exc, Exception):
+            log.error('snapshot failed: %s', traceback.format_exc())
+            return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
+        return exc  # KeyboardInterrupt, SystemExit: cleaned up, keep going up
+
+    def _disk_view(self, record, disk, chunks):
+        return {'parent_path': disk['parent_path'], 'path': disk['path'],
+                'snapshot_id': record['id'], 'name': disk['name'],
+                'repo_mountpoint': disk['repo_mountpoint'], 'chunks': chunks}
+
+    @staticmethod
+    def _disk_map_or_404(disk):
+        try:
+            return file_extents(disk['path'])
+        except (IOError, OSError) as exc:
+            if exc.errno == errno.ENOENT:
+                raise not_found('the snapshot file %s is missing' % disk['path'])
+            raise
+
+    def get_snapshot(self, vm_id, snapshot_id, squash=True, compare_to=None):
+        record = self._snapshot_or_404(vm_id, snapshot_id)
+        base = None
+        if compare_to is not None:
+            base = self._snapshot_or_404(vm_id, compare_to, 'compareTo snapshot')
+            if base['seq'] >= record['seq']:
+                raise bad_request('compareTo snapshot %s is not older than %s'
+                                  % (compare_to, snapshot_id))
+        base_disks = dict((d['name'], d) for d in (base['disks'] if base else []))
+        disks = []
+        for disk in record['disks']:
+            extents, size = self._disk_map_or_404(disk)
+            if disk['name'] in base_disks:
+                old_extents = self._disk_map_or_404(base_disks[disk['name']])[0]
+                chunks = diff_chunks(old_extents, extents, size)
+            else:
+                chunks = data_chunks(extents, size)
+            if squash:
+                chunks = squash_chunks(chunks)
+            disks.append(self._disk_view(record, disk, chunks))
+        return {'id': record['id'], 'vm_id': record['vm_id'], 'disks': disks}
+
+    def list_snapshots(self, vm_id, squash=True):
+        return [self.get_snapshot(vm_id, s['id'], squash=squash)
+                for s in self.store.list_for_vm(vm_id)]
+
+    def delete_snapshot(self, vm_id, snapshot_id):
+        record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
+        if record is None:
+            return
+        if record['vm_id'] != vm_id:
+            raise conflict('snapshot %s belongs to virtual machine %s, not %s'
+                           % (snapshot_id, record['vm_id'], vm_id))
+        with self.vm_locks.get(vm_id):
+            self._delete_record(record)
+
+    def delete_all(self, vm_id):
+        with self.vm_locks.get(vm_id):
+            for record in self.store.list_for_vm(vm_id, ('ready', 'deleting')):
+                self._delete_record(record)
+
+    def _delete_record(self, record):
+        self.store.mark_deleting(record['id'])
+        clean = True
+        for mountpoint in sorted(set(d['repo_mountpoint'] for d in record['disks'])):
+            clean = remove_tree_quietly(snapshot_dir(mountpoint, record['id'])) and clean
+        if not clean:
+            raise ApiError(500, 'Internal Server Error',
+                           'could not remove every file of snapshot %s; it stays marked for '
+                           'deletion and is retried at the next start' % record['id'])
+        self.store.forget(record['id'])
+
+    def open_disk(self, vm_id, snapshot_id, disk_name):
+        """Return (open binary file, size) of one snapshot disk."""
+        record = self._snapshot_or_404(vm_id, snapshot_id)
+        for disk in record['disks']:
+            if disk['name'] == disk_name:
+                try:
+                    handle = open(disk['path'], 'rb')
+                except (IOError, OSError) as exc:
+                    if exc.errno == errno.ENOENT:
+                        raise not_found('the snapshot file %s is missing' % disk['path'])
+                    raise
+                return handle, os.fstat(handle.fileno()).st_size
+        raise not_found('snapshot %s has no disk %s' % (snapshot_id, disk_name))
+
+    # -- crash recovery
+    def reconcile(self):
+        """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict."""
+        summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
+                   'vanished': 0}
+        owned = set()
+        for record in self.store.list_all():
+            mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
+            if record['state'] == 'creating':
+                log.warning('undoing snapshot %s of %s interrupted while being created',
+                            record['id'], record['vm_id'])
+                self._undo_create(record['id'], record['disks'])
+                summary['undone_creates'] += 1
+            elif record['state'] == 'deleting':
+                log.warning('finishing the deletion of snapshot %s', record['id'])
+                try:
+                    self._delete_record(record)
+                    summary['finished_deletes'] += 1
+                except ApiError as exc:
+                    log.error('%s', exc.details)
+            else:
+                owned.add(record['id'])
+                missing = [d['path'] for d in record['disks'] if not os.path.exists(d['path'])
+                           and os.path.isdir(os.path.join(d['repo_mountpoint'],
+                                                          SNAPSHOTS_DIR_NAME))]
+                if missing:
+                    log.error('snapshot %s of %s lost its files (%s); forgetting it',
+                              record['id'], record['vm_id'], ', '.join(missing))
+                    for mountpoint in mountpoints:
+                        remove_tree_quietly(snapshot_dir(mountpoint, record['id']))
+                    self.store.forget(record['id'])
+                    summary['vanished'] += 1
+        mountpoints = set(self.store.repo_mountpoints())
+        try:
+            mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
+        except Exception as exc:
+            log.warning('cannot list repositories while reconciling: %s', exc)
+        for mountpoint in sorted(mountpoints):
+            base = os.path.join(mountpoint, SNAPSHOTS_DIR_NAME)
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(base, name)
+                if UUID_RE.match(name) and name not in owned and os.path.isdir(path) \
+                        and not os.path.islink(path):
+                    log.warning('removing orphan snapshot folder %s', path)
+                    if remove_tree_quietly(path):
+                        summary['orphans_removed'] += 1
+                elif name.startswith(_CLONE_PROBE_PREFIX):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+        return summary
+
+# ------------------------------------------------- authentication: JWT, Manager login, brake ---
+#
+# Everything the exporter needs to authenticate a client:
+#   * constant_time_equal()            - bytes compare that does not leak where they differ;
+#   * jwt_encode()/jwt_decode()        - JWT HS256 (the Go service used dgrijalva/jwt-go);
+#   * mint_login_token()               - the token handed out by POST /api/v1/auth/login;
+#   * ManagerClient.check_login()      - asks the OVM Manager whether a user/password pair is
+#                                        valid (GET .../Repository/id with HTTP Basic auth);
+#   * LoginBrake                       - per client address brake on repeated failed logins.
+#
+# Certificates of the OVM Manager (checked before the password is sent):
+#   * ca_file:     the chain must verify against that CA file. The host NAME is not checked:
+#                  the Manager's certificates come from its private internal CA and
+#                  ovm_endpoint is very often a bare IP address, so a name check would refuse
+#                  nearly every real Manager; trusting only that private CA is the check.
+#   * fingerprint: the SHA-256 of the Manager's DER certificate must match exactly.
+#   * otherwise trust on first use: the first certificate seen with a valid login is pinned in
+#                  tofu_path; a different certificate later is refused
+#                  (ManagerCertificateChanged) until the admin deletes that file or configures
+#                  a fingerprint. With tofu_path None as well, any certificate is accepted
+#                  (what the Go service did; only for demos).
+# With ssl.SSLContext (Python 2.7.9+, 3.x) a context is built per connection; on Python 2.6
+# (no SSLContext) ssl.wrap_socket is used (it is gone in 3.12, which always has SSLContext).
+# In both cases the peer certificate is read with getpeercert(binary_form=True) and compared
+# inside HTTPSConnection.connect(), before any byte of the request is written.
+
+
+
+
+
+# hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
+# Tests set this to None to force the fallback.
+AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
+
+# True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
+# Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
+AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
+
+JWT_MAX_TOKEN_LENGTH = 4096
+JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
+MANAGER_LOGIN_PATH = '/ovm/core/wsapi/rest/Repository/id'
+
+_MANAGER_HTTP_EXCEPTION = http_client.HTTPException  # novm (httplib on Python 2)
+_JWT_SEGMENT_RE = re.compile(r'^[A-Za-z0-9_-]*$')
+_FINGERPRINT_HEX_RE = re.compile(r'^[0-9a-fA-F]{64}$')
+_IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
+
+
+def _auth_to_bytes(value):
+    """Text -> UTF-8 bytes; bytes (str on Python 2) unchanged."""
+    if isinstance(value, bytes):
+        return value
+    return value.encode('utf-8')
+
+
+def _auth_native_str(value):
+    """ASCII bytes or text -> the native str type of this Python."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode('ascii')
+    return value.encode('ascii')
+
+
+# ---------------------------------------------------------------------- constant-time compare
+
+def _auth_constant_time_equal_fallback(a, b):
+    """Pure-Python constant-time compare of two byte strings (for Python 2.6)."""
+    a = bytearray(a)
+    b = bytearray(b)
+    if len(a) != len(b):
+        # The length is not secret (an HMAC-SHA256 is always 32 bytes); still walk `a`.
+        b = a
+        result = 1
+    else:
+        result = 0
+    for x, y in zip(a, b):
+        result |= x ^ y
+    return result == 0
+
+
+def constant_time_equal(a, b):
+    """True when byte strings a and b are equal; time does not depend on where they differ."""
+    a = _auth_to_bytes(a)
+    b = _auth_to_bytes(b)
+    compare = AUTH_HMAC_COMPARE_DIGEST
+    if compare is not None:
+        return bool(compare(a, b))
+    return _auth_constant_time_equal_fallback(a, b)
+
+
+# ------------------------------------------------------------------------------- JWT HS256
+
+class TokenError(Exception):
+    """A bearer token is malformed, forged, of the wrong algorithm or expired."""
+
+
+def _jwt_b64encode(raw):
+    return _auth_native_str(base64.urlsafe_b64encode(raw).rstrip(b'='))
+
+
+def _jwt_b64decode(segment, what):
+    if not _JWT_SEGMENT_RE.match(segment) or len(segment) % 4 == 1:
+        raise TokenError('token {0} is not base64url'.format(what))
+    padded = segment + '=' * (-len(segment) % 4)
+    try:
+        return base64.urlsafe_b64decode(padded.encode('ascii'))
+    except (TypeError, ValueError, binascii.Error):
+        raise TokenError('token {0} is not base64url'.format(what))
+
+
+def _jwt_json_segment(segment, what):
+    raw = _jwt_b64decode(segment, what)
+    try:
+        value = json.loads(raw.decode('utf-8'))
+    except (ValueError, UnicodeDecodeError):
+        raise TokenError('token {0} is not JSON'.format(what))
+    if not isinstance(value, dict):
+        raise TokenError('token {0} is not a JSON object'.format(what))
+    return value
+
+
+def _jwt_signature(signing_input, secret):
+    return hmac.new(_auth_to_bytes(secret), signing_input, hashlib.sha256).digest()
+
+
+def jwt_encode(claims, secret):
+    """Sign `claims` (a dict) with HMAC-SHA256; returns the token as a native str (ASCII)."""
+    header = json.dumps(JWT_HEADER_HS256, separators=(',', ':'), sort_keys=True)
+    payload = json.dumps(claims, separators=(',', ':'), sort_keys=True)
+    signing_input = (_jwt_b64encode(header.encode('utf-8')) + '.' +
+                     _jwt_b64encode(payload.encode('utf-8')))
+    signature = _jwt_signature(signing_input.encode('ascii'), secret)
+    return signing_input + '.' + _jwt_b64encode(signature)
+
+
+def _jwt_is_number(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return False
+    return True
+
+
+def jwt_decode(token, secret, now=None):
+    """Verify an HS256 token and return its claims dict; raise TokenError if it is not valid.
+
+    Accepted: exactly three base64url segments (no padding), header alg == "HS256", a
+    signature that matches, a numeric `exp` later than `now`. Other claims are not checked.
+    """
+    if isinstance(token, bytes) and not isinstance(token, str):
+        try:
+            token = token.decode('ascii')
+        except UnicodeDecodeError:
+            raise TokenError('token is not ASCII')
+    if not isinstance(token, str):
+        try:
+            token = token.encode('ascii')  # Python 2 unicode -> str
+        except (AttributeError, UnicodeError):
+            raise TokenError('token is not a string')
+    if len(token) > JWT_MAX_TOKEN_LENGTH:
+        raise TokenError('token is longer than {0} characters'.format(JWT_MAX_TOKEN_LENGTH))
+    parts = token.split('.')
+    if len(parts) != 3:
+        raise TokenError('token does not have three parts')
+    for part in parts:
+        if not _JWT_SEGMENT_RE.match(part):
+            raise TokenError('token is not made of base64url segments')
+    header = _jwt_json_segment(parts[0], 'header')
+    if header.get('alg') != 'HS256':
+        raise TokenError('token algorithm is not HS256')
+    signature = _jwt_b64decode(parts[2], 'signature')
+    expected = _jwt_signature((parts[0] + '.' + parts[1]).encode('ascii'), secret)
+    if not constant_time_equal(signature, expected):
+        raise TokenError('token signature does not match')
+    claims = _jwt_json_segment(parts[1], 'claims')
+    exp = claims.get('exp')
+    if exp is None:
+        raise TokenError('token has no exp claim')
+    if not _jwt_is_number(exp):
+        raise TokenError('token exp claim is not a number')
+    if now is None:
+        now = time.time()
+    if exp <= now:
+        raise TokenError('token has expired')
+    return claims
+
+
+def mint_login_token(user, secret, ttl_seconds, issuer='ovm_exporter', now=None):
+    """The token POST /api/v1/auth/login returns: claims user, exp, iss, iat."""
+    if now is None:
+        now = time.time()
+    now = int(now)
+    claims = {'user': user, 'exp': now + int(ttl_seconds), 'iss': issuer, 'iat': now}
+    return jwt_encode(claims, secret)
+
+
+# ------------------------------------------------------------------- OVM Manager login check
+
+class ManagerUnavailable(Exception):
+    """The OVM Manager could not give an answer (down, timeout, TLS failure, odd status)."""
+
+
+class ManagerCertificateChanged(ManagerUnavailable):
+    """The Manager presents another certificate than the one pinned on first use."""
+
+
+def normalize_certificate_fingerprint(text):
+    """'AA:bb:..' / 'aabb..' / 'sha256 Fingerprint=AA:..' -> 'AA:BB:...' (64 hex digits).
+
+    Raises ValueError when the text is not a SHA-256 fingerprint.
+    """
+    if isinstance(text, bytes) and not isinstance(text, str):
+        text = text.decode('ascii', 'replace')
+    value = text.strip()
+    if '=' in value:
+        value = value.split('=', 1)[1]
+    value = re.sub(r'[\s:]', '', value)
+    if not _FINGERPRINT_HEX_RE.match(value):
+        raise ValueError('{0!r} is not a SHA-256 certificate fingerprint '
+                         '(64 hex digits, colons allowed)'.format(text))
+    value = value.upper()
+    return ':'.join([value[i:i + 2] for i in range(0, 64, 2)])
+
+
+def certificate_fingerprint_sha256(der_bytes):
+    """SHA-256 of a DER certificate as 'AA:BB:...'."""
+    return normalize_certificate_fingerprint(hashlib.sha256(der_bytes).hexdigest())
+
+
+def _auth_write_file_atomically(path, data, mode=0o600):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp_path, mode)
+        os.rename(tmp_path, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
+
+
+class _ManagerTlsCheck(object):
+    """Certificate policy for one login attempt; remembers the certificate seen."""
+
+    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path):
+        self.endpoint = endpoint
+        self.ca_file = ca_file
+        self.fingerprint = fingerprint
+        self.pinned = pinned
+        self.tofu_path = tofu_path
+        self.seen_fingerprint = None
+
+    def wrap(self, sock, host):
+        ca_file = self.ca_file
+        if AUTH_TLS_USE_SSLCONTEXT:
+            protocol = getattr(ssl, 'PROTOCOL_TLS_CLIENT', None)
+            if protocol is None:
+                protocol = ssl.PROTOCOL_SSLv23
+            context = ssl.SSLContext(protocol)  # novm (guarded by AUTH_TLS_USE_SSLCONTEXT)
+            context.options |= getattr(ssl, 'OP_NO_SSLv2', 0) | getattr(ssl, 'OP_NO_SSLv3', 0)
+            # No name check, by design (see the section comment); must precede verify_mode.
+            context.check_hostname = False  # novm (2.7.9+, 3.4+: only with SSLContext)
+            if ca_file:
+                context.load_verify_locations(cafile=ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+            else:
+                context.verify_mode = ssl.CERT_NONE
+            kwargs = {}
+            if getattr(ssl, 'HAS_SNI', False) and host and ':' not in host \
+                    and not _IPV4_ADDRESS_RE.match(host):
+                kwargs['server_hostname'] = host
+            return context.wrap_socket(sock, **kwargs)
+        legacy_wrap = getattr(ssl, 'wrap_socket')
+        if ca_file:
+            return legacy_wrap(sock, cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file,
+                               ssl_version=ssl.PROTOCOL_SSLv23)
+        return legacy_wrap(sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23)
+
+    def check_peer(self, tls_sock):
+        der = tls_sock.getpeercert(True)
+        if not der:
+            raise ManagerUnavailable('TLS failure talking to the OVM Manager at {0}: it presented '
+                                     'no certificate'.format(self.endpoint))
+        seen = certificate_fingerprint_sha256(der)
+        self.seen_fingerprint = seen
+        if self.fingerprint is not None:
+            if not constant_time_equal(seen, self.fingerprint):
+                raise ManagerUnavailable(
+                    'the OVM Manager at {0} presents certificate sha256 {1}, not the configured '
+                    'ovm_certificate_fingerprint {2}'.format(self.endpoint, seen, self.fingerprint))
+        elif self.pinned is not None:
+            if not constant_time_equal(seen, self.pinned):
+                raise ManagerCertificateChanged(
+                    'the OVM Manager at {0} now presents certificate sha256 {1}, not the one first '
+                    'seen ({2}); if this change is expected, delete {3} or set '
+                    'ovm_certificate_fingerprint'.format(self.endpoint, seen, self.pinned,
+                                                         self.tofu_path))
+
+
+class _ManagerHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
+    """HTTPSConnection that does its own TLS wrap and certificate check in connect()."""
+
+    def __init__(self, host, timeout, tls_check):
+        http_client.HTTPSConnection.__init__(self, host, timeout=timeout)  # novm
+        self._ovm_tls_check = tls_check
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            tls_sock = self._ovm_tls_check.wrap(sock, self.host)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            self._ovm_tls_check.check_peer(tls_sock)
+        except BaseException:
+            tls_sock.close()
+            raise
+        self.sock = tls_sock
+
+
+class _ManagerHTTPSHandler(urllib_request.HTTPSHandler):
+    """urllib HTTPS handler that opens _ManagerHTTPSConnection (any Python 2.6-3.13)."""
+
+    def __init__(self, tls_check):
+        urllib_request.HTTPSHandler.__init__(self)
+        self._ovm_tls_check = tls_check
+
+    def https_open(self, req):
+        tls_check = self._ovm_tls_check
+
+        def make_connection(host, **kwargs):
+            # do_open passes timeout= (and, on newer Pythons, context=/check_hostname=, which
+            # this connection class replaces with its own TLS handling).
+            return _ManagerHTTPSConnection(host, kwargs.get('timeout'), tls_check)
+
+        return self.do_open(make_connection, req)
+
+
+def _manager_failure_sentence(endpoint, timeout, exc):
+    """A human sentence for why the Manager gave no answer."""
+    reason = exc
+    if isinstance(exc, urllib_request.URLError) and not isinstance(exc, urllib_request.HTTPError):
+        reason = exc.reason
+    text = str(reason) or reason.__class__.__name__
+    if isinstance(reason, socket.timeout) or 'timed out' in text:
+        return 'the OVM Manager at {0} did not answer within {1:g} seconds'.format(
+            endpoint, timeout)
+    if isinstance(reason, ssl.SSLError) or reason.__class__.__name__ == 'CertificateError':
+        return 'TLS failure talking to the OVM Manager at {0}: {1}'.format(endpoint, text)
+    if isinstance(reason, _MANAGER_HTTP_EXCEPTION):
+        return ('the OVM Manager at {0} closed the connection or sent no valid HTTP answer '
+                '({1}: {2})'.format(endpoint, reason.__class__.__name__, text))
+    if isinstance(reason, socket.error) and getattr(reason, 'errno', None) == errno.ECONNREFUSED:
+        return 'the OVM Manager at {0} is unreachable (connection refused)'.format(endpoint)
+    return 'the OVM Manager at {0} is unreachable: {1}'.format(endpoint, text)
+
+
+class ManagerClient(object):
+    """Checks a user/password pair against the OVM Manager REST API.
+
+    check_login() sends exactly one request, never retries (the Manager may lock accounts),
+    follows no redirect, ignores proxy environment variables.
+    """
+
+    def __init__(self, endpoint, timeout=10.0, ca_file=None, fingerprint=None, tofu_path=None):
+        endpoint = _auth_native_str(endpoint.strip()).rstrip('/')
+        if not endpoint.lower().startswith('https://') or len(endpoint) <= len('https://'):
+            raise ValueError('ovm_endpoint must be an https:// URL, not {0!r}'.format(endpoint))
+        if ca_file is not None and not os.path.isfile(ca_file):
+            raise ValueError('CA file {0} does not exist'.format(ca_file))
+        self.endpoint = endpoint
+        self.timeout = float(timeout)
+        self.ca_file = ca_file
+        self.fingerprint = None
+        if fingerprint is not None:
+            self.fingerprint = normalize_certificate_fingerprint(fingerprint)
+        self.tofu_path = tofu_path
+        self.url = endpoint + MANAGER_LOGIN_PATH
+
+    def _trust_on_first_use(self):
+        return self.ca_file is None and self.fingerprint is None and self.tofu_path is not None
+
+    def pinned_fingerprint(self):
+        """The fingerprint stored in tofu_path, or None when nothing is pinned yet."""
+        if not self._trust_on_first_use():
+            return None
+        try:
+            f = open(self.tofu_path, 'rb')
+        except IOError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise ManagerUnavailable('cannot read the pinned OVM Manager certificate from {0}: '
+                                     '{1}'.format(self.tofu_path, e))
+        try:
+            data = f.read(4096)
+        finally:
+            f.close()
+        if not data.strip():
+            return None
+        try:
+            return normalize_certificate_fingerprint(data)
+        except ValueError:
+            raise ManagerUnavailable(
+                '{0} does not hold a SHA-256 certificate fingerprint; delete it to pin the OVM '
+                'Manager certificate again on the next login'.format(self.tofu_path))
+
+    def _store_pin(self, fingerprint):
+        try:
+            _auth_write_file_atomically(self.tofu_path, (fingerprint + '\n').encode('ascii'))
+        except (IOError, OSError) as e:
+            log.warning('could not store the OVM Manager certificate fingerprint in %s: %s',
+                        self.tofu_path, e)
+            return
+        log.info('pinned the OVM Manager certificate sha256 %s in %s', fingerprint,
+                 self.tofu_path)
+
+    def check_login(self, username, password):
+        """True if the Manager accepts the pair (2xx), False if it rejects it (401/403).
+
+        Raises ManagerUnavailable (or ManagerCertificateChanged) for anything else.
+        """
+        user_bytes = _auth_to_bytes(username)
+        password_bytes = _auth_to_bytes(password)
+        if not user_bytes or not password_bytes or b':' in user_bytes:
+            # Basic auth cannot carry such a user name; an empty pair is never valid.
+            return False
+        pinned = self.pinned_fingerprint()
+        tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
+                                     self.tofu_path)
+        opener = urllib_request.OpenerDirector()
+        opener.add_handler(urllib_request.ProxyHandler({}))
+        opener.add_handler(_ManagerHTTPSHandler(tls_check))
+        credentials = base64.b64encode(user_bytes + b':' + password_bytes)
+        request = urllib_request.Request(self.url)
+        request.add_header('Authorization', 'Basic ' + _auth_native_str(credentials))
+        request.add_header('Accept', 'application/json')
+        request.add_header('User-Agent', 'ovm_exporter')
+        try:
+            response = opener.open(request, timeout=self.timeout)
+        except ManagerUnavailable:
+            raise
+        except (urllib_request.URLError, socket.error, ssl.SSLError, socket.timeout,
+                _MANAGER_HTTP_EXCEPTION) as e:
+            raise ManagerUnavailable(_manager_failure_sentence(self.endpoint, self.timeout, e))
+        if response is None:
+            raise ManagerUnavailable('the OVM Manager at {0} could not be '
+                                     'contacted'.format(self.endpoint))
+        try:
+            status = getattr(response, 'status', None)
+            if status is None:
+                status = response.code  # Python 2 addinfourl
+        finally:
+            response.close()
+        if 200 <= status < 300:
+            seen = tls_check.seen_fingerprint
+            if self._trust_on_first_use() and pinned is None and seen is not None:
+                self._store_pin(seen)
+            return True
+        if status in (401, 403):
+            return False
+        raise ManagerUnavailable('the OVM Manager at {0} answered with unexpected status '
+                                 '{1}'.format(self.endpoint, status))
+
+
+# -------------------------------------------------------------------------- brute-force brake
+
+class LoginBrake(object):
+    """Counts failed logins per client address over a sliding window.
+
+    retry_after(address) -> 0 when a login attempt may go ahead, else the whole seconds to
+    wait (for a 429 Retry-After). Memory is bounded: at most max_failures timestamps per
+    address and at most max_addresses addresses (oldest entries are forgotten first).
+    """
+
+    def __init__(self, max_failures=5, window_seconds=300, clock=time.time,
+                 max_addresses=10000):
+        self.max_failures = max(1, int(max_failures))
+        self.window_seconds = float(window_seconds)
+        self.max_addresses = max(1, int(max_addresses))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = {}
+        self._last_sweep = clock()
+
+    def __len__(self):
+        self._lock.acquire()
+        try:
+            return len(self._failures)
+        finally:
+            self._lock.release()
+
+    def _recent(self, address, now):
+        stamps = self._failures.get(address)
+        if stamps is None:
+            return None
+        horizon = now - self.window_seconds
+        while stamps and stamps[0] <= horizon:
+            stamps.pop(0)
+        if not stamps:
+            del self._failures[address]
+            return None
+        return stamps
+
+    def _sweep(self, now):
+        horizon = now - self.window_seconds
+        for address in list(self._failures.keys()):
+            if self._failures[address][-1] <= horizon:
+                del self._failures[address]
+        self._last_sweep = now
+
+    def _make_room(self, now):
+        self._sweep(now)
+        excess = len(self._failures) - self.max_addresses + 1
+        if excess > 0:
+            # Drop the least recently failing tenth (at least what is needed) in one pass.
+            excess = max(excess, self.max_addresses // 10)
+            by_age = sorted(self._failures.items(), key=lambda item: item[1][-1])
+            for address, _stamps in by_age[:excess]:
+                del self._failures[address]
+
+    def retry_after(self, address):
+        self._lock.acquire()
+        try:
+            now = self._clock()
+            stamps = self._recent(address, now)
+            if stamps is None or len(stamps) < self.max_failures:
+                return 0
+            wait = stamps[-self.max_failures] + self.window_seconds - now
+            return max(1, int(math.ceil(wait)))
+        finally:
+            self._lock.release()
+
+    def record_failure(self, address):
+        self._lock.acquire()
+        try:
+            now = self._clock()
+            if now - self._last_sweep >= self.window_seconds:
+                self._sweep(now)  # forget stale addresses at most once per window
+            stamps = self._recent(address, now)
+            if stamps is None:
+                if len(self._failures) >= self.max_addresses:
+                    self._make_room(now)
+                stamps = []
+                self._failures[address] = stamps
+            stamps.append(now)
+            if len(stamps) > self.max_failures:
+                del stamps[:len(stamps) - self.max_failures]
+        finally:
+            self._lock.release()
+
+    def record_success(self, address):
+        self._lock.acquire()
+        try:
+            self._failures.pop(address, None)
+        finally:
+            self._lock.release()
+
+
+class Authenticator(object):
+    """Logins checked by the OVM Manager, braked per client address; tokens checked locally."""
+
+    INVALID_TOKEN = 'Invalid authentication token'
+
+    def __init__(self, config, resolve_endpoint):
+        self.config = config
+        self.secret = to_bytes(config.jwt_secret)
+        self.brake = LoginBrake(config.api_login_max_failures, config.api_login_failure_window)
+        self.resolve_endpoint = resolve_endpoint
+
+    def login(self, username, password, address):
+        wait = self.brake.retry_after(address)
+        if wait:
+            raise ApiError(429, 'Too Many Requests',
+                           'too many failed logins from %s; retry in %d seconds' % (address, wait),
+                           {'Retry-After': str(wait)})
+        endpoint = self.resolve_endpoint()
+        if not endpoint:
+            raise ApiError(502, 'Bad Gateway', 'no OVM Manager to check the login with: set '
+                           'ovm_endpoint, or check manager_ip in the ovs-agent server database')
+        config = self.config
+        try:
+            manager = ManagerClient(endpoint, config.ovm_timeout, config.ovm_ca_certificate or None,
+                                    config.ovm_certificate_fingerprint or None,
+                                    config.fingerprint_file)
+            accepted = manager.check_login(username, password)
+        except (ManagerUnavailable, ValueError) as exc:
+            log.error('login of %r from %s: %s', username, address, exc)
+            raise ApiError(502, 'Bad Gateway', str(exc))
+        if not accepted:
+            self.brake.record_failure(address)
+            log.warning('login of %r from %s rejected by the OVM Manager', username, address)
+            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
+                                                  'and password')
+        self.brake.record_success(address)
+        return mint_login_token(username, self.secret, config.jwt_time_to_live)
+
+    def verify_request(self, authorization):
+        """`Authorization` header -> the token's user name, or ApiError 401."""
+        scheme, _, token = (authorization or '').strip().partition(' ')
+        if scheme.lower() != 'bearer' or not token.strip():
+            raise ApiError(401, 'Authentication failed', self.INVALID_TOKEN)
+        try:
+            claims = jwt_decode(token.strip(), self.secret)
+        except TokenError:
+            raise ApiError(401, 'Authentication failed', self.INVALID_TOKEN)
+        user = claims.get('user')
+        return user if isinstance(user, string_types) else '-'
+
+# ---------------------------------------------------------------------------------- HTTP ---
+#
+# A small threaded HTTPS server. The main thread accepts connections into a "lobby" and only
+# hands a connection to a worker thread once the client has sent something, so idle TCP
+# connections cost a file descriptor, not a thread. The TLS handshake runs in the worker
+# with a time-out. Requests are parsed by BaseHTTPRequestHandler after their head has been
+# read with bounds (Python 2's parser has none).
+
+REQUEST_LINE_LIMIT = 8192
+HEADER_LINE_LIMIT = 8192
+HEADER_COUNT_LIMIT = 100
+HEADER_BYTES_LIMIT = 65536
+BODY_LIMIT = 65536
+MAX_RANGES = 1000
+STREAM_BUFFER_SIZE = 1 << 20
+LOBBY_LIMIT = 1024
+OVERFLOW_THREADS = 8
+SHUTDOWN_GRACE_SECONDS = 30.0
+GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
+GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
+ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
+
+HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
+                403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
+                408: 'Request Timeout', 409: 'Conflict', 411: 'Length Required',
+                413: 'Payload Too Large', 414: 'URI Too Long',
+                416: 'Range Not Satisfiable', 429: 'Too Many Requests',
+                431: 'Request Header Fields Too Large', 500: 'Internal Server Error',
+                501: 'Not Implemented', 502: 'Bad Gateway', 503: 'Service Unavailable',
+                505: 'HTTP Version Not Supported', 507: 'Insufficient Storage'}
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range_header(value, size):
+    """`Range` header -> list of (first, last) inclusive byte positions, clamped to `size`.
+
+    Raises RangeNotSatisfiable for malformed headers and for ranges that all start at or past
+    the end (HTTP answers both with 416 and `Content-Range: bytes */size`)."""
+    value = value.strip()
+    if not value.startswith('bytes='):
+        raise RangeNotSatisfiable('only byte ranges are supported')
+    specs = [s.strip() for s in value[len('bytes='):].split(',')]
+    specs = [s for s in specs if s]
+    if not specs or len(specs) > MAX_RANGES:
+        raise RangeNotSatisfiable('between 1 and %d ranges are allowed' % MAX_RANGES)
+    ranges = []
+    for spec in specs:
+        first, dash, last = spec.partition('-')
+        first, last = first.strip(), last.strip()
+        if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) \
+                or not (first or last):
+            raise RangeNotSatisfiable('malformed range %r' % spec)
+        if not first:  # suffix: the last N bytes
+            length = min(int(last), size)
+            if length == 0:
+                continue
+            ranges.append((size - length, size - 1))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            raise RangeNotSatisfiable('malformed range %r' % spec)
+        if start >= size:
+            continue
+        end = size - 1 if not last else min(int(last), size - 1)
+        ranges.append((start, end))
+    if not ranges:
+        raise RangeNotSatisfiable('no range overlaps the %d-byte file' % size)
+    return ranges
+
+
+def parse_go_bool(value, name):
+    if value in GO_TRUE:
+        return True
+    if value in GO_FALSE:
+        return False
+    raise bad_request('%s must be a boolean (true or false), not %r' % (name, value))
+
+
+def http_date(timestamp=None):
+    return time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime(timestamp))
+
+
+def set_tcp_nodelay(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, socket.error):
+        pass
+
+
+def make_server_tls(config):
+    """Return a function that wraps an accepted socket in TLS (doing the handshake)."""
+    certfile, keyfile = config.api_tls_certificate, config.api_tls_key
+    cafile = config.api_tls_ca_certificate or None
+    require_client = config.api_tls_require_client_certificate
+    if hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS:
+        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_SERVER', ssl.PROTOCOL_SSLv23))  # novm
+        if hasattr(context, 'minimum_version'):
+            context.minimum_version = ssl.TLSVersion.TLSv1_2  # novm
+        else:
+            for name in ('OP_NO_SSLv2', 'OP_NO_SSLv3', 'OP_NO_TLSv1', 'OP_NO_TLSv1_1'):
+                context.options |= getattr(ssl, name, 0)
+        context.options |= getattr(ssl, 'OP_NO_COMPRESSION', 0)
+        context.load_cert_chain(certfile, keyfile)
+        if require_client:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile)
+
+        def wrap(sock):
+            return context.wrap_socket(sock, server_side=True)
+    else:
+        # Python 2.6: no SSLContext. PROTOCOL_SSLv23 negotiates TLS 1.2 with OpenSSL 1.0.1.
+        options = dict(server_side=True, certfile=certfile, keyfile=keyfile,
+                       ssl_version=ssl.PROTOCOL_SSLv23,
+                       cert_reqs=ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE,
+                       ca_certs=cafile if require_client else None)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:  # loads (and so checks) the certificate and key now, not at the first client
+            ssl.wrap_socket(probe, do_handshake_on_connect=False, **options)
+        finally:
+            probe.close()
+
+        def wrap(sock):
+            return ssl.wrap_socket(sock, **options)
+    return wrap
+
+
+class ExporterServer(object):
+    """Accept loop, lobby, connection cap and graceful shutdown."""
+
+    def __init__(self, config, app, tls_wrap):
+        self.config = config
+        self.app = app
+        self.tls_wrap = tls_wrap
+        self.max_connections = config.api_max_connections
+        self.handshake_timeout = config.api_handshake_timeout
+        self.idle_timeout = config.api_idle_timeout
+        self._lock = threading.Lock()
+        self._connections = {}  # worker socket -> handler (None during handshake)
+        self._overflow = 0
+        self._stopping = False
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        family, socktype, proto, _, address = socket.getaddrinfo(
+            config.api_bind, config.api_port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+        self.listener = socket.socket(family, socktype, proto)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(address)
+        self.listener.listen(128)
+        self.listener.setblocking(0)
+        self.address = self.listener.getsockname()[:2]
+
+    @property
+    def active_connections(self):
+        with self._lock:
+            return len(self._connections)
+
+    def serve_forever(self):
+        poller = select.poll()
+        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(self._wakeup_r, select.POLLIN)
+        lobby = {}  # fd -> (sock, address, deadline)
+        while not self._stopping:
+            try:
+                events = poller.poll(250)
+            except (select.error, OSError, IOError) as exc:
+                if exc.args and exc.args[0] == errno.EINTR:
+                    continue
+                raise
+            for fd, _ in events:
+                if fd == self.listener.fileno():
+                    self._accept_into(lobby, poller)
+                elif fd in lobby:
+                    sock, address, _ = lobby.pop(fd)
+                    poller.unregister(fd)
+                    self._dispatch(sock, address)
+            now = time.time()
+            for fd in [fd for fd, entry in lobby.items() if entry[2] < now]:
+                poller.unregister(fd)
+                self._close_quietly(lobby.pop(fd)[0])
+        for sock, _, _ in lobby.values():
+            self._close_quietly(sock)
+        self.listener.close()
+        self._drain()
+
+    def _accept_into(self, lobby, poller):
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (socket.error, OSError) as exc:
+                if exc.args and exc.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    return
+                if exc.args and exc.args[0] in (errno.EMFILE, errno.ENFILE):
+                    log.error('out of file descriptors; refusing connections for a moment')
+                    time.sleep(0.1)
+                    return
+                raise
+            if len(lobby) >= LOBBY_LIMIT:
+                self._close_quietly(sock)
+                continue
+            lobby[sock.fileno()] = (sock, address, time.time() + self.handshake_timeout)
+            poller.register(sock.fileno(), select.POLLIN)
+
+    def _dispatch(self, sock, address):
+        with self._lock:
+            if len(self._connections) < self.max_connections:
+                self._connections[sock] = None
+                target = self._serve_connection
+            elif self._overflow < OVERFLOW_THREADS:
+                self._overflow += 1
+                target = self._refuse_connection
+            else:
+                target = None
+        if target is None:
+            self._close_quietly(sock)
+            return
+        worker = threading.Thread(target=target, args=(sock, address))
+        worker.daemon = True
+        worker.start()
+
+    def _serve_connection(self, sock, address):
+        try:
+            sock.setblocking(1)
+            sock.settimeout(self.handshake_timeout)
+            set_tcp_nodelay(sock)
+            try:
+                tls = self.tls_wrap(sock)
+            except (ssl.SSLError, socket.error, socket.timeout, OSError) as exc:
+                log.debug('TLS handshake with %s failed: %s', address[0], exc)
+                return
+            tls.settimeout(self.idle_timeout)
+            ExporterRequestHandler(tls, address, self)
+        except Exception:
+            log.error('connection from %s failed: %s', address[0], traceback.format_exc())
+        finally:
+            with self._lock:
+                self._connections.pop(sock, None)
+            self._close_quietly(sock)
+
+    def _refuse_connection(self, sock, address):
+        try:
+            sock.setblocking(1)
+            sock.settimeout(2.0)
+            tls = self.tls_wrap(sock)
+            head = b''
+            while b'\r\n\r\n' not in head and len(head) < HEADER_BYTES_LIMIT:
+                block = tls.recv(4096)  # read the request, so that closing sends no RST
+                if not block:
+                    break
+                head += block
+            body = to_bytes(json_dumps({'error': 'Service Unavailable',
+                                        'details': 'too many connections; retry shortly'}))
+            tls.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json'
+                        b'\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: '
+                        + to_bytes(str(len(body))) + b'\r\n\r\n' + body)
+            log.warning('refused a connection from %s: %d connections open', address[0],
+                        self.max_connections)
+        except Exception as exc:
+            log.debug('refusing %s: %s', address[0], exc)
+        finally:
+            with self._lock:
+                self._overflow -= 1
+            self._close_quietly(sock)
+
+    def register_handler(self, sock, handler):
+        with self._lock:
+            if sock in self._connections:
+                self._connections[sock] = handler
+
+    @staticmethod
+    def _close_quietly(sock):
+        try:
+            sock.close()
+        except Exception:
+            pass
+
+    def stop(self):
+        """Stop accepting; running transfers get SHUTDOWN_GRACE_SECONDS to finish."""
+        self._stopping = True
+        try:
+            os.write(self._wakeup_w, b'x')
+        except OSError:
+            pass
+
+    @property
+    def stopping(self):
+        return self._stopping
+
+    def _drain(self):
+        deadline = time.time() + SHUTDOWN_GRACE_SECONDS
+        while time.time() < deadline:
+            with self._lock:
+                connections = list(self._connections.items())
+            if not connections:
+                return
+            for sock, handler in connections:
+                if handler is None or not handler.busy:
+                    try:  # an idle keep-alive connection: wake its reader with an EOF
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except (socket.error, OSError):
+                        pass
+            time.sleep(0.1)
+        log.warning('%d connections still open at shutdown', self.active_connections)
+
+
+class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
+    """One connection: reads bounded requests and answers them through ApiApplication."""
+
+    protocol_version = 'HTTP/1.1'
+    server_version = 'ovm_exporter/' + __version__
+    sys_version = ''
+    rbufsize = 65536
+
+    def __init__(self, request, client_address, server):
+        self.busy = False
+        server.register_handler(request, self)
+        http_server.BaseHTTPRequestHandler.__init__(self, request, client_address, server)
+
+    # -- reading a request
+    def _read_head(self):
+        """Read the request line and headers with bounds; return the lines or None at EOF."""
+        line = self.rfile.readline(REQUEST_LINE_LIMIT + 1)
+        while line in (b'\r\n', b'\n'):
+            line = self.rfile.readline(REQUEST_LINE_LIMIT + 1)
+        if not line:
+            return None
+        self.busy = True
+        if len(line) > REQUEST_LINE_LIMIT:
+            raise ApiError(414, 'URI Too Long', 'the request line is longer than %d bytes'
+                           % REQUEST_LINE_LIMIT)
+        lines = [line]
+        total = len(line)
+        while True:
+            header = self.rfile.readline(HEADER_LINE_LIMIT + 1)
+            if not header:
+                return None
+            total += len(header)
+            if len(header) > HEADER_LINE_LIMIT or total > HEADER_BYTES_LIMIT \
+                    or len(lines) > HEADER_COUNT_LIMIT:
+                raise ApiError(431, 'Request Header Fields Too Large',
+                               'the request headers exceed %d lines or %d bytes'
+                               % (HEADER_COUNT_LIMIT, HEADER_BYTES_LIMIT))
+            lines.append(header)
+            if header in (b'\r\n', b'\n'):
+                return lines
+
+    def handle_one_request(self):
+        self.started = time.time()
+        self.user = '-'
+        self.status_sent = 0
+        self.bytes_sent = 0
+        self.requestline = ''
+        self.command = None
+        self.busy = False
+        self.body_done = False
+        try:
+            lines = self._read_head()
+            if lines is None:
+                self.close_connection = True
+                return
+            self.raw_requestline = lines[0]
+            real_rfile = self.rfile
+            self.rfile = BytesIO(b''.join(lines[1:]))
+            try:
+                parsed = self.parse_request()
+            finally:
+                self.rfile = real_rfile
+            if not parsed:
+                return
+            length = self.headers.get('Content-Length')
+            self.body_done = not self.headers.get('Transfer-Encoding') and \
+                (length is None or length.strip() == '0')
+            if self.server.stopping:
+                self.close_connection = True
+            self.server.app.handle(self)
+        except ApiError as exc:
+            if not self.body_done:  # the rest of the request is still on the wire
+                self.close_connection = True
+            self.send_api_error(exc)
+        except socket.timeout:
+            self.close_connection = True
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
+            self.close_connection = True
+        finally:
+            if self.command is not None or self.status_sent:
+                self.log_access()
+            self.busy = False
+
+    # -- writing a response
+    def send_head(self, status, headers, length):
+        """Write the status line and headers in one go; `headers` is a list of pairs."""
+        lines = ['HTTP/1.1 %d %s' % (status, HTTP_REASONS.get(status, 'Unknown')),
+                 'Server: ' + self.server_version, 'Date: ' + http_date()]
+        for name, value in headers:
+            lines.append('%s: %s' % (name, value))
+        if length is not None:
+            lines.append('Content-Length: %d' % length)
+        if self.close_connection:
+            lines.append('Connection: close')
+        self.wfile.write(('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1'))
+        self.status_sent = status
+
+    def send_json(self, status, obj, headers=()):
+        body = to_bytes(json_dumps(obj))
+        self.send_head(status, [('Content-Type', 'application/json')] + list(headers),
+                       len(body))
+        if self.command != 'HEAD':
+            self.wfile.write(body)
+            self.bytes_sent += len(body)
+
+    def send_api_error(self, exc):
+        self.send_json(exc.status, {'error': exc.title, 'details': exc.details},
+                       sorted(exc.headers.items()))
+
+    def send_error(self, code, message=None, explain=None):
+        """BaseHTTPRequestHandler's own errors (bad request line, version), as JSON."""
+        self.close_connection = True
+        if self.command is None:
+            self.command = '-'
+        self.send_api_error(ApiError(code, HTTP_REASONS.get(code, 'Error'),
+                                     message or HTTP_REASONS.get(code, 'error')))
+
+    def log_message(self, format, *args):
+        pass  # replaced by log_access
+
+    def log_access(self):
+        """Combined log format plus the duration; the request line never holds secrets."""
+        request_line = self.requestline.replace('"', '%22')[:1024]
+        log.info('%s - %s [%s] "%s" %d %d "%s" "%s" %.3fs',
+                 self.client_address[0], self.user,
+                 time.strftime('%d/%b/%Y:%H:%M:%S +0000', time.gmtime(self.started)),
+                 request_line, self.status_sent, self.bytes_sent,
+                 (self.headers.get('Referer', '-') if getattr(self, 'headers', None) else '-'),
+                 (self.headers.get('User-Agent', '-') if getattr(self, 'headers', None)
+                  else '-').replace('"', '%22')[:256],
+                 time.time() - self.started)
+
+    def read_body(self, limit=BODY_LIMIT):
+        if self.headers.get('Transfer-Encoding'):
+            raise ApiError(411, 'Length Required', 'send the request body with Content-Length')
+        length = self.headers.get('Content-Length', '0').strip() or '0'
+        if not length.isdigit():
+            raise bad_request('Content-Length is not a number')
+        length = int(length)
+        if length > limit:
+            self.close_connection = True
+            if length <= 16 * limit:  # drain it, so that the client reads our answer
+                while length > 0:
+                    length -= len(self.rfile.read(min(length, 65536)) or b'x' * length)
+                self.body_done = True
+            raise ApiError(413, 'Payload Too Large', 'the request body exceeds %d bytes' % limit)
+        body = self.rfile.read(length) if length else b''
+        if len(body) != length:
+            raise bad_request('the request body ended early')
+        self.body_done = True
+        return body
+
+    # -- all methods go through ApiApplication.handle
+    def do_GET(self):
+        pass
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+
+def stream_file(handle, write, start, length, buffer):
+    """Copy `length` bytes from `start` of an unbuffered file to `write`, reusing `buffer`."""
+    handle.seek(start)
+    view = None if PY2 else memoryview(buffer)  # novermin
+    while length > 0:
+        if view is None:
+            block = handle.read(min(len(buffer), length))
+            count = len(block)
+        else:
+            count = handle.readinto(view[:min(len(buffer), length)])
+            block = view[:count]
+        if not count:
+            raise IOError(errno.EIO, 'the snapshot file ended early')
+        write(block)
+        length -= count
+
+
+class ApiApplication(object):
+    """Routes requests to the snapshot service and the authenticator."""
+
+    ROUTES = [
+        (('api', 'v1', 'auth', 'login'), ('POST',), 'login', False),
+        (('api', 'v1', 'vms'), ('GET',), 'vms', True),
+        (('api', 'v1', 'vms', None), ('GET',), 'vm', True),
+        (('api', 'v1', 'vms', None, 'snapshots'), ('GET', 'POST', 'DELETE'), 'snapshots', True),
+        (('api', 'v1', 'vms', None, 'snapshots', None), ('GET', 'DELETE'), 'snapshot', True),
+        (('api', 'v1', 'vms', None, 'snapshots', None, 'disks', None), ('GET', 'HEAD'),
+         'disk', True),
+    ]
+
+    def __init__(self, service, authenticator):
+        self.service = service
+        self.authenticator = authenticator
+        self.local = threading.local()
+
+    @staticmethod
+    def split_path(raw_path):
+        """URL path -> decoded segments, or None when a segment is not a plain name."""
+        segments = raw_path.split('/')
+        if segments[:1] != ['']:
+            return None
+        segments = segments[1:]
+        if len(segments) > 1 and segments[-1] == '':
+            segments = segments[:-1]
+        decoded = []
+        for segment in segments:
+            value = url_unquote(segment)
+            if '/' in value or '\x00' in value or value in ('', '.', '..') \
+                    or len(value) > 255:
+                return None
+            decoded.append(value)
+        return decoded
+
+    def route(self, segments):
+        """-> (name, methods, needs_auth, parameters) or None."""
+        for pattern, methods, name, needs_auth in self.ROUTES:
+            if len(pattern) != len(segments):
+                continue
+            params = []
+            for expected, actual in zip(pattern, segments):
+                if expected is None:
+                    if not ID_RE.match(actual):
+                        break
+                    params.append(actual)
+                elif expected != actual:
+                    break
+            else:
+                return name, methods, needs_auth, params
+        return None
+
+    def handle(self, request):
+        url = urlsplit(request.path)
+        segments = self.split_path(url.path)
+        found = self.route(segments) if segments is not None else None
+        if found is None:
+            raise not_found('Resource not found')
+        name, methods, needs_auth, params = found
+        if request.command not in methods:
+            raise ApiError(405, 'Method Not Allowed', '%s does not support %s'
+                           % (url.path, request.command), {'Allow': ', '.join(methods)})
+        if needs_auth:
+            request.user = self.authenticator.verify_request(
+                request.headers.get('Authorization'))
+            request.read_body()  # no route but login takes a body; read and drop it
+        query = parse_qs(url.query, keep_blank_values=True)
+        getattr(self, 'on_%s_%s' % (request.command.lower(), name))(request, params, query)
+
+    # -- authentication
+    def on_post_login(self, request, params, query):
+        body = request.read_body()
+        try:
+            document = json.loads(body.decode('utf-8'))
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request('the body must be JSON: {"username": "...", "password": "..."}')
+        if not isinstance(document, dict):
+            raise bad_request('the body must be a JSON object with username and password')
+        username, password = document.get('username'), document.get('password')
+        if not isinstance(username, string_types) or not isinstance(password, string_types) \
+                or not username:
+            raise bad_request('username and password are required strings')
+        token = self.authenticator.login(username, password, request.client_address[0])
+        request.user = username
+        request.send_json(200, {'token': token})
+
+    # -- virtual machines
+    def on_get_vms(self, request, params, query):
+        request.send_json(200, self.service.list_vms())
+
+    def on_get_vm(self, request, params, query):
+        request.send_json(200, self.service.get_vm(params[0]))
+
+    # -- snapshots
+    @staticmethod
+    def _squash(query):
+        values = query.get('squashChunks')
+        return parse_go_bool(values[-1], 'squashChunks') if values else True
+
+    def on_get_snapshots(self, request, params, query):
+        request.send_json(200, self.service.list_snapshots(params[0], self._squash(query)))
+
+    def on_post_snapshots(self, request, params, query):
+        request.send_json(200, self.service.create_snapshot(params[0]))
+
+    def on_delete_snapshots(self, request, params, query):
+        self.service.delete_all(params[0])
+        request.send_json(200, {'deleted': True})
+
+    def on_get_snapshot(self, request, params, query):
+        compare = query.get('compareTo')
+        compare_to = compare[-1] if compare and compare[-1] else None
+        request.send_json(200, self.service.get_snapshot(
+            params[0], params[1], squash=self._squash(query), compare_to=compare_to))
+
+    def on_delete_snapshot(self, request, params, query):
+        self.service.delete_snapshot(params[0], params[1])
+        request.send_json(200, {'deleted': True})
+
+    # -- disk data
+    def on_get_disk(self, request, params, query):
+        handle, size = self.service.open_disk(params[0], params[1], params[2])
+        try:
+            self._send_disk(request, handle, size)
+        finally:
+            handle.close()
+
+    on_head_disk = on_get_disk
+
+    def _send_disk(self, request, handle, size):
+        headers = [('Content-Type', 'application/octet-stream'), ('Accept-Ranges', 'bytes'),
+                   ('Last-Modified', http_date(os.fstat(handle.fileno()).st_mtime))]
+        range_header = request.headers.get('Range')
+        if range_header is None:
+            ranges = None
+        else:
+            try:
+                ranges = parse_range_header(range_header, size)
+            except RangeNotSatisfiable as exc:
+                raise ApiError(416, 'Range Not Satisfiable', str(exc),
+                               {'Content-Range': 'bytes */%d' % size})
+        is_head = request.command == 'HEAD'
+        if ranges is None:
+            request.send_head(200, headers, size)
+            parts = [(None, 0, size)]
+        elif len(ranges) == 1:
+            first, last = ranges[0]
+            request.send_head(206, headers + [('Content-Range', 'bytes %d-%d/%d'
+                                               % (first, last, size))], last - first + 1)
+            parts = [(None, first, last - first + 1)]
+        else:
+            boundary = binascii.hexlify(os.urandom(12)).decode('ascii')
+            parts = []
+            total = 0
+            for first, last in ranges:
+                head = ('--%s\r\nContent-Type: application/octet-stream\r\n'
+                        'Content-Range: bytes %d-%d/%d\r\n\r\n'
+                        % (boundary, first, last, size)).encode('ascii')
+                parts.append((head, first, last - first + 1))
+                total += len(head) + (last - first + 1) + 2
+            tail = ('--%s--\r\n' % boundary).encode('ascii')
+            total += len(tail)
+            headers[0] = ('Content-Type', 'multipart/byteranges; boundary=' + boundary)
+            request.send_head(206, headers, total)
+        if is_head:
+            return
+        buffer = self._buffer()
+        write = request.wfile.write
+        for head, start, length in parts:
+            if head is not None:
+                write(head)
+            stream_file(handle, write, start, length, buffer)
+            request.bytes_sent += length
+            if head is not None:
+                write(b'\r\n')
+        if len(parts) > 1:
+            write(tail)
+
+    def _buffer(self):
+        buffer = getattr(self.local, 'buffer', None)
+        if buffer is None:
+            buffer = self.local.buffer = bytearray(STREAM_BUFFER_SIZE)
+        return buffer
+
+# -------------------------------------------------------------------------------- client ---
+#
+# A small client for the API, used by the `client` command, the demo and the tests. It keeps
+# one keep-alive connection and rebuilds disk images from chunks: the first snapshot's chunks
+# make a full image, a later snapshot's compareTo chunks turn that image into the later one.
+
+DOWNLOAD_PIECE = 64 << 20
+
+
+class ClientError(Exception):
+    def __init__(self, status, message):
+        Exception.__init__(self, '%s: %s' % (status, message))
+        self.status = status
+
+
+class ExporterClient(object):
+    def __init__(self, base_url, ca_file=None, insecure=False, timeout=120.0):
+        parts = urlsplit(base_url)
+        if parts.scheme != 'https':
+            raise ValueError('the exporter speaks HTTPS only: %s' % base_url)
+        self.host, self.port = parts.hostname, parts.port or 5544
+        self.prefix = parts.path.rstrip('/')
+        if not self.prefix.endswith('/api/v1'):
+            self.prefix += '/api/v1'
+        self.ca_file, self.insecure, self.timeout = ca_file, insecure, timeout
+        self.token = None
+        self._connection = None
+
+    def _connect(self):
+        if hasattr(ssl, 'SSLContext'):
+            context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
+            if self.insecure:
+                context.check_hostname = False  # novm
+                context.verify_mode = ssl.CERT_NONE
+            else:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.check_hostname = True  # novm
+                if self.ca_file:
+                    context.load_verify_locations(self.ca_file)
+                else:
+                    context.load_default_certs()  # novm
+            return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout,  # novm
+                                               context=context)
+        # Python 2.6 cannot verify the server certificate.
+        return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+
+    def request(self, method, path, body=None, headers=None):
+        """-> (status, headers dict with lower-case names, body bytes)."""
+        all_headers = {'Accept': 'application/json'}
+        if self.token:
+            all_headers['Authorization'] = 'Bearer ' + self.token
+        all_headers.update(headers or {})
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = self._connect()
+            try:
+                self._connection.request(method, self.prefix + path, body, all_headers)
+                response = self._connection.getresponse()
+                data = response.read()
+            except (http_client.HTTPException, socket.error, ssl.SSLError):
+                self.close()
+                if attempt == 2 or method not in ('GET', 'HEAD', 'DELETE'):
+                    raise
+                continue
+            if response.getheader('connection', '').lower() == 'close':
+                self.close()
+            return (response.status, dict((k.lower(), v) for k, v in response.getheaders()),
+                    data)
+
+    def close(self):
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def call(self, method, path, body=None, expect=(200,)):
+        status, headers, data = self.request(method, path, body)
+        if status not in expect:
+            try:
+                message = json.loads(data.decode('utf-8')).get('details')
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                message = data[:200]
+            raise ClientError(status, message)
+        return json.loads(data.decode('utf-8')) if data else None
+
+    def login(self, username, password):
+        body = json_dumps({'username': username, 'password': password})
+        self.token = self.call('POST', '/auth/login', body)['token']
+        return self.token
+
+    def vms(self):
+        return self.call('GET', '/vms')
+
+    def create_snapshot(self, vm_id):
+        return self.call('POST', '/vms/%s/snapshots' % vm_id)
+
+    def snapshot(self, vm_id, snapshot_id, compare_to=None, squash=True):
+        query = '?squashChunks=%s' % ('true' if squash else 'false')
+        if compare_to:
+            query += '&compareTo=' + compare_to
+        return self.call('GET', '/vms/%s/snapshots/%s%s' % (vm_id, snapshot_id, query))
+
+    def delete_snapshot(self, vm_id, snapshot_id):
+        return self.call('DELETE', '/vms/%s/snapshots/%s' % (vm_id, snapshot_id))
+
+    def disk_size(self, vm_id, snapshot_id, disk_name):
+        status, headers, _ = self.request(
+            'HEAD', '/vms/%s/snapshots/%s/disks/%s' % (vm_id, snapshot_id, disk_name))
+        if status != 200:
+            raise ClientError(status, 'HEAD of disk %s failed' % disk_name)
+        return int(headers['content-length'])
+
+    def read_range(self, vm_id, snapshot_id, disk_name, start, length):
+        status, headers, data = self.request(
+            'GET', '/vms/%s/snapshots/%s/disks/%s' % (vm_id, snapshot_id, disk_name),
+            headers={'Range': 'bytes=%d-%d' % (start, start + length - 1)})
+        expected = 'bytes %d-%d/' % (start, start + len(data) - 1)
+        if status != 206 or not headers.get('content-range', '').startswith(expected) \
+                or len(data) != length:
+            raise ClientError(status, 'range %d+%d of %s came back wrong' %
+                              (start, length, disk_name))
+        return data
+
+    def sync_disk(self, vm_id, snapshot_id, disk_name, image_path, compare_to=None):
+        """Make `image_path` equal to the snapshot's disk. Without compare_to the image is
+        built from scratch; with it, the image must hold the compare_to snapshot's disk.
+        Returns the number of bytes downloaded."""
+        snapshot = self.snapshot(vm_id, snapshot_id, compare_to=compare_to)
+        disks = [d for d in snapshot['disks'] if d['name'] == disk_name]
+        if not disks:
+            raise ClientError(404, 'snapshot %s has no disk %s' % (snapshot_id, disk_name))
+        size = self.disk_size(vm_id, snapshot_id, disk_name)
+        flags = os.O_RDWR | os.O_CREAT | (0 if compare_to else os.O_TRUNC)
+        fd = os.open(image_path, flags, 0o600)
+        downloaded = 0
+        try:
+            os.ftruncate(fd, size)
+            for chunk in disks[0]['chunks']:
+                start, end = chunk['start'], min(chunk['start'] + chunk['length'], size)
+                while start < end:
+                    piece = min(DOWNLOAD_PIECE, end - start)
+                    if chunk.get('zero'):
+                        data = b'\0' * piece
+                    else:
+                        data = self.read_range(vm_id, snapshot_id, disk_name, start, piece)
+                        downloaded += len(data)
+                    os.lseek(fd, start, os.SEEK_SET)
+                    while data:
+                        written = os.write(fd, data)
+                        data = data[written:]
+                    start += piece
+        finally:
+            os.close(fd)
+        return downloaded
+
+# ---------------------------------------------------------------------- command line ---
+
+def setup_logging(config, debug=False):
+    level = logging.DEBUG if debug else getattr(logging, config.log_level.upper())
+    if config.log_file:
+        handler = logging.handlers.RotatingFileHandler(
+            config.log_file, maxBytes=50 * 1024 * 1024, backupCount=5)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def manager_endpoint_resolver(config):
+    """ovm_endpoint, or https://<manager_ip from the ovs-agent server database>:7002."""
+    def resolve():
+        if config.ovm_endpoint:
+            return config.ovm_endpoint
+        address = manager_ip_from_server_db(read_ovs_agent_db, config.ovs_agent_db_dir)
+        if not address:
+            return None
+        if ':' in address and not address.startswith('['):
+            address = '[%s]' % address
+        return 'https://%s:%d' % (address, MANAGER_DEFAULT_PORT)
+    return resolve
+
+
+def build_inventory(config):
+    def probe(directory):
+        folder = os.path.join(directory, SNAPSHOTS_DIR_NAME)
+        if os.path.isdir(directory) and not os.path.isdir(folder):
+            try:
+                os.mkdir(folder, 0o700)
+            except OSError as exc:
+                return False, 'cannot create %s: %s' % (folder, exc.strerror)
+        supported, reason = clone_supported(folder)
+        if not supported and config.demo:
+            return True, 'demo: %s; snapshots will be sparse copies' % reason
+        return supported, reason
+    loader = RepositoryDbLoader(read_ovs_agent_db, config.ovs_agent_db_dir, config.repository)
+    return HostInventory(loader, sniff_ovsmeta, probe)
+
+
+def build_application(config):
+    """-> (ApiApplication, SnapshotService). Raises StoreError."""
+    inventory = build_inventory(config)
+    store = SnapshotStore(config.db_file)
+    service = SnapshotService(config, inventory, store)
+    authenticator = Authenticator(config, manager_endpoint_resolver(config))
+    return ApiApplication(service, authenticator), service
+
+
+def write_pid_file(path):
+    handle = open(path, 'w')
+    try:
+        handle.write('%d\n' % os.getpid())
+    finally:
+        handle.close()
+
+
+def raise_file_limit():
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > 8192:
+            hard = 8192
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def serve(config, pid_file=None, ready=None):
+    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening."""
+    app, service = build_application(config)
+    summary = service.reconcile()
+    if any(summary.values()):
+        log.warning('start-up recovery: %s', json_dumps(summary))
+    raise_file_limit()
+    server = ExporterServer(config, app, make_server_tls(config))
+
+    def stop(signum, frame):
+        log.info('signal %d: stopping (running transfers get %ds)', signum,
+                 SHUTDOWN_GRACE_SECONDS)
+        server.stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if pid_file:
+        write_pid_file(pid_file)
+    try:
+        log.info('ovm_exporter %s serving on https://%s:%d', __version__,
+                 server.address[0], server.address[1])
+        if ready:
+            ready(server)
+        server.serve_forever()
+    finally:
+        service.store.close()
+        if pid_file:
+            try:
+                os.unlink(pid_file)
+            except OSError:
+                pass
+    log.info('stopped')
+
+
+def fail(message, status=2):
+    sys.stderr.write('ovm_exporter: error: %s\n' % message)
+    return status
+
+
+def load_checked_config(path, need_tls=True):
+    config = load_config(path)
+    for warning in validate_config(config, need_tls):
+        log.warning('%s', warning)
+    return config
+
+
+def command_serve(options, args):
+    try:
+        config = load_checked_config(options.config)
+    except ConfigError as exc:
+        return fail(str(exc))
+    setup_logging(config, options.debug)
+    try:
+        serve(config, options.pid_file)
+    except (StoreError, socket.error, OSError) as exc:
+        log.error('%s', exc)
+        return fail(str(exc), 1)
+    return 0
+
+
+def command_check_config(options, args):
+    try:
+        config = load_checked_config(options.config)
+    except ConfigError as exc:
+        return fail(str(exc))
+    print('# %s is valid; effective configuration (secrets hidden):' % options.config)
+    for line in config.describe():
+        print(line)
+    return 0
+
+
+def command_vms(options, args):
+    if os.path.exists(options.config) or options.config != DEFAULT_CONFIG_PATH:
+        try:
+            config = load_checked_config(options.config, need_tls=False)
+        except ConfigError as exc:
+            return fail(str(exc))
+    else:
+        config = default_config()
+    inventory = build_inventory(config)
+    try:
+        vms = [vm_public_fields(vm) for vm in inventory.list_vms()]
+    except (BerkeleyDBError, IOError, OSError) as exc:
+        return fail('cannot list repositories: %s' % exc, 1)
+    if options.json:
+        print(json.dumps(vms, indent=2, sort_keys=True))
+    else:
+        print(format_vm_table(vms))
+    return 0
+
+
+COMMANDS = ('serve', 'vms', 'check-config', 'demo', 'client')
+
+
+def parse_command_line(argv):
+    parser = optparse.OptionParser(
+        usage='%prog [serve|vms|check-config|demo|client] [options]',
+        version='ovm_exporter ' + __version__,
+        description='Disk snapshots and incremental exports for Oracle VM.')
+    parser.add_option('-c', '--config', default=DEFAULT_CONFIG_PATH,
+                      help='configuration file [default: %default]')
+    parser.add_option('--pid-file', help='serve: write the process id here')
+    parser.add_option('--json', action='store_true', help='vms: print JSON')
+    parser.add_option('--debug', action='store_true', help='log debug messages')
+    parser.add_option('--port', type='int', default=5544, help='demo: port [default: %default]')
+    parser.add_option('--url', help='client: https://host:5544')
+    parser.add_option('--user', default='admin', help='client: user name (password from '
+                      'OVM_EXPORTER_PASSWORD or a prompt)')
+    parser.add_option('--cacert', help='client: CA certificate of the exporter')
+    parser.add_option('--insecure', action='store_true', help='client: do not verify TLS')
+    parser.add_option('--compare-to', help='client download: older snapshot already in IMAGE')
+    options, args = parser.parse_args(argv)
+    command = args.pop(0) if args else 'serve'
+    if command not in COMMANDS:
+        parser.error('unknown command %r; choose one of %s' % (command, ', '.join(COMMANDS)))
+    return command, options, args
+
+
+def main(argv=None):
+    command, options, args = parse_command_line(sys.argv[1:] if argv is None else argv)
+    if command != 'serve':
+        logging.basicConfig(level=logging.DEBUG if options.debug else logging.WARNING,
+                            format='%(levelname)s %(message)s', stream=sys.stderr)
+    handler = {'serve': command_serve, 'vms': command_vms, 'check-config': command_check_config,
+               'demo': command_demo, 'client': command_client}[command]
+    return handler(options, args)
+
+
+# ----------------------------------------------------------------------------- the demo ---
+#
+# `demo` builds a sample host in a temporary folder: two repositories listed in the
+# configuration, VMs with sparse disks that hold some data, a throwaway CA and certificate,
+# and a stand-in OVM Manager on 127.0.0.1 that knows one user. It serves on 127.0.0.1 and
+# prints curl commands to try; Ctrl-C removes everything it made.
+
+DEMO_REPOSITORIES = ('0004fb0000030000aaaa000000000001', '0004fb0000030000aaaa000000000002')
+
+
+def make_certificates(folder, names=('localhost',), addresses=('127.0.0.1',)):
+    """A CA and a server certificate made with the openssl command (the stdlib cannot)."""
+    paths = dict((n, os.path.join(folder, n)) for n in (
+        'ca-key.pem', 'ca-pub.pem', 'srv-key.pem', 'srv-pub.pem', 'srv.csr', 'san.cnf'))
+    sans = ['DNS:%s' % n for n in names] + ['IP:%s' % a for a in addresses]
+    with open(paths['san.cnf'], 'w') as handle:
+        handle.write('subjectAltName = %s\nbasicConstraints = CA:FALSE\n' % ', '.join(sans))
+    commands = [
+        ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '30', '-subj',
+         '/CN=ovm_exporter demo CA', '-keyout', paths['ca-key.pem'], '-out', paths['ca-pub.pem']],
+        ['req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=%s' % names[0],
+         '-keyout', paths['srv-key.pem'], '-out', paths['srv.csr']],
+        ['x509', '-req', '-in', paths['srv.csr'], '-CA', paths['ca-pub.pem'], '-CAkey',
+         paths['ca-key.pem'], '-CAcreateserial', '-days', '30', '-sha256', '-extfile',
+         paths['san.cnf'], '-out', paths['srv-pub.pem']],
+    ]
+    for command in commands:
+        process = subprocess.Popen(['openssl'] + command, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        output = process.communicate()[0]
+        if process.returncode != 0:
+            raise RuntimeError('openssl %s failed: %s' % (command[0], output.decode(
+                'utf-8', 'replace')))
+    return paths
+
+
+def write_demo_disk(path, size, seed):
+    """A sparse disk image with a few MiB of data at scattered offsets."""
+    rng = random.Random(seed)
+    with open(path, 'wb') as handle:
+        handle.truncate(size)
+        for index in range(6):
+            handle.seek(rng.randrange(0, size - (1 << 20)) & ~4095)
+            handle.write(to_bytes('demo disk %s block %d\n' % (seed, index)) * 20000)
+
+
+def make_demo_host(folder):
+    """Repositories, VMs and disks; returns the [[repository]] list for the config."""
+    repositories = []
+    for index, repo_id in enumerate(DEMO_REPOSITORIES):
+        mount_point = os.path.join(folder, 'OVS', 'Repositories', repo_id)
+        for sub in ('VirtualDisks', 'VirtualMachines', 'ISOs'):
+            os.makedirs(os.path.join(mount_point, sub))
+        repositories.append({'id': repo_id, 'mount_point': mount_point,
+                             'filesystem': 'demo'})
+    iso = os.path.join(repositories[1]['mount_point'], 'ISOs',
+                       '0004fb0000150000aaaa000000000001.iso')
+    write_demo_disk(iso, 8 << 20, 'iso')
+    for number, friendly in ((1, 'web-server'), (2, 'database')):
+        repo = repositories[0]['mount_point']
+        vm_name = '0004fb0000060000aaaa00000000000%d' % number
+        disks = []
+        for letter in ('a', 'b')[:number]:
+            disk_name = '0004fb0000120000aaaa0000000000%d%s.img' % (number, letter)
+            disk_path = os.path.join(repo, 'VirtualDisks', disk_name)
+            write_demo_disk(disk_path, 256 << 20, disk_name)
+            disks.append('file:%s,xvd%s,w' % (disk_path, letter))
+        disks.append('file:%s,xvdc:cdrom,r' % iso)
+        vm_dir = os.path.join(repo, 'VirtualMachines', vm_name)
+        os.makedirs(vm_dir)
+        with open(os.path.join(vm_dir, 'vm.cfg'), 'w') as handle:
+            handle.write("OVM_simple_name = '%s'\nname = '%s'\nuuid = '%s'\ndisk = %r\n"
+                         "memory = 2048\nvcpus = 2\n"
+                         % (friendly, vm_name, str(uuid.UUID(vm_name)), disks))
+    return repositories
+
+
+def start_demo_manager(tls_wrap, username, password):
+    """A stand-in OVM Manager answering the one call the exporter makes."""
+    expected = 'Basic ' + base64.b64encode(to_bytes('%s:%s' % (username, password))).decode(
+        'ascii')
+
+    class DemoManagerHandler(http_server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            authorized = constant_time_equal(to_bytes(self.headers.get('Authorization', '')),
+                                             to_bytes(expected))
+            if self.path != MANAGER_LOGIN_PATH or not authorized:
+                status, body = 401, b'[]'
+            else:
+                status, body = 200, to_bytes(json_dumps([{
+                    'type': 'com.oracle.ovm.mgr.ws.model.Repository',
+                    'value': DEMO_REPOSITORIES[0], 'name': 'demo repository',
+                    'uri': 'https://127.0.0.1/ovm/core/wsapi/rest/Repository/'
+                           + DEMO_REPOSITORIES[0]}]))
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):
+            pass
+
+    httpd = http_server.HTTPServer(('127.0.0.1', 0), DemoManagerHandler)
+    httpd.socket = tls_wrap(httpd.socket)
+    worker = threading.Thread(target=httpd.serve_forever)
+    worker.daemon = True
+    worker.start()
+    return httpd
+
+
+def demo_instructions(config, paths, server, password, folder):
+    url = 'https://127.0.0.1:%d/api/v1' % server.address[1]
+    vm = '0004fb0000060000aaaa000000000001'
+    disk = '0004fb0000120000aaaa00000000001a.img'
+    live = os.path.join(config.repository[0]['mount_point'], 'VirtualDisks', disk)
+    curl = 'curl -sf --cacert "$CA"'
+    auth = '-H "Authorization: Bearer $TOKEN"'
+    field = '%s -c \'import json,sys; print(json.load(sys.stdin)["%%s"])\'' % sys.executable
+    return '\n'.join([
+        '',
+        'ovm_exporter demo: a sample Oracle VM host in %s' % folder,
+        'Login: user "admin", password "%s" (checked by a stand-in OVM Manager).' % password,
+        'Snapshots of this folder are %s.' % (
+            'real copy-on-write clones' if clone_supported(os.path.join(
+                config.repository[0]['mount_point'], SNAPSHOTS_DIR_NAME))[0]
+            else 'sparse copies (this filesystem cannot clone; on OVM they are OCFS2 reflinks)'),
+        'Try these in another shell (bash), then press Ctrl-C here to stop and clean up:',
+        '',
+        'CA=%s' % paths['ca-pub.pem'],
+        'URL=%s' % url,
+        "TOKEN=$(%s -X POST -d '{\"username\": \"admin\", \"password\": \"%s\"}' $URL/auth/login"
+        " | %s)" % (curl, password, field % 'token'),
+        '%s %s $URL/vms' % (curl, auth),
+        'SNAP1=$(%s %s -X POST $URL/vms/%s/snapshots | %s)' % (curl, auth, vm, field % 'id'),
+        '%s %s -H "Range: bytes=0-1048575" -o first-mib.img $URL/vms/%s/snapshots/$SNAP1/'
+        'disks/%s' % (curl, auth, vm, disk),
+        "printf 'changed' | dd of=%s bs=1 seek=4096 conv=notrunc status=none" % live,
+        'SNAP2=$(%s %s -X POST $URL/vms/%s/snapshots | %s)' % (curl, auth, vm, field % 'id'),
+        '%s %s "$URL/vms/%s/snapshots/$SNAP2?compareTo=$SNAP1"' % (curl, auth, vm),
+        '%s %s -X DELETE $URL/vms/%s/snapshots' % (curl, auth, vm),
+        '',
+    ])
+
+
+def command_demo(options, args):
+    folder = tempfile.mkdtemp(prefix='ovm-exporter-demo-')
+    try:
+        try:
+            paths = make_certificates(folder)
+        except (OSError, RuntimeError) as exc:
+            return fail('the demo needs the openssl command to make a certificate: %s' % exc)
+        password = binascii.hexlify(os.urandom(6)).decode('ascii')
+        config = default_config()
+        config.demo = True
+        config.values.update({
+            'db_file': os.path.join(folder, 'exporter.db'),
+            'ovm_fingerprint_file': os.path.join(folder, 'ovm-manager.fingerprint'),
+            'jwt.secret': binascii.hexlify(os.urandom(32)).decode('ascii'),
+            'api.bind': '127.0.0.1', 'api.port': options.port,
+            'api.tls.certificate': paths['srv-pub.pem'], 'api.tls.key': paths['srv-key.pem'],
+            'api.tls.ca_certificate': paths['ca-pub.pem'],
+            'repository': make_demo_host(folder)})
+        config = Config(config.values, 'demo')
+        config.demo = True
+        setup_logging(config, options.debug)
+        tls_wrap = make_server_tls(config)
+        manager = start_demo_manager(tls_wrap, 'admin', password)
+        config.values['ovm_endpoint'] = 'https://127.0.0.1:%d' % manager.server_address[1]
+        config = Config(config.values, 'demo')
+        config.demo = True
+        validate_config(config)
+
+        def announce(server):
+            sys.stdout.write(demo_instructions(config, paths, server, password, folder) + '\n')
+            sys.stdout.flush()
+        serve(config, ready=announce)
+        manager.shutdown()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    sys.stdout.write('demo stopped; removed %s\n' % folder)
+    return 0
+
+
+def command_client(options, args):
+    usage = ('client commands: vms | snapshot VM | download VM SNAPSHOT DISK IMAGE '
+             '[--compare-to OLDER]  (with --url, --user, --cacert or --insecure)')
+    if not args or not options.url:
+        return fail(usage)
+    password = os.environ.get('OVM_EXPORTER_PASSWORD')
+    if password is None:
+        import getpass
+        password = getpass.getpass('password for %s: ' % options.user)
+    client = ExporterClient(options.url, options.cacert, options.insecure)
+    try:
+        client.login(options.user, password)
+        if args[0] == 'vms' and len(args) == 1:
+            print(json.dumps(client.vms(), indent=2, sort_keys=True))
+        elif args[0] == 'snapshot' and len(args) == 2:
+            print(json.dumps(client.create_snapshot(args[1]), indent=2, sort_keys=True))
+        elif args[0] == 'download' and len(args) == 5:
+            count = client.sync_disk(args[1], args[2], args[3], args[4], options.compare_to)
+            print('%s: downloaded %d bytes' % (args[4], count))
+        else:
+            return fail(usage)
+    except (ClientError, socket.error, ssl.SSLError, http_client.HTTPException) as exc:
+        return fail(str(exc), 1)
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
