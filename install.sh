@@ -554,7 +554,22 @@ setup_certs() {
 }
 
 # ------------------------------------------------------------------------------------ config ---
+# The secret printed in the Go service's README: a config that still has it is open to anyone.
+PUBLISHED_SECRET=yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd
+
 setup_config() {
+    if [ -f "$ROOT$CONF" ] && grep -q "$PUBLISHED_SECRET" "$ROOT$CONF"; then
+        make_tmpdir
+        sc_secret=$(rand_hex 48)
+        [ "${#sc_secret}" -ge 96 ] || die "could not read random bytes from /dev/urandom"
+        sed -e "s|$PUBLISHED_SECRET|$sc_secret|g" "$ROOT$CONF" > "$TMPD/config.toml" \
+            || die "cannot write $TMPD/config.toml"
+        cp -p "$ROOT$CONF" "$ROOT$CONF.published-secret" && chmod 600 "$ROOT$CONF.published-secret" \
+            || die "cannot back up $ROOT$CONF"
+        chmod 600 "$TMPD/config.toml" && mv -f "$TMPD/config.toml" "$ROOT$CONF" \
+            || die "cannot write $ROOT$CONF"
+        warn "$CONF had the JWT secret published in the Go service README (anybody could forge tokens): replaced it with a random one; tokens issued before no longer work. The old file is $CONF.published-secret"
+    fi
     if [ -f "$ROOT$CONF" ]; then
         say "  kept      $CONF (config, JWT secret)"
         sc_port=$(cfg_value "$ROOT$CONF" api port)

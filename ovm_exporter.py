@@ -3382,8 +3382,8 @@ class SnapshotService(object):
         for disk in record['disks']:
             extents, size = self._disk_map_or_404(disk)
             if disk['name'] in base_disks:
-                old_extents = self._disk_map_or_404(base_disks[disk['name']])[0]
-                chunks = diff_chunks(old_extents, extents, size)
+                old_extents, old_size = self._disk_map_or_404(base_disks[disk['name']])
+                chunks = diff_chunks(old_extents, extents, size, old_size)
             else:
                 chunks = data_chunks(extents, size)
             if squash:
@@ -4249,7 +4249,7 @@ class ExporterServer(object):
         self.handshake_timeout = config.api_handshake_timeout
         self.idle_timeout = config.api_idle_timeout
         self._lock = threading.Lock()
-        self._connections = {}  # worker socket -> handler (None during handshake)
+        self._connections = {}  # accepted socket -> handler (None until TLS is up)
         self._overflow = 0
         self._stopping = False
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -4331,23 +4331,24 @@ class ExporterServer(object):
         worker.start()
 
     def _serve_connection(self, sock, address):
+        tls = None
         try:
             sock.setblocking(1)
             sock.settimeout(self.handshake_timeout)
             set_tcp_nodelay(sock)
             try:
-                tls = self.tls_wrap(sock)
+                tls = self.tls_wrap(sock)  # on Python 3 this takes `sock` over
             except (ssl.SSLError, socket.error, socket.timeout, OSError) as exc:
                 log.debug('TLS handshake with %s failed: %s', address[0], exc)
                 return
             tls.settimeout(self.idle_timeout)
-            ExporterRequestHandler(tls, address, self)
+            ExporterRequestHandler(tls, address, self, sock)
         except Exception:
             log.error('connection from %s failed: %s', address[0], traceback.format_exc())
         finally:
             with self._lock:
                 self._connections.pop(sock, None)
-            self._close_quietly(sock)
+            self._close_quietly(tls if tls is not None else sock)
 
     def _refuse_connection(self, sock, address):
         try:
@@ -4374,10 +4375,10 @@ class ExporterServer(object):
                 self._overflow -= 1
             self._close_quietly(sock)
 
-    def register_handler(self, sock, handler):
+    def register_handler(self, accepted, handler):
         with self._lock:
-            if sock in self._connections:
-                self._connections[sock] = handler
+            if accepted in self._connections:
+                self._connections[accepted] = handler
 
     @staticmethod
     def _close_quietly(sock):
@@ -4405,11 +4406,11 @@ class ExporterServer(object):
                 connections = list(self._connections.items())
             if not connections:
                 return
-            for sock, handler in connections:
-                if handler is None or not handler.busy:
+            for _, handler in connections:
+                if handler is not None and not handler.busy:
                     try:  # an idle keep-alive connection: wake its reader with an EOF
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except (socket.error, OSError):
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except (socket.error, OSError, ValueError):
                         pass
             time.sleep(0.1)
         log.warning('%d connections still open at shutdown', self.active_connections)
@@ -4423,9 +4424,10 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
     sys_version = ''
     rbufsize = 65536
 
-    def __init__(self, request, client_address, server):
+    def __init__(self, request, client_address, server, accepted):
         self.busy = False
-        server.register_handler(request, self)
+        self.connection = request
+        server.register_handler(accepted, self)
         http_server.BaseHTTPRequestHandler.__init__(self, request, client_address, server)
 
     # -- reading a request

@@ -6323,7 +6323,16 @@ def test_go_readme_config_example_parses_with_exporter(tmp_path):
                    check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shutil.copy(str(d / 'srv-pub.pem'), str(d / 'ca-pub.pem'))
     conf = d / 'config.toml'
-    conf.write_text(GO_CONFIG.replace('/tmp/certs', str(d)).replace('/etc/coriolis-ovm-exporter', str(d)))
+    go_config = GO_CONFIG.replace('/tmp/certs', str(d)).replace('/etc/coriolis-ovm-exporter',
+                                                                 str(d))
+    conf.write_text(go_config)
+    os.chmod(str(conf), 0o600)
+    p = subprocess.run([sys.executable, EXPORTER, 'check-config', '--config', str(conf)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    # The README's secret is public: refused, with a message saying why.
+    assert p.returncode == 2 and 'published' in p.stdout, p.stdout
+    conf.write_text(go_config.replace(
+        'yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd', 'n' * 48))
     p = subprocess.run([sys.executable, EXPORTER, 'check-config', '--config', str(conf)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     assert p.returncode == 0, p.stdout
@@ -6780,8 +6789,20 @@ def test_migration_from_go_service(src, root, tmp_path):
     with open(root + UPSTART, 'w') as f:
         f.write(GO_UPSTART)
     p = install_ok(src, root, '--init', 'sysv', '--no-start')
+    published = 'yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd'
     with open(root + CONF) as f:
+        migrated = f.read()
+    new_secret = re.search(r'secret = "([0-9a-f]+)"', migrated).group(1)
+    assert len(new_secret) == 96
+    assert migrated == conf_text.replace(published, new_secret)  # only the secret changed
+    assert stat.S_IMODE(os.stat(root + CONF).st_mode) == 0o600
+    with open(root + CONF + '.published-secret') as f:
         assert f.read() == conf_text
+    assert 'published in the Go service README' in p.stderr
+    second = install_ok(src, root, '--init', 'sysv', '--no-start')
+    with open(root + CONF) as f:
+        assert f.read() == migrated  # the second run changes nothing
+    assert 'published' not in second.stderr
     assert 'kept      TLS certificate paths of the existing config' in p.stdout
     assert not os.path.exists(root + CONF_DIR + '/srv-pub.pem')
     assert 'readable by others' in p.stderr
