@@ -120,9 +120,6 @@ def json_dumps(obj):
 # Also Go's time.ParseDuration, for durations such as "168h" in the config.
 
 
-_TOML_PY2 = sys.version_info[0] < 3
-_TOML_TEXT = type(u'')
-_TOML_BYTES = type(b'')
 _TOML_MAX_NESTING = 100
 
 try:
@@ -157,7 +154,7 @@ _TOML_EXPLICIT = 1    # a table defined by a [header] or by dotted keys: no [hea
 
 def _toml_native(text):
     """Unicode message -> the native str type (ASCII with escapes on Python 2)."""
-    if _TOML_PY2 and isinstance(text, _TOML_TEXT):
+    if PY2 and isinstance(text, text_type):
         return text.encode('ascii', 'backslashreplace')
     return text
 
@@ -199,11 +196,11 @@ def _toml_format_key(parts):
 
 
 def _toml_as_text(value):
-    if isinstance(value, _TOML_TEXT):
+    if isinstance(value, text_type):
         return value
-    if isinstance(value, _TOML_BYTES):
+    if isinstance(value, bytes):
         return value.decode('utf-8', 'replace')
-    return _TOML_TEXT(value)
+    return text_type(value)
 
 
 def _toml_error_message(source, line, key, reason):
@@ -777,14 +774,14 @@ def parse_toml(text, source='<string>'):
     Supports TOML 1.0 except dates and times (rejected with a ConfigError). Results equal
     tomllib.loads(); strings and keys are unicode on Python 2. Raises ConfigError naming the
     source, the line and the key."""
-    if isinstance(text, _TOML_BYTES) and not isinstance(text, _TOML_TEXT):
+    if isinstance(text, bytes) and not isinstance(text, text_type):
         try:
             text = text.decode('utf-8')
         except UnicodeDecodeError as exc:
             line = text.count(b'\n', 0, exc.start) + 1
             raise ConfigError(_toml_error_message(source, line, None, u'not valid UTF-8'),
                               source=source, line=line, reason=u'not valid UTF-8')
-    if not isinstance(text, _TOML_TEXT):
+    if not isinstance(text, text_type):
         raise TypeError('parse_toml() needs text, not %s' % type(text).__name__)
     return _TomlParser(text, source).parse()
 
@@ -818,12 +815,12 @@ _GO_DURATION_MAX = 1 << 63
 def _go_duration_nanoseconds(text):
     """Go's time.ParseDuration, step by step (same accepted syntax, same rounding,
     same overflow limits), returning an int number of nanoseconds."""
-    if _TOML_PY2 and isinstance(text, _TOML_BYTES):
+    if PY2 and isinstance(text, bytes):
         try:
             text = text.decode('utf-8')
         except UnicodeDecodeError:
             raise ValueError('invalid duration %r: not UTF-8 text' % (text,))
-    if not isinstance(text, _TOML_TEXT):
+    if not isinstance(text, text_type):
         raise ValueError('a duration must be a string such as "168h" or "1h30m", not %s'
                          % type(text).__name__)
     quoted = u'"' + _toml_printable(text) + u'"'
@@ -1136,7 +1133,7 @@ def default_config():
 # ------------------------------------------------------ Berkeley DB hash reader / ovs-agent DBs ---
 # Read-only, pure-Python reader for Berkeley DB HASH files (hash format versions 7-9, as written by
 # DB 4.x/5.x), a restricted unpickler for the Python 2 pickles ovs-agent stores in them, and a
-# sniffer for a repository's `.ovsmeta`.  Format notes: /work/shared/design/ovm-host-facts.md s.2.
+# sniffer for a repository's `.ovsmeta`.  Format: Berkeley DB 5.3's db_page.h and hash.h.
 
 
 BDB_HASH_MAGIC = 0x061561
@@ -1159,11 +1156,6 @@ _BDB_DBMETA_CHKSUM = 0x01
 _BDB_SIZEOF_PAGE = 26
 _BDB_SIZEOF_PAGE_CHKSUM = 32
 
-_BDB_PY3 = sys.version_info[0] >= 3
-if _BDB_PY3:
-    _bdb_bytes_type = bytes
-else:
-    _bdb_bytes_type = str
 
 
 class BerkeleyDBError(Exception):
@@ -1323,8 +1315,8 @@ def parse_bdb_hash(data, name='<bytes>'):
 
     Returns a list of (key_bytes, value_bytes) in bucket order.  Raises BerkeleyDBError (or its
     subclass BerkeleyDBUnsupportedError) naming `name` for anything unreadable or unsupported."""
-    if not isinstance(data, _bdb_bytes_type):
-        data = _bdb_bytes_type(data)
+    if not isinstance(data, bytes):
+        data = bytes(data)
     try:
         meta = _bdb_parse_meta(data, name)
         pagesize = meta['pagesize']
@@ -1403,7 +1395,7 @@ def _to_text_walk(value, depth, budget):
         raise ValueError('structure too large')
     if depth > _TO_TEXT_MAX_DEPTH:
         raise ValueError('structure nested too deeply (or recursive)')
-    if isinstance(value, _bdb_bytes_type):
+    if isinstance(value, bytes):
         return _bdb_bytes_to_text(value)
     if isinstance(value, bytearray):
         return _bdb_bytes_to_text(bytes(value))
@@ -1443,13 +1435,13 @@ def safe_unpickle(data):
     Python 2 `str` values become text (UTF-8, else latin-1, per string) on every Python, so the
     result equals to_text(result).  Raises UnsafePickleError for a pickle asking for any global
     and for every other failure (truncated, garbage, recursive)."""
-    if not isinstance(data, _bdb_bytes_type):
+    if not isinstance(data, bytes):
         raise UnsafePickleError('pickle data must be bytes, not %s' % type(data).__name__)
     if data[:1] == b'\x80' and len(data) >= 2 and struct.unpack_from('B', data, 1)[0] > 2:
         raise UnsafePickleError('pickle protocol %d refused (only 0-2)'
                                 % struct.unpack_from('B', data, 1)[0])
     try:
-        if _BDB_PY3:
+        if not PY2:
             unpickler = _SafeUnpickler(io.BytesIO(data), encoding='bytes')
         else:
             unpickler = _SafeUnpickler(io.BytesIO(data))
@@ -1549,7 +1541,6 @@ DISK_MODES = ('r', 'ro', 'w', 'w!', 'rw')
 OVSMETA_OBJECT_TYPES_CLONABLE = ('', 'VIRTUAL_DISK')
 OVSMETA_OBJECT_TYPES_MEDIA = ('ISO',)
 
-_DISCOVERY_TEXT_TYPE = type(u'')
 _DISCOVERY_STRING_RE = re.compile(
     r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|\"[^\"\\\n]*(?:\\.[^\"\\\n]*)*\"")
 _DISCOVERY_COMMENT_RE = re.compile(r'#[^\n]*')
@@ -1569,19 +1560,19 @@ class RepositoryConfigError(Exception):
 
 def discovery_text(value):
     """Text (unicode) from bytes (UTF-8, undecodable bytes replaced), None ("") or a scalar."""
-    if isinstance(value, _DISCOVERY_TEXT_TYPE):
+    if isinstance(value, text_type):
         return value
     if value is None:
         return u''
     if isinstance(value, bytes):
         return value.decode('utf-8', 'replace')
-    return _DISCOVERY_TEXT_TYPE(value)
+    return text_type(value)
 
 
 def discovery_error_text(error):
     """An exception (or message) as text, on Python 2 too (non-ASCII messages)."""
     try:
-        return _DISCOVERY_TEXT_TYPE(error)
+        return text_type(error)
     except UnicodeError:
         return discovery_text(str(error))
 
@@ -1721,7 +1712,7 @@ def parse_vm_cfg(text, source):
             raise VmConfigError(u'{0}: {1} bytes, larger than the {2} bytes a vm.cfg may have'.format(
                 source, len(text), VM_CFG_MAX_BYTES))
         text = text.decode('utf-8', 'replace')
-    if not isinstance(text, _DISCOVERY_TEXT_TYPE):
+    if not isinstance(text, text_type):
         raise VmConfigError(u'{0}: not text'.format(source))
     if len(text) > VM_CFG_MAX_BYTES:
         raise VmConfigError(u'{0}: {1} characters, larger than the {2} bytes a vm.cfg may have'.format(
@@ -1766,7 +1757,7 @@ def parse_disk_entry(entry):
     Returns {"kind": "file"|"phy", "path", "device_name", "mode", "cdrom": bool}, or None (with
     a warning) for a shape we do not understand. `file:///p` and `tap:aio:p` are files; file paths
     are normalised (one leading slash, no `..`). An empty CD-ROM drive gives path ""."""
-    if not isinstance(entry, (bytes, _DISCOVERY_TEXT_TYPE)):
+    if not isinstance(entry, (bytes, text_type)):
         log.warning('disk entry %r is not a string; ignored', entry)
         return None
     entry = discovery_text(entry)
@@ -1841,7 +1832,7 @@ def _discovery_lookup(mapping, key):
     """mapping[key] with key tried as text and as bytes (pickles from Python 2 may have either)."""
     if key in mapping:
         return mapping[key]
-    other = key.encode('utf-8') if isinstance(key, _DISCOVERY_TEXT_TYPE) else key.decode('utf-8')
+    other = key.encode('utf-8') if isinstance(key, text_type) else key.decode('utf-8')
     return mapping.get(other)
 
 
@@ -1854,13 +1845,13 @@ def _repositories_from_config(configured):
             raise RepositoryConfigError(u'{0}: not a table'.format(where))
         repo_id = table.get('id')
         mount_point = table.get('mount_point')
-        if not isinstance(repo_id, (bytes, _DISCOVERY_TEXT_TYPE)) or not discovery_text(repo_id).strip():
+        if not isinstance(repo_id, (bytes, text_type)) or not discovery_text(repo_id).strip():
             raise RepositoryConfigError(u'{0}: "id" must be a non-empty string'.format(where))
-        if not isinstance(mount_point, (bytes, _DISCOVERY_TEXT_TYPE)) or \
+        if not isinstance(mount_point, (bytes, text_type)) or \
                 not discovery_text(mount_point).strip().startswith('/'):
             raise RepositoryConfigError(u'{0}: "mount_point" must be an absolute path'.format(where))
         for field in ('filesystem', 'alias'):
-            if table.get(field) is not None and not isinstance(table.get(field), (bytes, _DISCOVERY_TEXT_TYPE)):
+            if table.get(field) is not None and not isinstance(table.get(field), (bytes, text_type)):
                 raise RepositoryConfigError(u'{0}: "{1}" must be a string'.format(where, field))
         record = make_repository_record(repo_id, table)
         if record['id'] in seen:
@@ -1906,7 +1897,7 @@ def manager_ip_from_server_db(db_reader, db_dir):
         log.warning('cannot read the ovs-agent server database %s: %s', path, discovery_error_text(e))
         return None
     value = _discovery_lookup(raw, u'manager_ip')
-    if value is None or not isinstance(value, (bytes, _DISCOVERY_TEXT_TYPE)):
+    if value is None or not isinstance(value, (bytes, text_type)):
         log.warning('%s holds no manager_ip', path)
         return None
     value = discovery_text(value).strip()
@@ -2162,7 +2153,7 @@ class HostInventory(object):
     def _build_vm(self, parsed, cfg_path, dir_name, repo, repos, metas):
         cfg, parsed_disks = parsed
         name = cfg.get('name')
-        if not isinstance(name, _DISCOVERY_TEXT_TYPE) or not name:
+        if not isinstance(name, text_type) or not name:
             self._warn('vm:' + cfg_path, u'skipping VM {0}: no "name" string in {1}'.format(dir_name, cfg_path))
             return None
         if not VM_NAME_RE.match(name):
@@ -2170,10 +2161,10 @@ class HostInventory(object):
                        u'(must match {2})'.format(name, cfg_path, VM_NAME_RE.pattern))
             return None
         simple_name = cfg.get('OVM_simple_name')
-        if not isinstance(simple_name, _DISCOVERY_TEXT_TYPE) or not simple_name.strip():
+        if not isinstance(simple_name, text_type) or not simple_name.strip():
             simple_name = name
         uuid = cfg.get('uuid')
-        if not isinstance(uuid, _DISCOVERY_TEXT_TYPE):
+        if not isinstance(uuid, text_type):
             uuid = u''
         reasons = []
         if parsed_disks is None:
@@ -2318,7 +2309,7 @@ class HostInventory(object):
 
     def get_vm(self, vm_id):
         """The VM named vm_id, or None."""
-        if not isinstance(vm_id, (bytes, _DISCOVERY_TEXT_TYPE)):
+        if not isinstance(vm_id, (bytes, text_type)):
             return None
         vm_id = discovery_text(vm_id)
         if not VM_NAME_RE.match(vm_id):
@@ -2588,6 +2579,11 @@ def clone_file(src_path, dst_path):
         raise _clone_error(e.errno, src_path, dst_path, detail)
 
 
+# A full repository cannot be probed; a snapshot attempt will then say "no space" (507),
+# which is more useful to the admin than "not snapshot compatible".
+_CLONE_PROBE_FULL = 'cannot probe {0!r} for cloning: no space left; assuming it can clone'
+
+
 def clone_supported(directory):
     """(True, text) when files in `directory` can be cloned, else (False, reason). Creates and
     removes a 4 KiB scratch file named .ovm-exporter-probe-* and its clone; leaves nothing."""
@@ -2610,8 +2606,12 @@ def clone_supported(directory):
             dst_made = True
             return True, 'files in {0!r} can be cloned ({1})'.format(directory, method)
         except CloneError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
+                return True, _CLONE_PROBE_FULL.format(directory)
             return False, str(e)
         except EnvironmentError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
+                return True, _CLONE_PROBE_FULL.format(directory)
             return False, 'cannot probe {0!r} for cloning: {1}'.format(
                 directory, e.strerror or e)
     finally:
@@ -3540,13 +3540,6 @@ _FINGERPRINT_HEX_RE = re.compile(r'^[0-9a-fA-F]{64}$')
 _IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
 
 
-def _auth_to_bytes(value):
-    """Text -> UTF-8 bytes; bytes (str on Python 2) unchanged."""
-    if isinstance(value, bytes):
-        return value
-    return value.encode('utf-8')
-
-
 def _auth_native_str(value):
     """ASCII bytes or text -> the native str type of this Python."""
     if isinstance(value, str):
@@ -3575,8 +3568,8 @@ def _auth_constant_time_equal_fallback(a, b):
 
 def constant_time_equal(a, b):
     """True when byte strings a and b are equal; time does not depend on where they differ."""
-    a = _auth_to_bytes(a)
-    b = _auth_to_bytes(b)
+    a = to_bytes(a)
+    b = to_bytes(b)
     compare = AUTH_HMAC_COMPARE_DIGEST
     if compare is not None:
         return bool(compare(a, b))
@@ -3615,7 +3608,7 @@ def _jwt_json_segment(segment, what):
 
 
 def _jwt_signature(signing_input, secret):
-    return hmac.new(_auth_to_bytes(secret), signing_input, hashlib.sha256).digest()
+    return hmac.new(to_bytes(secret), signing_input, hashlib.sha256).digest()
 
 
 def jwt_encode(claims, secret):
@@ -3922,8 +3915,8 @@ class ManagerClient(object):
 
         Raises ManagerUnavailable (or ManagerCertificateChanged) for anything else.
         """
-        user_bytes = _auth_to_bytes(username)
-        password_bytes = _auth_to_bytes(password)
+        user_bytes = to_bytes(username)
+        password_bytes = to_bytes(password)
         if not user_bytes or not password_bytes or b':' in user_bytes:
             # Basic auth cannot carry such a user name; an empty pair is never valid.
             return False
@@ -4969,6 +4962,8 @@ def build_inventory(config):
             try:
                 os.mkdir(folder, 0o700)
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return True, _CLONE_PROBE_FULL.format(directory)
                 return False, 'cannot create %s: %s' % (folder, exc.strerror)
         supported, reason = clone_supported(folder)
         if not supported and config.demo:

@@ -5990,6 +5990,45 @@ def test_kill_9_during_create_delete_cycles_leaves_nothing_behind(exporter_facto
     assert recoveries > 0, 'no kill landed inside an operation; the test proved nothing'
 
 
+def fill_filesystem(path):
+    """Take every free block of the filesystem at `path`: fallocate ever smaller files."""
+    filler = os.path.join(path, 'filler-%s' % uuid.uuid4().hex[:6])
+    size = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+    index = 0
+    while size >= 4096:
+        name = '%s.%d' % (filler, index)
+        if subprocess.call(['fallocate', '-l', str(size), name],
+                           stderr=subprocess.DEVNULL) == 0:
+            index += 1
+        else:
+            if os.path.exists(name):
+                os.unlink(name)
+            size //= 2
+
+
+def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_path):
+    mount = LoopMount(str(tmp_path), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
+    try:
+        host = SampleHost(os.path.join(mount.path, 'host'))
+        repo = host.add_repository('0004fb00000300000000000000000f00')
+        host.add_vm(repo, '0004fb000006000000000000000000f0', [('f.img', 8 << 20,
+                                                                [(0, os.urandom(4 << 20))])])
+        fill_filesystem(mount.path)
+        supported, reason = ox.clone_supported(repo)
+        assert supported and 'no space' in reason  # a full disk is not "cannot clone"
+        exporter = exporter_factory(repositories=host.repositories,
+                                    extra='snapshot_min_free_percent = 0')
+        token = exporter.login()
+        document, _ = error_of(exporter, 'POST', '/api/v1/vms/0004fb000006000000000000000000f0/'
+                               'snapshots', 507, token)
+        assert 'space' in document['details']
+        assert snapshot_folders(repo) == []
+        assert ox.SnapshotStore(os.path.join(exporter.folder, 'exporter.db')).list_all() == []
+        exporter.stop()
+    finally:
+        mount.close()
+
+
 # ------------------------------------------------------------------------------------ fixtures ---
 INSTALL_SH = os.path.join(HERE, 'install.sh')
 EXAMPLE = os.path.join(HERE, 'exporter.toml.example')
@@ -6929,3 +6968,232 @@ def test_without_root_option_requires_root(src):
         finally:
             shutil.rmtree(d)
     assert p.returncode == 1 and 'must be run as root' in p.stderr, p.stderr
+
+
+# ========================================= real OCFS2 (inside the qemu guest, marked ocfs2) ===
+#
+# .ci/ocfs2-guest.sh boots a Debian kernel under qemu, makes fresh OCFS2 volumes and runs
+# `pytest -m ocfs2` there with these variables set. OCFS2 differs from XFS where it matters:
+# OCFS2_IOC_REFLINK instead of FICLONE, copy-on-write in 1 MiB-aligned chunks, its own errors.
+
+# The same tests run on XFS (reflink=1, on the host) and on OCFS2 (refcount, in the guest);
+# what differs is explicit here: which ioctl clones, and how much copy-on-write moves.
+CLONING_FILESYSTEMS = {
+    'xfs': {'ioctl': 'ficlone', 'cow_granularity': 4096},
+    'ocfs2': {'ioctl': 'ocfs2_reflink', 'cow_granularity': 1 << 20},
+}
+
+
+def ocfs2_volume(variable):
+    path = os.environ.get(variable)
+    if not path:
+        pytest.skip('%s is not set: OCFS2 tests run inside the qemu guest '
+                    '(.ci/ocfs2-guest.sh; the host run deselects them with -k "not ocfs2")'
+                    % variable)
+    return path
+
+
+def make_cloning_host(volume, filesystem):
+    base = os.path.join(volume, 'host-%s' % uuid.uuid4().hex[:8])
+    host = SampleHost(base)
+    repo = host.add_repository('0004fb00000300000000000000000c2f')
+    host.vm_disks = host.add_vm(repo, '0004fb000006000000000000000000c2', [
+        ('0004fb0000120000000000000000c2fa.img', 48 << 20,
+         [(0, os.urandom(2 << 20)), (10 << 20, os.urandom(3 << 20) + b'x' * 5000)]),
+        ('0004fb0000120000000000000000c2fb.img', 8 << 20, [(4096, b'b' * 8192)])])
+    host.repo = repo
+    host.vm = '0004fb000006000000000000000000c2'
+    host.filesystem = filesystem
+    host.profile = CLONING_FILESYSTEMS[filesystem]
+    return host
+
+
+@pytest.fixture(params=sorted(CLONING_FILESYSTEMS))
+def cloning_host(request):
+    """A sample host with one repository on a filesystem that clones: XFS or OCFS2."""
+    if request.param == 'ocfs2':
+        volume = ocfs2_volume('OVM_EXPORTER_OCFS2_DIR')
+    else:
+        volume = request.getfixturevalue('xfs')
+    host = make_cloning_host(volume, request.param)
+    yield host
+    shutil.rmtree(host.base, ignore_errors=True)
+
+
+@pytest.fixture
+def ocfs2_host():
+    host = make_cloning_host(ocfs2_volume('OVM_EXPORTER_OCFS2_DIR'), 'ocfs2')
+    yield host
+    shutil.rmtree(host.base, ignore_errors=True)
+
+
+def cow_cover(writes, granularity):
+    """Bytes that copy-on-write moves for these (offset, length) writes: the union of their
+    covers aligned to `granularity`."""
+    covered = set()
+    for offset, length in writes:
+        for unit in range(offset // granularity, (offset + length - 1) // granularity + 1):
+            covered.add(unit)
+    return len(covered) * granularity
+
+
+def test_snapshot_clones_with_the_filesystem_ioctl(exporter_factory, cloning_host):
+    exporter = exporter_factory(repositories=cloning_host.repositories)
+    client = exporter.client()
+    assert client.vms()[0]['snapshot_compatible'] is True
+    snapshot = client.create_snapshot(cloning_host.vm)
+    assert 'with %s' % cloning_host.profile['ioctl'] in exporter.log()
+    other = [p['ioctl'] for p in CLONING_FILESYSTEMS.values()
+             if p['ioctl'] != cloning_host.profile['ioctl']]
+    assert 'with %s' % other[0] not in exporter.log()
+    for disk, live in zip(snapshot['disks'], cloning_host.vm_disks):
+        assert sha256_file(disk['path']) == sha256_file(live)
+        assert disk['chunks'], 'FIEMAP reported no data'
+        assert sum(c['length'] for c in disk['chunks']) < os.path.getsize(live)  # holes
+    first = snapshot['disks'][0]['chunks']
+    assert first[0]['start'] == 0 and first[0]['physical_start'] > 0
+    client.delete_snapshot(cloning_host.vm, snapshot['id'])
+    assert snapshot_folders(cloning_host.repo) == []
+
+
+def test_incremental_oracle_on_each_filesystem(exporter_factory, cloning_host, tmp_path):
+    exporter = exporter_factory(repositories=cloning_host.repositories)
+    client = exporter.client()
+    rng = random.Random(2024)
+    vm = cloning_host.vm
+    images = dict((os.path.basename(p), str(tmp_path / os.path.basename(p)))
+                  for p in cloning_host.vm_disks)
+    previous = None
+    for round_number in range(5):
+        if round_number:
+            for path in cloning_host.vm_disks:
+                for _ in range(rng.randrange(1, 5)):
+                    mutate_disk(path, rng, 64 << 20)
+        snapshot = client.create_snapshot(vm)
+        for disk in snapshot['disks']:
+            client.sync_disk(vm, snapshot['id'], disk['name'], images[disk['name']],
+                             previous and previous['id'])
+            assert sha256_file(images[disk['name']]) == sha256_file(disk['path']), \
+                'round %d disk %s' % (round_number, disk['name'])
+        if previous:
+            client.delete_snapshot(vm, previous['id'])
+        previous = snapshot
+    client.close()
+
+
+def test_incremental_respects_the_copy_on_write_granularity(exporter_factory, cloning_host):
+    exporter = exporter_factory(repositories=cloning_host.repositories)
+    client = exporter.client()
+    live = cloning_host.vm_disks[0]
+    granularity = cloning_host.profile['cow_granularity']
+    rng = random.Random(5)
+    older = client.create_snapshot(cloning_host.vm)
+    writes = []
+    with open(live, 'r+b') as handle:
+        for _ in range(40):
+            offset = rng.randrange(0, (48 << 20) // 4096) * 4096
+            handle.seek(offset)
+            handle.write(os.urandom(4096))
+            writes.append((offset, 4096))
+    newer = client.create_snapshot(cloning_host.vm)
+    diff = client.snapshot(cloning_host.vm, newer['id'], compare_to=older['id'])
+    chunks = diff['disks'][0]['chunks']
+    reported = sum(c['length'] for c in chunks)
+    written = cow_cover(writes, 4096)
+    cover = cow_cover(writes, granularity)
+    sys.stdout.write('\n%s: %d random 4 KiB writes (%d bytes): compareTo reports %d bytes = '
+                     '%.2fx the bytes written; the %d-byte copy-on-write cover is %d bytes\n'
+                     % (cloning_host.filesystem, len(writes), written, reported,
+                        float(reported) / written, granularity, cover))
+    for offset, length in writes:  # every written byte is reported
+        assert any(c['start'] <= offset and offset + length <= c['start'] + c['length']
+                   for c in chunks), offset
+    assert written <= reported <= cover
+    assert diff['disks'][1]['chunks'] == []  # the other disk did not change
+
+
+def test_ocfs2_without_refcount_is_not_compatible(exporter_factory):
+    base = os.path.join(ocfs2_volume('OVM_EXPORTER_OCFS2_NOREFCOUNT_DIR'),
+                        'host-%s' % uuid.uuid4().hex[:8])
+    host = SampleHost(base)
+    repo = host.add_repository('0004fb00000300000000000000000e0f')
+    host.add_vm(repo, '0004fb000006000000000000000000e0', [('n.img', 4 << 20,
+                                                            [(0, b'n' * 65536)])])
+    try:
+        with pytest.raises(ox.CloneError) as caught:
+            ox.clone_file(os.path.join(repo, 'VirtualDisks', 'n.img'),
+                          os.path.join(repo, 'VirtualDisks', 'n-clone.img'))
+        assert caught.value.errno == errno.EOPNOTSUPP and caught.value.cannot_clone
+        assert not os.path.exists(os.path.join(repo, 'VirtualDisks', 'n-clone.img'))
+        exporter = exporter_factory(repositories=host.repositories)
+        token = exporter.login()
+        vm = exporter.json('GET', '/api/v1/vms/0004fb000006000000000000000000e0', token)
+        assert vm['snapshot_compatible'] is False
+        error_of(exporter, 'POST', '/api/v1/vms/0004fb000006000000000000000000e0/snapshots',
+                 400, token)
+        assert snapshot_folders(repo) == []
+        assert ox.SnapshotStore(os.path.join(exporter.folder, 'exporter.db')).list_all() == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ocfs2_kernel_errors_exist_and_other_mount(ocfs2_host):
+    live = ocfs2_host.vm_disks[1]
+    existing = os.path.join(ocfs2_host.repo, 'VirtualDisks', 'existing.img')
+    with open(existing, 'wb') as handle:
+        handle.write(b'keep me')
+    with pytest.raises(ox.CloneError) as caught:
+        ox.clone_file(live, existing)
+    assert caught.value.errno == errno.EEXIST
+    with open(existing, 'rb') as handle:
+        assert handle.read() == b'keep me'
+    other = os.path.join(ocfs2_volume('OVM_EXPORTER_OCFS2_SMALL_DIR'), 'exdev.img')
+    with pytest.raises(ox.CloneError) as caught:
+        ox.clone_file(live, other)
+    assert caught.value.errno == errno.EXDEV and not caught.value.cannot_clone
+    assert not os.path.exists(other)
+
+
+def test_ocfs2_other_mount_maps_to_500_and_leaves_nothing(exporter_factory, ocfs2_host):
+    """The repository's VirtualDisks folder is a bind mount: OCFS2 refuses a reflink across
+    mounts (EXDEV); the API says so and nothing is left behind."""
+    disks = os.path.join(ocfs2_host.repo, 'VirtualDisks')
+    elsewhere = os.path.join(os.path.dirname(ocfs2_host.repo), 'disks-elsewhere')
+    shutil.copytree(disks, elsewhere)
+    run(['mount', '--bind', elsewhere, disks])
+    try:
+        exporter = exporter_factory(repositories=ocfs2_host.repositories)
+        token = exporter.login()
+        document, _ = error_of(exporter, 'POST', '/api/v1/vms/%s/snapshots' % ocfs2_host.vm,
+                               500, token)
+        assert 'different filesystems or mounts' in document['details']
+        assert snapshot_folders(ocfs2_host.repo) == []
+        assert ox.SnapshotStore(os.path.join(exporter.folder, 'exporter.db')).list_all() == []
+    finally:
+        run(['umount', disks])
+
+
+def test_ocfs2_no_space_maps_to_507_and_leaves_nothing(exporter_factory):
+    small = ocfs2_volume('OVM_EXPORTER_OCFS2_SMALL_DIR')
+    base = os.path.join(small, 'host-%s' % uuid.uuid4().hex[:8])
+    host = SampleHost(base)
+    repo = host.add_repository('0004fb00000300000000000000000f11')
+    host.add_vm(repo, '0004fb000006000000000000000000f1', [('f.img', 8 << 20,
+                                                            [(0, os.urandom(4 << 20))])])
+    os.makedirs(os.path.join(repo, 'CoriolisSnapshots'))
+    try:
+        fill_filesystem(small)
+        exporter = exporter_factory(repositories=host.repositories,
+                                    extra='snapshot_min_free_percent = 0')
+        token = exporter.login()
+        vm = exporter.json('GET', '/api/v1/vms/0004fb000006000000000000000000f1', token)
+        assert vm['snapshot_compatible'] is True  # full is not "cannot clone"
+        document, _ = error_of(exporter, 'POST', '/api/v1/vms/0004fb000006000000000000000000f1/'
+                               'snapshots', 507, token)
+        assert 'space' in document['details']
+        assert snapshot_folders(repo) == []
+        assert ox.SnapshotStore(os.path.join(exporter.folder, 'exporter.db')).list_all() == []
+    finally:
+        for path in glob.glob(os.path.join(small, 'filler-*')):
+            os.unlink(path)
+        shutil.rmtree(base, ignore_errors=True)

@@ -162,7 +162,15 @@ class Exporter(object):
 
     def __init__(self, folder, python, certs, manager_url, repository):
         self.folder = folder
-        self.python = python
+        self.python, _, script = python.partition('@')
+        self.python = shutil.which(self.python) or self.python
+        self.script = os.path.abspath(script or EXPORTER)
+        out = subprocess.run([self.python, '-c', 'import sys; print("%d.%d.%d" % '
+                              'sys.version_info[:3])'], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, check=True)
+        self.interpreter = 'py' + out.stdout.decode().strip()
+        if script:
+            self.interpreter += '@' + os.path.basename(os.path.dirname(self.script))
         self.repository = repository
         self.process = None
         self.log_path = os.path.join(folder, 'exporter.log')
@@ -190,16 +198,9 @@ class Exporter(object):
     def label(self):
         return 'exporter'
 
-    @property
-    def interpreter(self):
-        out = subprocess.run([self.python, '-c', 'import sys; print("%d.%d.%d" % '
-                              'sys.version_info[:3])'], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, check=True)
-        return 'py' + out.stdout.decode().strip()
-
     def start(self, timeout=30.0):
         self.log_handle = open(self.log_path, 'ab')
-        self.process = subprocess.Popen([self.python, EXPORTER, 'serve', '--config',
+        self.process = subprocess.Popen([self.python, self.script, 'serve', '--config',
                                          self.config_path], stdout=self.log_handle,
                                         stderr=subprocess.STDOUT, cwd=self.folder)
         deadline = time.time() + timeout
@@ -453,7 +454,8 @@ def median(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--python', action='append', default=None,
-                        help='interpreter for the exporter; repeat for several '
+                        help='interpreter for the exporter, PYTHON or PYTHON@SCRIPT (to bench '
+                             'a modified copy of ovm_exporter.py); repeat for several '
                              '[default: python3 and %s]' % PY27)
     parser.add_argument('--size-gib', type=float, default=2.0, help='disk size [2]')
     parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds [5]')
@@ -466,7 +468,6 @@ def main():
     if os.geteuid() != 0:
         sys.exit('run as root (loop mount of an XFS reflink image)')
     pythons = args.python or ['python3'] + ([PY27] if os.path.exists(PY27) else [])
-    pythons = [shutil.which(p) or p for p in pythons]
     streams_list = [int(s) for s in args.streams.split(',')]
     size = int(args.size_gib * (1 << 30)) // 4096 * 4096
     ensure_nginx()
@@ -581,7 +582,8 @@ def main():
             for server in order:
                 print('%s %s pid %d: curl -sk %s %s' % (
                     labels[id(server)] + (server.process.pid, ' '.join(
-                        "'%s'" % h for h in server.headers()), server.url)))
+                        "'%s'" % h if h != '-H' else h for h in server.headers()),
+                        server.url)))
             input('servers kept up; press Enter to stop and clean up ')
         for exporter in exporters:
             if 'Traceback' in exporter.log():
