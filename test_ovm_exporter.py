@@ -30,6 +30,7 @@ import socket
 import ssl
 import stat
 import struct
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -5520,6 +5521,15 @@ def test_oversized_request_line_and_headers(exporter):
     assert exporter.request('GET', '/nope')[0] == 404  # still serving
 
 
+def test_http10_and_connection_close_end_the_connection(exporter):
+    for request in (b'GET /nowhere HTTP/1.0\r\nHost: x\r\n\r\n',
+                    b'GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'):
+        started = time.time()
+        answer = raw_exchange(exporter, request, read_timeout=5)
+        assert answer.startswith(b'HTTP/1.1 404 ') and answer.endswith(b'}')
+        assert time.time() - started < 2, 'the server kept the connection open'
+
+
 def test_keep_alive_serves_many_requests_on_one_connection(exporter):
     token = exporter.login()
     connection = exporter.connection()
@@ -5932,6 +5942,43 @@ def test_incremental_oracle_over_http(exporter_factory, xfs_host, tmp_path, pyth
     assert downloaded_total > 0
 
 
+def test_start_up_removes_only_its_own_orphans(exporter_factory, xfs_host):
+    """Repositories are shared by the servers of a pool: another exporter's snapshot folders
+    (or the Go service's) must survive our start-up clean-up; our own orphans must not."""
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    ours = client.create_snapshot(xfs_host.vm)
+    kept = client.create_snapshot(xfs_host.vm)
+    exporter.stop()
+    database = sqlite3.connect(os.path.join(exporter.folder, 'exporter.db'))
+    database.execute('DELETE FROM snapshot_disks WHERE snapshot_id = ?', (ours['id'],))
+    database.execute('DELETE FROM snapshots WHERE id = ?', (ours['id'],))
+    database.commit()
+    database.close()
+    base = os.path.join(xfs_host.repo, 'CoriolisSnapshots')
+    peer, legacy = str(uuid.uuid4()), str(uuid.uuid4())
+    for name, owner in ((peer, 'another-exporter-instance'), (legacy, None)):
+        os.mkdir(os.path.join(base, name))
+        make_disk(os.path.join(base, name, 'disk.img'), 1 << 20, [(0, b'p' * 4096)])
+        if owner:
+            with open(os.path.join(base, name, '.ovm-exporter-owner'), 'w') as handle:
+                handle.write(owner + '\n')
+    stale_probe = os.path.join(base, '.ovm-exporter-probe-stale')
+    fresh_probe = os.path.join(base, '.ovm-exporter-probe-fresh')
+    for path in (stale_probe, fresh_probe):
+        make_disk(path, 4096, [])
+    os.utime(stale_probe, (time.time() - 3600, time.time() - 3600))
+    exporter.log_handle.close()
+    exporter.start()
+    assert sorted(snapshot_folders(xfs_host.repo)) == sorted([kept['id'], peer, legacy])
+    assert 'removing orphan snapshot folder %s' % os.path.join(base, ours['id']) in exporter.log()
+    assert not os.path.exists(stale_probe) and os.path.exists(fresh_probe)
+    os.unlink(fresh_probe)
+    token = exporter.login()
+    assert [s['id'] for s in exporter.json('GET', '/api/v1/vms/%s/snapshots' % xfs_host.vm,
+                                           token)] == [kept['id']]
+
+
 def test_kill_9_during_create_delete_cycles_leaves_nothing_behind(exporter_factory, xfs_host):
     rng = random.Random(99)
     fragmented = [(offset, b'f' * 4096) for offset in range(0, 256 << 20, 64 << 10)]
@@ -6029,10 +6076,199 @@ def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_pa
         mount.close()
 
 
-# ------------------------------------------------------------------------------------ fixtures ---
+def open_fds_to(pid, path):
+    found = []
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            if os.readlink('/proc/%d/fd/%s' % (pid, fd)) == path:
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def test_client_that_disconnects_mid_stream_frees_file_and_thread(exporter_factory, xfs_host):
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    snapshot = client.create_snapshot(xfs_host.vm)
+    disk = snapshot['disks'][0]
+    for _ in range(3):
+        sock = socket.create_connection(('127.0.0.1', exporter.port))
+        tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
+        tls.sendall(('GET /api/v1/vms/%s/snapshots/%s/disks/%s HTTP/1.1\r\nHost: x\r\n'
+                     'Authorization: Bearer %s\r\n\r\n' % (xfs_host.vm, snapshot['id'],
+                                                           disk['name'], client.token)).encode())
+        assert tls.recv(65536)
+        assert open_fds_to(exporter.process.pid, disk['path'])
+        tls.close()
+        deadline = time.time() + 5
+        while open_fds_to(exporter.process.pid, disk['path']):
+            assert time.time() < deadline, 'the server kept the snapshot file open'
+            time.sleep(0.05)
+    assert client.snapshot(xfs_host.vm, snapshot['id'])['id'] == snapshot['id']
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_ranges_past_4_gib(exporter_factory, xfs, python):
+    base = os.path.join(xfs, 'big-%s' % uuid.uuid4().hex[:6])
+    host = SampleHost(base)
+    repo = host.add_repository('0004fb000003000000000000000004f0')
+    far = (5 << 30) + 12345
+    marker = os.urandom(100000)
+    host.add_vm(repo, '0004fb000006000000000000000004f0',
+                [('big.img', 6 << 30, [(far, marker)])])
+    try:
+        exporter = exporter_factory(python, host.repositories)
+        client = exporter.client()
+        snapshot = client.create_snapshot('0004fb000006000000000000000004f0')
+        chunks = snapshot['disks'][0]['chunks']
+        assert chunks and chunks[0]['start'] <= far < chunks[0]['start'] + chunks[0]['length']
+        assert client.disk_size('0004fb000006000000000000000004f0', snapshot['id'],
+                                'big.img') == 6 << 30
+        data = client.read_range('0004fb000006000000000000000004f0', snapshot['id'],
+                                 'big.img', far - 10, len(marker) + 20)
+        assert data == b'\0' * 10 + marker + b'\0' * 10
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ============================================================ the commands an admin runs ===
+
+def test_vms_command_prints_a_table_and_json(tmp_path, certs):
+    host = SampleHost(str(tmp_path / 'host'))
+    repo = host.add_repository('0004fb00000300000000000000000001')
+    host.add_vm(repo, '0004fb00000600000000000000000009', [('d.img', 1 << 20, [])],
+                friendly='mail-server')
+    text = base_config_text(str(tmp_path), certs) + '\n'.join(
+        ['[[repository]]', 'id = "%s"' % host.repositories[0]['id'],
+         'mount_point = %s' % toml_quote(repo), 'filesystem = "ext4"', ''])
+    path = write_config(str(tmp_path), text)
+    table = run([sys.executable, EXPORTER, 'vms', '--config', path])
+    assert 'mail-server' in table and '0004fb00000600000000000000000009' in table
+    listed = json.loads(run([sys.executable, EXPORTER, 'vms', '--config', path, '--json']))
+    assert [vm['friendly_name'] for vm in listed] == ['mail-server']
+    assert listed[0]['disks'][0]['snapshot_compatible'] is False  # tmp is not a cloning fs
+
+
+def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_host, tmp_path):
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    first = client.create_snapshot(xfs_host.vm)
+    with open(xfs_host.vm_disks[0], 'r+b') as handle:
+        handle.seek(30 << 20)
+        handle.write(b'new data' * 1000)
+    second = client.create_snapshot(xfs_host.vm)
+    image = str(tmp_path / 'disk.img')
+    env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
+    base = [sys.executable, EXPORTER, 'client', '--url', 'https://127.0.0.1:%d' % exporter.port,
+            '--cacert', exporter.certs['ca_cert'], '--user', ADMIN]
+    disk = first['disks'][0]['name']
+    out = run(base + ['download', xfs_host.vm, first['id'], disk, image], env=env)
+    assert 'downloaded' in out
+    assert sha256_file(image) == sha256_file(first['disks'][0]['path'])
+    out = run(base + ['--compare-to', first['id'], 'download', xfs_host.vm, second['id'], disk,
+                      image], env=env)
+    downloaded = int(re.search(r'downloaded (\d+) bytes', out).group(1))
+    assert 8000 <= downloaded <= 1 << 20
+    assert sha256_file(image) == sha256_file(second['disks'][0]['path'])
+    listed = json.loads(run(base + ['vms'], env=env))
+    assert listed[0]['snapshots'] == [first['id'], second['id']]
+    third = json.loads(run(base + ['snapshot', xfs_host.vm], env=env))
+    assert third['vm_id'] == xfs_host.vm and os.path.exists(third['disks'][0]['path'])
+
+
+def test_version_and_the_readme_secret_recipe(tmp_path, certs):
+    assert run([sys.executable, EXPORTER, '--version']).strip() == \
+        'ovm_exporter ' + ox.__version__
+    secret = run(['sh', '-c', "head -c 48 /dev/urandom | od -An -tx1 | tr -d ' \\n'"]).strip()
+    assert re.match(r'^[0-9a-f]{96}$', secret)
+    path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs, secret=secret))
+    status, out, err = check_config(path)
+    assert status == 0 and err == '', err
+
+
+def test_access_log_goes_to_log_file_in_combined_format(exporter_factory, tmp_path):
+    log_file = str(tmp_path / 'access.log')
+    exporter = exporter_factory(extra='log_file = %s' % toml_quote(log_file))
+    token = exporter.login()
+    exporter.request('GET', '/api/v1/vms?x=1', token=token, headers={'User-Agent': 'probe/1'})
+    exporter.request('GET', '/missing')
+    with open(log_file) as handle:
+        text = handle.read()
+    line = [l for l in text.splitlines() if '/api/v1/vms?x=1' in l][0]
+    assert re.search(r'127\.0\.0\.1 - admin \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+                     r'"GET /api/v1/vms\?x=1 HTTP/1\.1" 200 \d+ "-" "probe/1" \d+\.\d{3}s$',
+                     line), line
+    assert re.search(r'"GET /missing HTTP/1\.1" 404 ', text)
+    assert 'serving on https://' in text
+    assert token not in text and ADMIN_PASSWORD not in text
+
+
+def test_concurrent_creates_of_one_vm_do_not_interleave(exporter_factory, xfs_host):
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    results, errors = [], []
+
+    def create():
+        try:
+            own = exporter.client()
+            results.append(own.create_snapshot(xfs_host.vm))
+            own.close()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    listings = 0
+    while any(t.is_alive() for t in threads):  # reads go on while creates run
+        assert client.vms()[0]['name'] == xfs_host.vm
+        listings += 1
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(results) == 4 and listings > 0
+    ids = [s['id'] for s in results]
+    assert sorted(client.vms()[0]['snapshots']) == sorted(ids)
+    for snapshot in results:
+        for disk, live in zip(snapshot['disks'], xfs_host.vm_disks):
+            assert sha256_file(disk['path']) == sha256_file(live)
+    assert sorted(snapshot_folders(xfs_host.repo)) == sorted(ids)
+
+
+def test_demo_prints_curl_commands_that_work(tmp_path):
+    process = subprocess.Popen([sys.executable, EXPORTER, 'demo', '--port', '0'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = process.stdout.readline().decode('utf-8')
+            assert line, process.stderr.read().decode('utf-8')
+            lines.append(line)
+            if line.startswith('curl') and 'DELETE' in line:
+                break
+        text = ''.join(lines)
+        folder = re.search(r'sample Oracle VM host in (\S+)', text).group(1)
+        assert os.path.isdir(folder)
+        commands = [l for l in lines if re.match(r'^(CA|URL|TOKEN|SNAP\d)=|^curl |^printf ', l)]
+        assert len(commands) >= 10
+        script = 'set -e\ncd %s\n%s' % (str(tmp_path), ''.join(commands))
+        output = run(['bash', '-c', script])
+        assert '"chunks"' in output and '"deleted"' in output
+        assert os.path.getsize(str(tmp_path / 'first-mib.img')) == 1 << 20
+        compare = [l for l in output.splitlines() if '"vm_id"' in l][-1]
+        changed = json.loads(compare)['disks'][0]['chunks']
+        assert changed and changed[0]['start'] <= 4096 < changed[0]['start'] + \
+            changed[0]['length']
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert not os.path.exists(folder), 'the demo left its folder behind'
+
+
+# ======================================================================== install.sh ===
 INSTALL_SH = os.path.join(HERE, 'install.sh')
 EXAMPLE = os.path.join(HERE, 'exporter.toml.example')
-# The exporter install.sh installs. At merge time this becomes: os.path.join(HERE, 'ovm_exporter.py')
 
 
 NAME = 'coriolis-ovm-exporter'
@@ -7173,24 +7409,26 @@ def test_ocfs2_other_mount_maps_to_500_and_leaves_nothing(exporter_factory, ocfs
         run(['umount', disks])
 
 
-def test_ocfs2_no_space_maps_to_507_and_leaves_nothing(exporter_factory):
+def test_ocfs2_full_volume_refuses_snapshots_with_507_and_leaves_nothing(exporter_factory):
+    """A full OCFS2 repository: the free-space guard answers 507 before anything is made.
+    (OCFS2 itself still finds room for a reflink on a volume userspace sees as full: its
+    metadata allocators keep reserved groups; the kernel's ENOSPC -> 507 path is proven on
+    XFS by test_full_repository_answers_507_and_leaves_nothing.)"""
     small = ocfs2_volume('OVM_EXPORTER_OCFS2_SMALL_DIR')
     base = os.path.join(small, 'host-%s' % uuid.uuid4().hex[:8])
     host = SampleHost(base)
     repo = host.add_repository('0004fb00000300000000000000000f11')
     host.add_vm(repo, '0004fb000006000000000000000000f1', [('f.img', 8 << 20,
                                                             [(0, os.urandom(4 << 20))])])
-    os.makedirs(os.path.join(repo, 'CoriolisSnapshots'))
     try:
         fill_filesystem(small)
-        exporter = exporter_factory(repositories=host.repositories,
-                                    extra='snapshot_min_free_percent = 0')
+        exporter = exporter_factory(repositories=host.repositories)
         token = exporter.login()
         vm = exporter.json('GET', '/api/v1/vms/0004fb000006000000000000000000f1', token)
         assert vm['snapshot_compatible'] is True  # full is not "cannot clone"
         document, _ = error_of(exporter, 'POST', '/api/v1/vms/0004fb000006000000000000000000f1/'
                                'snapshots', 507, token)
-        assert 'space' in document['details']
+        assert 'free space' in document['details']
         assert snapshot_folders(repo) == []
         assert ox.SnapshotStore(os.path.join(exporter.folder, 'exporter.db')).list_all() == []
     finally:

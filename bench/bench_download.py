@@ -1,8 +1,12 @@
 """Download speed of a snapshot disk over TLS: the exporter against nginx, on 127.0.0.1.
 
 Run as root from the repo root:
-    python3 bench/bench_download.py [--python PATH ...] [--size-gib N] [--rounds N]
-        [--no-nginx-auto] [--streams 1,4] [--keep-going]
+    python3 bench/bench_download.py [--python PATH[@SCRIPT] ...] [--size-gib N] [--rounds N]
+        [--streams 1,4] [--no-nginx-auto] [--keep]
+Defaults (2 GiB, 5 rounds, python3 + Python 2.7, nginx with 1 and auto workers): about 2-2.5
+minutes. PYTHON@SCRIPT runs a modified copy of ovm_exporter.py beside the original, e.g.
+    --python python3 --python python3@/tmp/copy/ovm_exporter.py
+--keep leaves the servers up at the end (prints curl command lines) until Enter, for profiling.
 
 What it does (everything under one temporary folder, removed at the end, also on failure):
 - a throwaway CA and server certificate (ovm_exporter.make_certificates), used by both servers;
@@ -559,7 +563,7 @@ def main():
               '%d rounds, medians; ratio = median of per-round ratios to nginx (1 worker%s)'
               % (size / float(1 << 30), args.rounds, '' if args.no_nginx_auto
                  else ' / auto'))
-        header = '%-9s %-16s %7s %9s %14s %14s %14s' % (
+        header = '%-9s %-26s %7s %9s %14s %16s %14s' % (
             'server', 'interpreter', 'streams', 'MB/s', 'ratio/nginx',
             'server CPU-s/GB', 'curl CPU-s/GB')
         print(header)
@@ -571,7 +575,7 @@ def main():
                 for reference in nginxes:
                     refs = results[(id(reference), streams)]
                     ratios.append(median([r[0] / f[0] for r, f in zip(rows, refs)]))
-                print('%-9s %-16s %7d %9.0f %14s %14.2f %14.2f' % (
+                print('%-9s %-26s %7d %9.0f %14s %16.2f %14.2f' % (
                     labels[id(server)] + (streams, median([r[0] for r in rows]),
                                           ' / '.join('%.2f' % r for r in ratios),
                                           median([r[1] for r in rows]),
