@@ -7016,23 +7016,7 @@ def test_upgrade_restarts_running_service(src, root):
         initd(root, 'stop')
 
 
-GO_CONFIG = '''# Path on disk to the database file the exporter will use.
-db_file = "/etc/coriolis-ovm-exporter/exporter.db"
-ovm_endpoint = "https://your-ovm-api-server.example:7002"
-
-[jwt]
-# Obviously, this needs to be changed :-)
-secret = "yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd"
-
-[api]
-bind = "0.0.0.0"
-port = 5544
-    [api.tls]
-    # These settings are required
-    certificate = "/tmp/certs/srv-pub.pem"
-    key = "/tmp/certs/srv-key.pem"
-    ca_certificate = "/tmp/certs/ca-pub.pem"
-'''
+GO_CONFIG = README_CONFIG  # the Go service's config, as its README prints it
 
 GO_UPSTART = '''start on runlevel [2345]
 stop on runlevel [06]
