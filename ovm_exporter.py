@@ -112,6 +112,14 @@ def json_dumps(obj):
     return json.dumps(obj, separators=(',', ':'), sort_keys=False)
 
 
+def legacy_handshake(tls):
+    """Finish the handshake of a socket from ssl.wrap_socket(do_handshake_on_connect=False).
+    Python 2.6's own handshake-on-connect clears the socket's time-out for the handshake;
+    this one keeps it, so a client or Manager that stalls cannot hold a thread forever."""
+    tls.do_handshake()
+    return tls
+
+
 # ------------------------------------------------------ TOML config parser, Go durations ---
 # A TOML 1.0 subset parser (everything but dates and times) for the config file, because
 # Python 2.6 has no TOML parser and tomllib only exists from 3.11 on. For every document it
@@ -3548,11 +3556,11 @@ class SnapshotService(object):
 
 # hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
 # Tests set this to None to force the fallback.
-AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
+AUTH_HMAC_COMPARE_DIGEST = None if FORCE_PY26_PATHS else getattr(hmac, 'compare_digest', None)
 
 # True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
 # Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
-AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
+AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS
 
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
@@ -3791,9 +3799,11 @@ class _ManagerTlsCheck(object):
             return context.wrap_socket(sock, **kwargs)
         legacy_wrap = getattr(ssl, 'wrap_socket')
         if ca_file:
-            return legacy_wrap(sock, cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file,
-                               ssl_version=ssl.PROTOCOL_SSLv23)
-        return legacy_wrap(sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23)
+            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file)
+        else:
+            options = dict(cert_reqs=ssl.CERT_NONE)
+        return legacy_handshake(legacy_wrap(sock, ssl_version=ssl.PROTOCOL_SSLv23,
+                                            do_handshake_on_connect=False, **options))
 
     def check_peer(self, tls_sock):
         der = tls_sock.getpeercert(True)
@@ -4244,14 +4254,18 @@ def make_server_tls(config):
                        ssl_version=ssl.PROTOCOL_SSLv23,
                        cert_reqs=ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE,
                        ca_certs=cafile if require_client else None)
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:  # loads (and so checks) the certificate and key now, not at the first client
+        probe, peer = socket.socketpair()
+        if PY2:
+            probe, peer = socket.socket(_sock=probe), socket.socket(_sock=peer)
+        try:  # on a connected socket: loads (so checks) the certificate and key now
             ssl.wrap_socket(probe, do_handshake_on_connect=False, **options)
         finally:
             probe.close()
+            peer.close()
 
         def wrap(sock):
-            return ssl.wrap_socket(sock, **options)
+            return legacy_handshake(ssl.wrap_socket(sock, do_handshake_on_connect=False,
+                                                    **options))
     return wrap
 
 

@@ -6,7 +6,14 @@ exporter started as a subprocess under every interpreter pyenv has, and a stand-
 Tests that need root skip when not root; CI runs as root and fails on any skip. Tests marked
 `ocfs2` run inside a qemu guest on real OCFS2 volumes (.ci/ocfs2-guest.sh).
 
-    python3 -m pytest test_ovm_exporter.py          # everything but OCFS2 (root for loop mounts)
+    python3 -m pytest test_ovm_exporter.py -k 'not ocfs2'   # as root: loop mounts
+    sudo .ci/test                                           # all of it, OCFS2 in qemu too
+
+Sections, in order: fixtures (certificates, a stand-in OVM Manager, exporter processes and
+sample hosts); TOML parser and Go durations; Berkeley DB reader and pickles; host discovery;
+clones, FIEMAP and chunk maths; authentication (constant-time compare, JWT, Manager login,
+brake); configuration; HTTP maths; the HTTPS server; snapshots, chunks and downloads; the
+commands an admin runs; install.sh; XFS and real OCFS2.
 """
 import base64
 import binascii
@@ -693,6 +700,8 @@ try:
     import tomllib
 except ImportError:  # Python < 3.11
     tomllib = None
+
+# =========================================================== TOML parser and Go durations ===
 
 # ------------------------------------------------------------------------------ fixtures
 MODULE_DIR = os.path.dirname(os.path.abspath(ox.__file__))
@@ -1720,6 +1729,8 @@ def test_go_duration_against_real_go(tmp_path):
 
 PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
 PYENV_ROOT = '/root/.pyenv/versions'
+
+# ========================================================= Berkeley DB reader and pickles ===
 
 # ------------------------------------------------------------------------------------ inputs ---
 # Python 2 literals (evaluated by Python 2.7.18, then pickled with cPickle).
@@ -2750,6 +2761,8 @@ REPO_B = u'0004fb00000300000000000000000b0b'   # plain folder (ext4/overlay)
 REPO_C = u'0004fb00000300000000000000000c0c'   # listed, not mounted (missing)
 
 
+# ========================================================================= host discovery ===
+
 # ------------------------------------------------------------------------------ helpers ---
 def ficlone_probe(directory):
     """A real clone probe: FICLONE one temp file onto another inside `directory`."""
@@ -3629,6 +3642,8 @@ OTHER_PYTHONS = [p for p in
 KIB = 1024
 MIB = 1024 * 1024
 
+
+# ========================================================= clones, FIEMAP and chunk maths ===
 
 # ------------------------------------------------------------------------------ fixtures --
 
@@ -5626,13 +5641,33 @@ def test_client_certificate_can_be_required(exporter_factory, certs):
     assert exporter.request('GET', '/nope', connection=connection)[0] == 404
 
 
-def test_legacy_tls_path_serves_tls12(exporter_factory):
+def test_legacy_tls_path_serves_tls12(exporter_factory, manager_for_exporter):
+    """Python 2.7 forced onto Python 2.6's paths: ssl.wrap_socket for the server and the
+    Manager login, no compare_digest, no WAL."""
     exporter = exporter_factory(python='2.7.18', env={'OVM_EXPORTER_COMPAT': 'py26'})
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
     assert tls.version() in ('TLSv1.2', 'TLSv1.3')
     tls.close()
     assert exporter.login()
+    assert manager_for_exporter.request_count == 1
+    error_of(exporter, 'POST', '/api/v1/auth/login', 401,
+             body=json.dumps({'username': ADMIN, 'password': 'wrong'}))
+
+
+@pytest.mark.parametrize('python, env', [('3', {}), ('2.7.18', {'OVM_EXPORTER_COMPAT': 'py26'})])
+def test_stalled_handshake_is_dropped_after_the_timeout(exporter_factory, python, env):
+    exporter = exporter_factory(python, api_extra='handshake_timeout = "1s"', env=env)
+    sock = socket.create_connection(('127.0.0.1', exporter.port))
+    sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')  # half a ClientHello
+    sock.settimeout(10)
+    started = time.time()
+    try:
+        closed = sock.recv(1024) == b''
+    except socket.error:  # reset
+        closed = True
+    sock.close()
+    assert closed and time.time() - started < 5
 
 
 def test_readme_curl_commands(exporter, manager_for_exporter):
@@ -7190,7 +7225,7 @@ def test_without_root_option_requires_root(src):
     assert p.returncode == 1 and 'must be run as root' in p.stderr, p.stderr
 
 
-# ========================================= real OCFS2 (inside the qemu guest, marked ocfs2) ===
+# ============================== XFS and real OCFS2 (OCFS2 inside the qemu guest: -k ocfs2) ===
 #
 # .ci/ocfs2-guest.sh boots a Debian kernel under qemu, makes fresh OCFS2 volumes and runs
 # `pytest -m ocfs2` there with these variables set. OCFS2 differs from XFS where it matters:
