@@ -15,7 +15,10 @@ file, port, routes, JSON and tokens.
     python ovm_exporter.py vms --config FILE [--json]    # what discovery sees on this host
     python ovm_exporter.py check-config --config FILE    # validate, print without secrets
     python ovm_exporter.py demo                          # sample host, no OVM or root needed
+    python ovm_exporter.py client --url https://host:5544 --cacert ca.pem vms
     python ovm_exporter.py --version
+
+Install it as a service with install.sh (beside this file); README.md has the whole story.
 
 Standard library only; runs unchanged on Python 2.6 (the dom0's) and on Python 3.6-3.13.
 """
@@ -97,15 +100,6 @@ def to_bytes(value, encoding='utf-8'):
     if isinstance(value, bytes):
         return value
     return value.encode(encoding)
-
-
-def to_native_str(value):
-    """bytes or text -> the interpreter's `str` (bytes on Python 2, text on Python 3)."""
-    if isinstance(value, str):
-        return value
-    if PY2:
-        return value.encode('utf-8')
-    return value.decode('utf-8', 'replace')
 
 
 def json_dumps(obj):
@@ -794,17 +788,21 @@ def parse_toml(text, source='<string>'):
     return _TomlParser(text, source).parse()
 
 
-def load_toml_file(path):
-    """Read a UTF-8 TOML file (a leading BOM is ignored) and parse it; ConfigError when the
-    file cannot be read, is not UTF-8 or is not valid TOML."""
+def load_toml_file(path, limit=1024 * 1024):
+    """Read a UTF-8 TOML file of at most `limit` bytes (a leading BOM is ignored) and parse
+    it; ConfigError when the file cannot be read, is too large, is not UTF-8 or not TOML."""
     try:
         handle = open(path, 'rb')
         try:
-            data = handle.read()
+            data = handle.read(limit + 1)
         finally:
             handle.close()
     except (IOError, OSError) as exc:
         reason = u'cannot read the file: %s' % _toml_as_text(exc.strerror or exc)
+        raise ConfigError(_toml_error_message(path, None, None, reason), source=path,
+                          reason=reason)
+    if len(data) > limit:
+        reason = u'larger than %d bytes; not a configuration file' % limit
         raise ConfigError(_toml_error_message(path, None, None, reason), source=path,
                           reason=reason)
     if data.startswith(b'\xef\xbb\xbf'):
@@ -1115,21 +1113,9 @@ def validate_config(config, need_tls=True):
 
 
 def load_config(path):
-    """Read, parse and check a configuration file. Raises ConfigError."""
-    try:
-        with open(path, 'rb') as handle:
-            raw = handle.read(1024 * 1024 + 1)
-        mode = os.stat(path).st_mode
-    except (IOError, OSError) as exc:
-        raise ConfigError('cannot read configuration file %s: %s' % (path, exc.strerror or exc))
-    if len(raw) > 1024 * 1024:
-        raise ConfigError('%s: larger than 1 MiB; not a configuration file' % path)
-    try:
-        text = raw.decode('utf-8')
-    except UnicodeDecodeError:
-        raise ConfigError('%s: not UTF-8 text' % path)
-    config = config_from_document(parse_toml(text, path), path)
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
+    """Read and parse a configuration file into a Config. Raises ConfigError."""
+    config = config_from_document(load_toml_file(path), path)
+    if os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning('%s is readable by other users and holds the JWT secret: chmod 600 it', path)
     return config
 
