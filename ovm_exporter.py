@@ -3318,6 +3318,7 @@ class SnapshotService(object):
             self.store.record_intent(snapshot_id, vm_id, disks)
             try:
                 facts = {}
+                views = []
                 for disk in disks:
                     folder = os.path.dirname(disk['path'])
                     if not os.path.isdir(folder):
@@ -3331,11 +3332,12 @@ class SnapshotService(object):
                     chunks = data_chunks(extents, size)
                     facts[disk['name']] = (size, sum(c['length'] for c in chunks),
                                            len(chunks), method)
+                    views.append(self._disk_view(snapshot_id, disk, chunks))
                 self.store.mark_ready(snapshot_id, facts)
             except BaseException as exc:
                 self._undo_create(snapshot_id, disks)
                 raise self._clone_failure(exc)
-        return self.get_snapshot(vm_id, snapshot_id, squash=False)
+        return {'id': snapshot_id, 'vm_id': vm_id, 'disks': views}
 
     def _undo_create(self, snapshot_id, disks):
         clean = True
@@ -3363,9 +3365,10 @@ class SnapshotService(object):
             return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
         return exc  # KeyboardInterrupt, SystemExit: cleaned up, keep going up
 
-    def _disk_view(self, record, disk, chunks):
+    @staticmethod
+    def _disk_view(snapshot_id, disk, chunks):
         return {'parent_path': disk['parent_path'], 'path': disk['path'],
-                'snapshot_id': record['id'], 'name': disk['name'],
+                'snapshot_id': snapshot_id, 'name': disk['name'],
                 'repo_mountpoint': disk['repo_mountpoint'], 'chunks': chunks}
 
     @staticmethod
@@ -3385,6 +3388,10 @@ class SnapshotService(object):
             if base['seq'] >= record['seq']:
                 raise bad_request('compareTo snapshot %s is not older than %s'
                                   % (compare_to, snapshot_id))
+        return self._snapshot_view(record, squash, base)
+
+    def _snapshot_view(self, record, squash, base=None):
+        """The API's snapshot object, chunks read from the files now (incremental to `base`)."""
         base_disks = dict((d['name'], d) for d in (base['disks'] if base else []))
         disks = []
         for disk in record['disks']:
@@ -3396,12 +3403,11 @@ class SnapshotService(object):
                 chunks = data_chunks(extents, size)
             if squash:
                 chunks = squash_chunks(chunks)
-            disks.append(self._disk_view(record, disk, chunks))
+            disks.append(self._disk_view(record['id'], disk, chunks))
         return {'id': record['id'], 'vm_id': record['vm_id'], 'disks': disks}
 
     def list_snapshots(self, vm_id, squash=True):
-        return [self.get_snapshot(vm_id, s['id'], squash=squash)
-                for s in self.store.list_for_vm(vm_id)]
+        return [self._snapshot_view(record, squash) for record in self.store.list_for_vm(vm_id)]
 
     def delete_snapshot(self, vm_id, snapshot_id):
         record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None

@@ -5947,34 +5947,37 @@ def mutate_disk(path, rng, size_limit):
     return kind
 
 
-@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
-def test_incremental_oracle_over_http(exporter_factory, xfs_host, tmp_path, python):
-    """An image built from the first snapshot plus each compareTo equals every snapshot."""
-    exporter = exporter_factory(python, repositories=xfs_host.repositories)
-    client = exporter.client()
-    rng = random.Random(1234)
-    vm = xfs_host.vm
+def check_incremental_oracle(client, host, tmp_path, rounds, seed):
+    """Over `rounds` snapshots with random changes to the live disks in between, an image
+    built from the first snapshot's chunks plus each compareTo's chunks, using only HTTP,
+    equals every snapshot (sha256). Returns the bytes downloaded."""
+    rng = random.Random(seed)
     images = dict((os.path.basename(p), str(tmp_path / ('image-' + os.path.basename(p))))
-                  for p in xfs_host.vm_disks)
+                  for p in host.vm_disks)
     previous = None
-    downloaded_total = 0
-    for round_number in range(6):
+    downloaded = 0
+    for round_number in range(rounds):
         if round_number:
-            for path in xfs_host.vm_disks:
+            for path in host.vm_disks:
                 for _ in range(rng.randrange(1, 6)):
                     mutate_disk(path, rng, 96 << 20)
-        snapshot = client.create_snapshot(vm)
+        snapshot = client.create_snapshot(host.vm)
         for disk in snapshot['disks']:
-            downloaded_total += client.sync_disk(vm, snapshot['id'], disk['name'],
-                                                 images[disk['name']],
-                                                 previous and previous['id'])
+            downloaded += client.sync_disk(host.vm, snapshot['id'], disk['name'],
+                                           images[disk['name']], previous and previous['id'])
             assert sha256_file(images[disk['name']]) == sha256_file(disk['path']), \
                 'round %d disk %s' % (round_number, disk['name'])
-        if previous:
-            client.delete_snapshot(vm, previous['id']) if rng.random() < 0.3 else None
+        if previous and rng.random() < 0.5:
+            client.delete_snapshot(host.vm, previous['id'])
         previous = snapshot
     client.close()
-    assert downloaded_total > 0
+    return downloaded
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_incremental_oracle_over_http(exporter_factory, xfs_host, tmp_path, python):
+    exporter = exporter_factory(python, repositories=xfs_host.repositories)
+    assert check_incremental_oracle(exporter.client(), xfs_host, tmp_path, 6, 1234) > 0
 
 
 def test_start_up_removes_only_its_own_orphans(exporter_factory, xfs_host):
@@ -7313,27 +7316,7 @@ def test_snapshot_clones_with_the_filesystem_ioctl(exporter_factory, cloning_hos
 
 def test_incremental_oracle_on_each_filesystem(exporter_factory, cloning_host, tmp_path):
     exporter = exporter_factory(repositories=cloning_host.repositories)
-    client = exporter.client()
-    rng = random.Random(2024)
-    vm = cloning_host.vm
-    images = dict((os.path.basename(p), str(tmp_path / os.path.basename(p)))
-                  for p in cloning_host.vm_disks)
-    previous = None
-    for round_number in range(5):
-        if round_number:
-            for path in cloning_host.vm_disks:
-                for _ in range(rng.randrange(1, 5)):
-                    mutate_disk(path, rng, 64 << 20)
-        snapshot = client.create_snapshot(vm)
-        for disk in snapshot['disks']:
-            client.sync_disk(vm, snapshot['id'], disk['name'], images[disk['name']],
-                             previous and previous['id'])
-            assert sha256_file(images[disk['name']]) == sha256_file(disk['path']), \
-                'round %d disk %s' % (round_number, disk['name'])
-        if previous:
-            client.delete_snapshot(vm, previous['id'])
-        previous = snapshot
-    client.close()
+    check_incremental_oracle(exporter.client(), cloning_host, tmp_path, 5, 2024)
 
 
 def test_incremental_respects_the_copy_on_write_granularity(exporter_factory, cloning_host):
