@@ -557,19 +557,36 @@ setup_certs() {
 # The secret printed in the Go service's README: a config that still has it is open to anyone.
 PUBLISHED_SECRET=yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd
 
-setup_config() {
-    if [ -f "$ROOT$CONF" ] && grep -q "$PUBLISHED_SECRET" "$ROOT$CONF"; then
-        make_tmpdir
-        sc_secret=$(rand_hex 48)
-        [ "${#sc_secret}" -ge 96 ] || die "could not read random bytes from /dev/urandom"
-        sed -e "s|$PUBLISHED_SECRET|$sc_secret|g" "$ROOT$CONF" > "$TMPD/config.toml" \
-            || die "cannot write $TMPD/config.toml"
-        cp -p "$ROOT$CONF" "$ROOT$CONF.published-secret" && chmod 600 "$ROOT$CONF.published-secret" \
-            || die "cannot back up $ROOT$CONF"
-        chmod 600 "$TMPD/config.toml" && mv -f "$TMPD/config.toml" "$ROOT$CONF" \
-            || die "cannot write $ROOT$CONF"
+# Rewrite the existing config with a sed expression; the old file is kept as CONF.SUFFIX.
+migrate_config() {
+    make_tmpdir
+    sed -e "$1" "$ROOT$CONF" > "$TMPD/config.toml" || die "cannot write $TMPD/config.toml"
+    cp -p "$ROOT$CONF" "$ROOT$CONF.$2" && chmod 600 "$ROOT$CONF.$2" \
+        || die "cannot back up $ROOT$CONF"
+    chmod 600 "$TMPD/config.toml" && mv -f "$TMPD/config.toml" "$ROOT$CONF" \
+        || die "cannot write $ROOT$CONF"
+}
+
+# A config the Go service used: its published secret, and its BoltDB file where db_file points.
+migrate_go_config() {
+    [ -f "$ROOT$CONF" ] || return 0
+    if grep -q "$PUBLISHED_SECRET" "$ROOT$CONF"; then
+        mg_secret=$(rand_hex 48)
+        [ "${#mg_secret}" -ge 96 ] || die "could not read random bytes from /dev/urandom"
+        migrate_config "s|$PUBLISHED_SECRET|$mg_secret|g" published-secret
         warn "$CONF had the JWT secret published in the Go service README (anybody could forge tokens): replaced it with a random one; tokens issued before no longer work. The old file is $CONF.published-secret"
     fi
+    mg_db=$(cfg_value "$ROOT$CONF" "" db_file)
+    if [ -n "$mg_db" ] && [ -s "$mg_db" ] \
+            && [ "$(dd if="$mg_db" bs=15 count=1 2>/dev/null)" != "SQLite format 3" ]; then
+        mg_new="${mg_db%/*}/ovm_exporter.db"
+        migrate_config "s|^\\([[:blank:]]*db_file[[:blank:]]*=[[:blank:]]*\\)\"$(sed_esc "$mg_db")\"|\\1\"$(sed_esc "$mg_new")\"|" go-db-file
+        warn "$CONF: db_file $mg_db is not an SQLite database (the Go service's BoltDB): ovm_exporter keeps its state in $mg_new and leaves $mg_db untouched. Snapshots the Go service made stay in the repositories' CoriolisSnapshots folders; delete them through the Go service's API before switching, or by hand. The old config is $CONF.go-db-file"
+    fi
+}
+
+setup_config() {
+    migrate_go_config
     if [ -f "$ROOT$CONF" ]; then
         say "  kept      $CONF (config, JWT secret)"
         sc_port=$(cfg_value "$ROOT$CONF" api port)

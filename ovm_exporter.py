@@ -1088,6 +1088,10 @@ def validate_config(config, need_tls=True):
             normalize_certificate_fingerprint(config.ovm_certificate_fingerprint)
         except ValueError as exc:
             fail('ovm_certificate_fingerprint', str(exc))
+    try:
+        SnapshotStore.check_is_sqlite(config.db_file)
+    except StoreError as exc:
+        fail('db_file', str(exc))
     if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
         fail('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
     for index, repo in enumerate(config.repository or []):
@@ -3006,7 +3010,7 @@ class SnapshotStore(object):
     def __init__(self, path):
         self.path = path
         self._lock = threading.RLock()
-        self._check_is_sqlite(path)
+        self.check_is_sqlite(path)
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             os.makedirs(parent, 0o700)
@@ -3018,7 +3022,7 @@ class SnapshotStore(object):
             raise StoreError('cannot open state database %s: %s' % (path, exc))
 
     @staticmethod
-    def _check_is_sqlite(path):
+    def check_is_sqlite(path):
         try:
             with open(path, 'rb') as handle:
                 head = handle.read(len(SQLITE_MAGIC))

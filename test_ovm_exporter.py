@@ -7114,6 +7114,44 @@ def test_migration_from_go_service(src, root, tmp_path):
     assert os.path.exists(root + SYSV)
 
 
+def test_migration_moves_state_off_the_go_boltdb(src, root, tmp_path):
+    """The Go service kept a BoltDB file where db_file points: the installer points db_file at a
+    new SQLite path, keeps the BoltDB untouched and says so; check-config refuses it otherwise."""
+    certs = tmp_path / 'certs'
+    certs.mkdir()
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1',
+                    '-subj', '/CN=localhost', '-keyout', str(certs / 'srv-key.pem'),
+                    '-out', str(certs / 'srv-pub.pem')],
+                   check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shutil.copy(str(certs / 'srv-pub.pem'), str(certs / 'ca-pub.pem'))
+    os.makedirs(root + CONF_DIR)
+    os.chmod(root + CONF_DIR, 0o700)
+    conf_text = GO_CONFIG.replace('/tmp/certs', str(certs)).replace('"/etc/', '"' + root + '/etc/')
+    conf_text = conf_text.replace(  # this test is about the database only
+        'yoidthOcBauphFeykCotdidNorjAnAtGhonsabShegAtfexbavlyakPak4SletEd', 'n' * 48)
+    with open(root + CONF, 'w') as f:
+        f.write(conf_text)
+    os.chmod(root + CONF, 0o600)
+    boltdb = root + CONF_DIR + '/exporter.db'
+    with open(boltdb, 'wb') as f:
+        f.write(b'\x00' * 16 + b'\xed\xda\x0c\xed' + b'bolt' * 1000)
+    before = open(boltdb, 'rb').read()
+    status = subprocess.run([sys.executable, EXPORTER, 'check-config', '--config', root + CONF],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True)
+    assert status.returncode == 2 and 'not an SQLite database' in status.stdout
+    p = install_ok(src, root, '--init', 'none', '--no-start')
+    assert 'is not an SQLite database' in p.stderr
+    with open(root + CONF) as f:
+        text = f.read()
+    assert 'db_file = "%s/ovm_exporter.db"' % (root + CONF_DIR) in text
+    with open(boltdb, 'rb') as f:
+        assert f.read() == before
+    assert os.path.exists(root + CONF + '.go-db-file')
+    second = install_ok(src, root, '--init', 'none', '--no-start')
+    assert 'SQLite' not in second.stderr
+
+
 # -------------------------------------------------------------------- uninstall and purge ---
 def test_uninstall_then_purge(src, root):
     install_ok(src, root, '--init', 'sysv', '--no-start')
