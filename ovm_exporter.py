@@ -2418,6 +2418,9 @@ _FIEMAP_DEFAULT_BATCH = 8192
 _CLONE_UNSUPPORTED_ERRNOS = (errno.ENOTTY, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
                              getattr(errno, 'ENOTSUP', errno.EOPNOTSUPP), 515)
 _CLONE_PROBE_PREFIX = '.ovm-exporter-probe-'
+# Probe files carry the host name: repositories are shared by the servers of a pool.
+_CLONE_PROBE_HOST_PREFIX = '%s%s-' % (_CLONE_PROBE_PREFIX,
+                                      re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()))
 
 _izip = getattr(itertools, 'izip', zip)
 try:
@@ -2590,7 +2593,7 @@ def clone_supported(directory):
     dst_made = False
     try:
         try:
-            fd, src = tempfile.mkstemp(prefix=_CLONE_PROBE_PREFIX, dir=directory)
+            fd, src = tempfile.mkstemp(prefix=_CLONE_PROBE_HOST_PREFIX, dir=directory)
             try:
                 data = b'ovm-exporter clone probe\n' * 164
                 data = data[:4096]
@@ -3503,8 +3506,9 @@ class SnapshotService(object):
                     if remove_tree_quietly(path):
                         summary['orphans_removed'] += 1
                 elif name.startswith(_CLONE_PROBE_PREFIX):
-                    try:  # left by a crash in the middle of a probe (here or on a pool peer)
-                        if os.lstat(path).st_mtime < time.time() - PROBE_FILE_MAX_AGE:
+                    try:  # left by a crash in the middle of a probe: ours, or a pool peer's
+                        if name.startswith(_CLONE_PROBE_HOST_PREFIX) or \
+                                os.lstat(path).st_mtime < time.time() - PROBE_FILE_MAX_AGE:
                             os.unlink(path)
                     except OSError:
                         pass

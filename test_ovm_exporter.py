@@ -6001,16 +6001,19 @@ def test_start_up_removes_only_its_own_orphans(exporter_factory, xfs_host):
         if owner:
             with open(os.path.join(base, name, '.ovm-exporter-owner'), 'w') as handle:
                 handle.write(owner + '\n')
-    stale_probe = os.path.join(base, '.ovm-exporter-probe-stale')
-    fresh_probe = os.path.join(base, '.ovm-exporter-probe-fresh')
-    for path in (stale_probe, fresh_probe):
+    # probe files left by a crash: ours (any age), a peer's stale one, a peer's fresh one
+    own_probe = os.path.join(base, ox._CLONE_PROBE_HOST_PREFIX + 'abc123')
+    stale_probe = os.path.join(base, '.ovm-exporter-probe-peerhost-stale')
+    fresh_probe = os.path.join(base, '.ovm-exporter-probe-peerhost-fresh')
+    for path in (own_probe, stale_probe, fresh_probe):
         make_disk(path, 4096, [])
     os.utime(stale_probe, (time.time() - 3600, time.time() - 3600))
     exporter.log_handle.close()
     exporter.start()
     assert sorted(snapshot_folders(xfs_host.repo)) == sorted([kept['id'], peer, legacy])
     assert 'removing orphan snapshot folder %s' % os.path.join(base, ours['id']) in exporter.log()
-    assert not os.path.exists(stale_probe) and os.path.exists(fresh_probe)
+    assert not os.path.exists(own_probe) and not os.path.exists(stale_probe)
+    assert os.path.exists(fresh_probe)  # a peer may be probing right now
     os.unlink(fresh_probe)
     token = exporter.login()
     assert [s['id'] for s in exporter.json('GET', '/api/v1/vms/%s/snapshots' % xfs_host.vm,
