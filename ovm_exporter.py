@@ -2585,14 +2585,17 @@ def clone_file(src_path, dst_path):
 _CLONE_PROBE_FULL = 'cannot probe {0!r} for cloning: no space left; assuming it can clone'
 
 
-def clone_supported(directory):
+def clone_supported(directory, create=False):
     """(True, text) when files in `directory` can be cloned, else (False, reason). Creates and
-    removes a 4 KiB scratch file named .ovm-exporter-probe-* and its clone; leaves nothing."""
+    removes a 4 KiB scratch file named .ovm-exporter-probe-* and its clone; leaves nothing.
+    With `create`, a missing `directory` is made first (mode 0700)."""
     src = None
     dst = None
     dst_made = False
     try:
         try:
+            if create and not os.path.isdir(directory):
+                os.mkdir(directory, 0o700)
             fd, src = tempfile.mkstemp(prefix=_CLONE_PROBE_HOST_PREFIX, dir=directory)
             try:
                 data = b'ovm-exporter clone probe\n' * 164
@@ -2606,13 +2609,11 @@ def clone_supported(directory):
             method = clone_file(src, dst)
             dst_made = True
             return True, 'files in {0!r} can be cloned ({1})'.format(directory, method)
-        except CloneError as e:
-            if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
-                return True, _CLONE_PROBE_FULL.format(directory)
-            return False, str(e)
         except EnvironmentError as e:
             if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
                 return True, _CLONE_PROBE_FULL.format(directory)
+            if isinstance(e, CloneError):
+                return False, str(e)
             return False, 'cannot probe {0!r} for cloning: {1}'.format(
                 directory, e.strerror or e)
     finally:
@@ -3057,6 +3058,9 @@ class SnapshotStore(object):
                                      % (self.path, row[0], SCHEMA_VERSION))
                 self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance_id', ?)",
                                  (uuid.uuid4().hex,))
+                # Who made a snapshot folder: repositories are shared by every server of a pool.
+                self.instance_id = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0]
                 self._db.execute('COMMIT')
             except Exception:
                 self._db.execute('ROLLBACK')
@@ -3080,11 +3084,6 @@ class SnapshotStore(object):
     def close(self):
         with self._lock:
             self._db.close()
-
-    @property
-    def instance_id(self):
-        """Who made a snapshot folder: repositories are shared by every server of a pool."""
-        return self._query("SELECT value FROM meta WHERE key = 'instance_id'")[0][0]
 
     # -- writes
     def record_intent(self, snapshot_id, vm_id, disks):
@@ -5000,14 +4999,7 @@ def manager_endpoint_resolver(config):
 def build_inventory(config):
     def probe(directory):
         folder = os.path.join(directory, SNAPSHOTS_DIR_NAME)
-        if os.path.isdir(directory) and not os.path.isdir(folder):
-            try:
-                os.mkdir(folder, 0o700)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    return True, _CLONE_PROBE_FULL.format(directory)
-                return False, 'cannot create %s: %s' % (folder, exc.strerror)
-        supported, reason = clone_supported(folder)
+        supported, reason = clone_supported(folder, create=os.path.isdir(directory))
         if not supported and config.demo:
             return True, 'demo: %s; snapshots will be sparse copies' % reason
         return supported, reason
