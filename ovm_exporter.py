@@ -89,7 +89,7 @@ else:
     integer_types = (int,)
 
 # A test hook: OVM_EXPORTER_COMPAT=py26 makes Python 2.7/3.x take the code paths that
-# Python 2.6 must take (no SSLContext, no compare_digest, no WAL), so that they are tested.
+# Python 2.6 must take (no SSLContext, no compare_digest), so that they are tested.
 FORCE_PY26_PATHS = os.environ.get('OVM_EXPORTER_COMPAT') == 'py26'
 
 log = logging.getLogger('ovm_exporter')
@@ -3001,7 +3001,25 @@ STORE_SCHEMA = [
 
 
 class StoreError(Exception):
-    pass
+    """The state database failed; the message names its file."""
+
+
+class StoreBusy(StoreError):
+    """Another process held the state database's lock for STORE_BUSY_TIMEOUT seconds."""
+
+
+class StoreFull(StoreError):
+    """The filesystem of the state database is full."""
+
+
+# How long one store call waits for another process's lock before it gives up with StoreBusy.
+# The store retries itself instead of using SQLite's busy handler, which would wait while holding
+# the store's lock: requests queued behind it would each wait that long again.
+STORE_BUSY_TIMEOUT = 5.0
+# Next to the database: its instance id, so that a lost database's successor knows the snapshot
+# folders it made (owner files) and can remove them as orphans.
+STORE_INSTANCE_FILE_SUFFIX = '.instance-id'
+_INSTANCE_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 
 
 def snapshot_dir(repo_mountpoint, snapshot_id):
@@ -3009,7 +3027,10 @@ def snapshot_dir(repo_mountpoint, snapshot_id):
 
 
 class SnapshotStore(object):
-    """Snapshot records in SQLite, safe to call from many threads."""
+    """Snapshot records in SQLite, safe to call from many threads.
+
+    Every failure of the database is raised as StoreError (StoreBusy, StoreFull) naming the file.
+    """
 
     def __init__(self, path):
         self.path = path
@@ -3019,11 +3040,17 @@ class SnapshotStore(object):
         if not os.path.isdir(parent):
             os.makedirs(parent, 0o700)
         try:
-            self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False,
+            self._db = sqlite3.connect(path, timeout=0, check_same_thread=False,
                                        isolation_level=None)
-            self._setup()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise StoreError('cannot open state database %s: %s' % (path, exc))
+        try:
+            self._attempt(self._setup)
+        except StoreError:
+            self._db.close()
+            raise
+        self._identity = self._file_identity()
+        self._keep_instance_file()
 
     @staticmethod
     def check_is_sqlite(path):
@@ -3040,46 +3067,141 @@ class SnapshotStore(object):
                 'It was left untouched; point db_file at a new path.' % path)
 
     def _setup(self):
-        if sqlite3.sqlite_version_info >= (3, 7, 0) and not FORCE_PY26_PATHS:
-            self._db.execute('PRAGMA journal_mode=WAL')
+        # A rollback journal, never WAL: WAL maps its -shm file into memory, and when that file
+        # cannot be written (chattr +i) the next write to the mapping kills the process with
+        # SIGBUS. This also turns a WAL database of an older version back; SQLite 3.6 has none.
+        self._db.execute('PRAGMA journal_mode=DELETE')
         self._db.execute('PRAGMA synchronous=FULL')
-        with self._lock:
-            self._db.execute('BEGIN IMMEDIATE')
-            try:
-                for statement in STORE_SCHEMA:
-                    self._db.execute(statement)
-                row = self._db.execute(
-                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                                     (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise StoreError('%s has schema version %s, newer than this program (%d)'
-                                     % (self.path, row[0], SCHEMA_VERSION))
-                self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance_id', ?)",
-                                 (uuid.uuid4().hex,))
-                # Who made a snapshot folder: repositories are shared by every server of a pool.
-                self.instance_id = self._db.execute(
-                    "SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0]
-                self._db.execute('COMMIT')
-            except Exception:
-                self._db.execute('ROLLBACK')
-                raise
+        self._db.execute('BEGIN IMMEDIATE')
+        try:
+            for statement in STORE_SCHEMA:
+                self._db.execute(statement)
+            row = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                                 (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError('%s has schema version %s, newer than this program (%d)'
+                                 % (self.path, row[0], SCHEMA_VERSION))
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta (key, value) VALUES ('instance_id', ?)",
+                                 (self._previous_instance_id() or uuid.uuid4().hex,))
+            # Who made a snapshot folder: repositories are shared by every server of a pool.
+            self.instance_id = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0]
+            self._db.execute('COMMIT')
+        except BaseException:
+            self._rollback_quietly()
+            raise
+
+    @property
+    def instance_file(self):
+        return self.path + STORE_INSTANCE_FILE_SUFFIX
+
+    def _previous_instance_id(self):
+        """The id kept beside a database that was lost: its snapshot folders are ours."""
+        try:
+            with open(self.instance_file) as handle:
+                text = handle.read(100).strip()
+        except (IOError, OSError):
+            return None
+        if not _INSTANCE_ID_RE.match(text):
+            log.warning('ignoring %s: it does not hold an instance id', self.instance_file)
+            return None
+        log.warning('state database %s is new; it keeps the instance id of the one before it '
+                    '(%s), so that folders made before and no longer recorded are removed',
+                    self.path, self.instance_file)
+        return text
+
+    def _keep_instance_file(self):
+        try:
+            with open(self.instance_file) as handle:
+                if handle.read(100).strip() == self.instance_id:
+                    return
+        except (IOError, OSError):
+            pass
+        try:
+            _auth_write_file_atomically(self.instance_file,
+                                        (self.instance_id + '\n').encode('ascii'))
+        except (IOError, OSError) as exc:
+            log.warning('cannot write %s: %s; if the state database is lost, its snapshot '
+                        'folders must be removed by hand', self.instance_file, exc)
+
+    def _file_identity(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _error(self, exc):
+        """sqlite3's exception -> StoreError naming the file (sqlite3 on 2.6 has no codes)."""
+        text = str(exc)
+        if 'locked' in text or 'busy' in text:
+            return StoreBusy('state database %s is locked by another process (waited %gs): %s'
+                             % (self.path, STORE_BUSY_TIMEOUT, text))
+        if 'full' in text:
+            return StoreFull('state database %s: its filesystem is full: %s' % (self.path, text))
+        if 'not a database' in text or 'malformed' in text:
+            return StoreError('state database %s is damaged (%s); see "When the host '
+                              'misbehaves" in the README' % (self.path, text))
+        # SQLite names no errno ("unable to open database file", "disk I/O error"): try a file
+        # beside the database to tell a read-only or full filesystem from a failing file.
+        try:
+            fd, probe = tempfile.mkstemp(prefix='.ovm-exporter-db-probe-',
+                                         dir=os.path.dirname(os.path.abspath(self.path)))
+            os.close(fd)
+            os.unlink(probe)
+        except (IOError, OSError) as probe_error:
+            if probe_error.errno == errno.EROFS:
+                return StoreError('state database %s is on a read-only filesystem: %s'
+                                  % (self.path, text))
+            if probe_error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return StoreFull('state database %s: its filesystem is full: %s'
+                                 % (self.path, text))
+        return StoreError('state database %s failed: %s' % (self.path, text))
+
+    def _rollback_quietly(self):
+        try:
+            self._db.execute('ROLLBACK')
+        except sqlite3.Error:
+            pass  # no transaction left, or the file itself failed: the error before says why
+
+    def _attempt(self, work):
+        """work() under the lock; retried while another process holds the database locked."""
+        deadline = time.time() + STORE_BUSY_TIMEOUT
+        pause = 0.005
+        while True:
+            with self._lock:
+                try:
+                    return work()
+                except sqlite3.Error as exc:
+                    error = self._error(exc)
+            if not isinstance(error, StoreBusy) or time.time() >= deadline:
+                raise error
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _write(self, statements):
-        with self._lock:
+        def transaction():
+            if self._file_identity() != self._identity:
+                raise StoreError('state database %s was deleted or replaced while running; '
+                                 'nothing more is written to it. Restart the exporter (see '
+                                 '"When the host misbehaves" in the README)' % self.path)
             self._db.execute('BEGIN IMMEDIATE')
             try:
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute('COMMIT')
-            except Exception:
-                self._db.execute('ROLLBACK')
+            except BaseException:
+                self._rollback_quietly()
                 raise
+        self._attempt(transaction)
 
     def _query(self, sql, args=()):
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self._attempt(lambda: self._db.execute(sql, args).fetchall())
 
     def close(self):
         with self._lock:
@@ -3120,29 +3242,33 @@ class SnapshotStore(object):
     def _snapshot_from_row(self, row):
         seq, snapshot_id, vm_id, state, created = row
         disks = []
-        for d in self._query(
+        for d in self._db.execute(
                 'SELECT name, parent_path, path, repo_mountpoint, size, data_bytes,'
                 ' extent_count, clone_method FROM snapshot_disks WHERE snapshot_id = ?'
-                ' ORDER BY position', (snapshot_id,)):
+                ' ORDER BY position', (snapshot_id,)).fetchall():
             disks.append({'name': d[0], 'parent_path': d[1], 'path': d[2],
                           'repo_mountpoint': d[3], 'size': d[4], 'data_bytes': d[5],
                           'extent_count': d[6], 'clone_method': d[7]})
         return {'seq': seq, 'id': snapshot_id, 'vm_id': vm_id, 'state': state,
                 'created': created, 'disks': disks}
 
+    def _snapshots(self, where='', args=()):
+        """Records with their disks, read in one go: no write of ours comes in between."""
+        def read():
+            rows = self._db.execute('SELECT seq, id, vm_id, state, created FROM snapshots'
+                                    + where + ' ORDER BY seq', args).fetchall()
+            return [self._snapshot_from_row(r) for r in rows]
+        return self._attempt(read)
+
     def get(self, snapshot_id):
-        rows = self._query('SELECT seq, id, vm_id, state, created FROM snapshots WHERE id = ?',
-                           (snapshot_id,))
-        return self._snapshot_from_row(rows[0]) if rows else None
+        records = self._snapshots(' WHERE id = ?', (snapshot_id,))
+        return records[0] if records else None
 
     def list_for_vm(self, vm_id, states=('ready',)):
-        rows = self._query('SELECT seq, id, vm_id, state, created FROM snapshots'
-                           ' WHERE vm_id = ? ORDER BY seq', (vm_id,))
-        return [self._snapshot_from_row(r) for r in rows if r[3] in states]
+        return [r for r in self._snapshots(' WHERE vm_id = ?', (vm_id,)) if r['state'] in states]
 
     def list_all(self):
-        rows = self._query('SELECT seq, id, vm_id, state, created FROM snapshots ORDER BY seq')
-        return [self._snapshot_from_row(r) for r in rows]
+        return self._snapshots()
 
     def ready_ids_by_vm(self):
         result = {}
@@ -3252,8 +3378,19 @@ class SnapshotService(object):
         self.vm_locks = KeyedLocks()
 
     # -- virtual machines
-    def list_vms(self):
-        snapshot_ids = self.store.ready_ids_by_vm()
+    def _snapshot_ids(self, read, problems):
+        """VM listings come from the filesystem: a failed state database leaves out only the
+        snapshot ids (an empty list) and says why in `problems`."""
+        try:
+            return read()
+        except StoreError as exc:
+            log.error('listing virtual machines without their snapshots: %s', exc)
+            if problems is not None:
+                problems.append(str(exc))
+            return None
+
+    def list_vms(self, problems=None):
+        snapshot_ids = self._snapshot_ids(self.store.ready_ids_by_vm, problems) or {}
         result = []
         for vm in self.inventory.list_vms():
             view = vm_public_fields(vm)
@@ -3267,9 +3404,10 @@ class SnapshotService(object):
             raise not_found('virtual machine %s not found on this host' % vm_id)
         return vm
 
-    def get_vm(self, vm_id):
+    def get_vm(self, vm_id, problems=None):
         view = vm_public_fields(self._vm_or_404(vm_id))
-        view['snapshots'] = [s['id'] for s in self.store.list_for_vm(vm_id)]
+        records = self._snapshot_ids(lambda: self.store.list_for_vm(vm_id), problems)
+        view['snapshots'] = [s['id'] for s in records or []]
         return view
 
     # -- snapshots
@@ -3350,11 +3488,15 @@ class SnapshotService(object):
         for mountpoint in sorted(set(d['repo_mountpoint'] for d in disks)):
             clean = remove_tree_quietly(snapshot_dir(mountpoint, snapshot_id)) and clean
         if clean:
-            self.store.forget(snapshot_id)
+            try:
+                self.store.forget(snapshot_id)
+            except StoreError as exc:  # a 'creating' record is never listed; start-up drops it
+                log.error('snapshot %s: files removed, record left for the next start: %s',
+                          snapshot_id, exc)
 
     @staticmethod
     def _clone_failure(exc):
-        if isinstance(exc, ApiError):
+        if isinstance(exc, (ApiError, StoreError)):
             return exc
         if isinstance(exc, CloneError):
             if exc.cannot_clone:
@@ -3413,7 +3555,18 @@ class SnapshotService(object):
         return {'id': record['id'], 'vm_id': record['vm_id'], 'disks': disks}
 
     def list_snapshots(self, vm_id, squash=True):
-        return [self._snapshot_view(record, squash) for record in self.store.list_for_vm(vm_id)]
+        """What exists when the list is read: a snapshot deleted meanwhile is left out."""
+        views = []
+        for record in self.store.list_for_vm(vm_id):
+            try:
+                views.append(self._snapshot_view(record, squash))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                now = self.store.get(record['id'])
+                if now is not None and now['state'] == 'ready':
+                    raise
+        return views
 
     def delete_snapshot(self, vm_id, snapshot_id):
         record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
@@ -4626,6 +4779,25 @@ def stream_file(handle, write, start, length, buffer):
         length -= count
 
 
+def store_api_error(exc):
+    """A state database failure (StoreError) as an HTTP answer, logged once without a trace."""
+    if isinstance(exc, StoreBusy):
+        log.warning('%s', exc)
+        return ApiError(503, 'Service Unavailable', str(exc),
+                        {'Retry-After': '%d' % math.ceil(STORE_BUSY_TIMEOUT)})
+    log.error('%s', exc)
+    if isinstance(exc, StoreFull):
+        return ApiError(507, 'Insufficient Storage', str(exc))
+    return ApiError(500, 'Internal Server Error', str(exc))
+
+
+def warning_header(problems):
+    """RFC 7234 Warning 199 for an answer served without the state database."""
+    text = '; '.join(problems).replace('"', "'").replace('\\', '/')
+    text = ''.join(c for c in text if ' ' <= c <= '~')[:512]
+    return [('Warning', '199 ovm_exporter "%s"' % text)] if problems else []
+
+
 class ApiApplication(object):
     """Routes requests to the snapshot service and the authenticator."""
 
@@ -4694,7 +4866,10 @@ class ApiApplication(object):
                 request.headers.get('Authorization'))
             request.read_body()  # no route but login takes a body; read and drop it
         query = parse_qs(url.query, keep_blank_values=True)
-        getattr(self, 'on_%s_%s' % (request.command.lower(), name))(request, params, query)
+        try:
+            getattr(self, 'on_%s_%s' % (request.command.lower(), name))(request, params, query)
+        except StoreError as exc:
+            raise store_api_error(exc)
 
     # -- authentication
     def on_post_login(self, request, params, query):
@@ -4715,10 +4890,14 @@ class ApiApplication(object):
 
     # -- virtual machines
     def on_get_vms(self, request, params, query):
-        request.send_json(200, self.service.list_vms())
+        problems = []
+        vms = self.service.list_vms(problems)
+        request.send_json(200, vms, warning_header(problems))
 
     def on_get_vm(self, request, params, query):
-        request.send_json(200, self.service.get_vm(params[0]))
+        problems = []
+        vm = self.service.get_vm(params[0], problems)
+        request.send_json(200, vm, warning_header(problems))
 
     # -- snapshots
     @staticmethod

@@ -525,14 +525,16 @@ class ExporterProcess(object):
     """`ovm_exporter.py serve` in a subprocess, driven over HTTPS."""
 
     def __init__(self, folder, certs, python='3', manager_url=None, repositories=(),
-                 extra='', api_extra='', tls_extra='', env=None, manager_trust='ca'):
+                 extra='', api_extra='', tls_extra='', env=None, manager_trust='ca',
+                 db_file=None):
         self.folder = folder
         self.certs = certs
         self.python = python_path(python)
         self.config_path = os.path.join(folder, 'config.toml')
         self.log_path = os.path.join(folder, 'exporter.log')
         self.secret = binascii.hexlify(os.urandom(24)).decode('ascii')
-        lines = ['db_file = %s' % toml_quote(os.path.join(folder, 'exporter.db')),
+        self.db_file = db_file or os.path.join(folder, 'exporter.db')
+        lines = ['db_file = %s' % toml_quote(self.db_file),
                  'ovm_endpoint = %s' % toml_quote(manager_url or 'https://127.0.0.1:9'),
                  'ovm_ca_certificate = %s' % toml_quote(
                      certs['ca_cert'] if manager_trust == 'ca' else ''),
@@ -6171,6 +6173,252 @@ def test_ranges_past_4_gib(exporter_factory, xfs, python):
         assert data == b'\0' * 10 + marker + b'\0' * 10
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ================================================================= state database faults ===
+#
+# The state database (SQLite) locked by another process, overwritten, deleted, immutable,
+# read-only or on a full filesystem while the exporter runs: every request gets a JSON answer,
+# nothing is half-made, VM listings keep working, and the process stays up.
+
+def snapshots_path(vm):
+    return '/api/v1/vms/%s/snapshots' % vm
+
+
+def store_records(db_file):
+    database = sqlite3.connect(db_file)
+    try:
+        return database.execute('SELECT id, state FROM snapshots').fetchall()
+    finally:
+        database.close()
+
+
+def check_degraded_vm_listing(exporter, token, vm, db_file):
+    """Listing VMs reads the filesystem: it answers without the state database, snapshot ids
+    left out ([]) and a Warning header naming the database."""
+    status, headers, data = exporter.request('GET', '/api/v1/vms', token=token)
+    assert status == 200, (status, data)
+    listed = json.loads(data.decode('utf-8'))
+    assert [v['snapshots'] for v in listed if v['name'] == vm] == [[]]
+    assert headers['warning'].startswith('199 ') and db_file in headers['warning']
+    status, headers, data = exporter.request('GET', '/api/v1/vms/' + vm, token=token)
+    assert status == 200 and json.loads(data.decode('utf-8'))['snapshots'] == []
+    assert db_file in headers['warning']
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_state_database_locked_by_another_process_is_503_with_retry_after(
+        exporter_factory, xfs_host, python):
+    """Timing: the busy time-out (STORE_BUSY_TIMEOUT, 5 s) must end well before the client's
+    30 s; the bound checked is 25 s, generous for a loaded machine."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sqlite3, sys\n'
+         'db = sqlite3.connect(sys.argv[1], isolation_level=None)\n'
+         'db.execute("BEGIN EXCLUSIVE")\n'
+         'print("locked"); sys.stdout.flush(); sys.stdin.read()\n'
+         'db.execute("ROLLBACK")\n', exporter.db_file],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b'locked\n'
+        started = time.time()
+        document, headers = error_of(exporter, 'POST', snapshots_path(xfs_host.vm), 503, token)
+        assert time.time() - started < 25
+        assert headers['retry-after'] == '5'
+        assert exporter.db_file in document['details'] and 'locked' in document['details']
+        assert snapshot_folders(xfs_host.repo) == []
+        check_degraded_vm_listing(exporter, token, xfs_host.vm, exporter.db_file)
+        error_of(exporter, 'GET', snapshots_path(xfs_host.vm), 503, token)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    made = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    assert snapshot_folders(xfs_host.repo) == [made['id']]
+    assert store_records(exporter.db_file) == [(made['id'], 'ready')]
+    assert 'locked by another process' in exporter.log()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_state_database_overwritten_answers_500_naming_it_and_vms_still_list(
+        exporter_factory, xfs_host, python):
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    made = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    size = os.path.getsize(exporter.db_file)
+    with open(exporter.db_file, 'r+b') as handle:
+        handle.write(os.urandom(size))
+    for method, path in (('POST', snapshots_path(xfs_host.vm)),
+                         ('GET', snapshots_path(xfs_host.vm)),
+                         ('GET', snapshots_path(xfs_host.vm) + '/' + made['id']),
+                         ('DELETE', snapshots_path(xfs_host.vm))):
+        document, _ = error_of(exporter, method, path, 500, token)
+        assert exporter.db_file in document['details'], document
+    check_degraded_vm_listing(exporter, token, xfs_host.vm, exporter.db_file)
+    assert snapshot_folders(xfs_host.repo) == [made['id']]  # nothing made, nothing removed
+    assert exporter.process.poll() is None
+    exporter.stop()
+    exporter.log_handle.close()
+    with pytest.raises(AssertionError):
+        exporter.start()
+    assert 'is not an SQLite database' in exporter.log()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_state_database_deleted_while_running_writes_nothing_and_restart_cleans_up(
+        exporter_factory, xfs_host, python):
+    """A lost database's successor keeps its instance id (the .instance-id file beside it), so
+    the snapshot folders it made are removed as orphans; a pool peer's folder stays."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    first = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    os.unlink(exporter.db_file)
+    document, _ = error_of(exporter, 'POST', snapshots_path(xfs_host.vm), 500, token)
+    assert exporter.db_file in document['details'] and 'deleted' in document['details']
+    assert snapshot_folders(xfs_host.repo) == [first['id']]
+    listed = exporter.json('GET', '/api/v1/vms/' + xfs_host.vm, token)
+    assert listed['snapshots'] == [first['id']]  # still true while the folder exists
+    peer = os.path.join(xfs_host.repo, 'CoriolisSnapshots', str(uuid.uuid4()))
+    os.mkdir(peer)
+    with open(os.path.join(peer, '.ovm-exporter-owner'), 'w') as handle:
+        handle.write('another-exporter-instance\n')
+    exporter.stop()
+    exporter.log_handle.close()
+    exporter.start()
+    assert snapshot_folders(xfs_host.repo) == [os.path.basename(peer)]
+    assert 'removing orphan snapshot folder' in exporter.log()
+    token = exporter.login()
+    assert exporter.json('GET', snapshots_path(xfs_host.vm), token) == []
+    made = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    assert store_records(exporter.db_file) == [(made['id'], 'ready')]
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_state_database_made_immutable_answers_5xx_and_the_process_stays_up(
+        exporter_factory, xfs_host, ext4, python):
+    """chattr +i on the database files while running (the WAL -shm mapping died of SIGBUS).
+    On ext4: XFS lets a file opened before chattr +i be written on, so nothing fails there."""
+    folder = os.path.join(ext4, 'state-%s' % uuid.uuid4().hex[:8])
+    os.mkdir(folder)
+    exporter = exporter_factory(python, xfs_host.repositories,
+                                db_file=os.path.join(folder, 'exporter.db'))
+    token = exporter.login()
+    first = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    files = sorted(glob.glob(exporter.db_file + '*'))
+    run(['chattr', '+i'] + files)
+    try:
+        for method in ('POST', 'DELETE'):
+            status, _, data = exporter.request(method, snapshots_path(xfs_host.vm), token=token)
+            assert status >= 500 and exporter.db_file in json.loads(data)['details'], data
+        assert exporter.process.poll() is None
+        assert exporter.json('GET', '/api/v1/vms', token)  # answers, with or without ids
+        assert snapshot_folders(xfs_host.repo) == [first['id']]
+    finally:
+        run(['chattr', '-i'] + files)
+    assert exporter.db_file in exporter.log()
+    second = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    assert sorted(r[0] for r in store_records(exporter.db_file)) == sorted(
+        [first['id'], second['id']])
+    assert snapshot_folders(xfs_host.repo) == sorted([first['id'], second['id']])
+    exporter.stop()
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_host, tmp_path,
+                                                         python):
+    """`mount -o remount,ro` refuses while the database is open for writing; what turns a
+    filesystem read-only under a running program is an error: ext4's `abort` option simulates
+    one (journal aborted, filesystem remounted read-only until it is unmounted)."""
+    os.mkdir(str(tmp_path / 'dbfs'))
+    mount = LoopMount(str(tmp_path / 'dbfs'), ['mkfs.ext4', '-q', '-F'], '32M')
+    exporter = None
+    try:
+        exporter = exporter_factory(python, xfs_host.repositories,
+                                    db_file=os.path.join(mount.path, 'exporter.db'))
+        token = exporter.login()
+        first = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+        run(['mount', '-o', 'remount,abort', mount.path])
+        with pytest.raises(OSError) as caught:
+            open(os.path.join(mount.path, 'probe'), 'w')
+        assert caught.value.errno == errno.EROFS
+        for method in ('POST', 'DELETE'):
+            document, _ = error_of(exporter, method, snapshots_path(xfs_host.vm), 500, token)
+            assert exporter.db_file in document['details'] and 'read-only' in document['details']
+        assert exporter.json('GET', snapshots_path(xfs_host.vm), token)[0]['id'] == first['id']
+        assert snapshot_folders(xfs_host.repo) == [first['id']]
+        assert exporter.process.poll() is None
+    finally:
+        if exporter is not None:
+            exporter.stop()
+        mount.close()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_state_database_on_a_full_filesystem_answers_507_and_makes_nothing(
+        exporter_factory, xfs_host, tmp_path, python):
+    os.mkdir(str(tmp_path / 'dbfs'))
+    mount = LoopMount(str(tmp_path / 'dbfs'), ['mkfs.ext4', '-q', '-F', '-m', '0'], '32M')
+    exporter = None
+    try:
+        exporter = exporter_factory(python, xfs_host.repositories,
+                                    db_file=os.path.join(mount.path, 'exporter.db'))
+        token = exporter.login()
+        fill_filesystem(mount.path)
+        document, _ = error_of(exporter, 'POST', snapshots_path(xfs_host.vm), 507, token)
+        assert exporter.db_file in document['details'] and 'full' in document['details']
+        assert snapshot_folders(xfs_host.repo) == []
+        for path in glob.glob(os.path.join(mount.path, 'filler-*')):
+            os.unlink(path)
+        assert store_records(exporter.db_file) == []
+        made = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+        assert snapshot_folders(xfs_host.repo) == [made['id']]
+    finally:
+        if exporter is not None:
+            exporter.stop()
+        mount.close()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_listing_snapshots_during_concurrent_creates_and_deletes_never_404s(
+        exporter_factory, xfs_host, python):
+    """20 threads create and delete snapshots of one VM while its list is read 80 times: a
+    snapshot deleted meanwhile is left out of the list, never a 404 for the whole list."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    stop = threading.Event()
+    failures = []
+
+    def churn(index):
+        rng = random.Random(index)
+        while not stop.is_set():
+            method = 'POST' if rng.random() < 0.6 else 'DELETE'
+            try:
+                status, _, data = exporter.request(method, snapshots_path(xfs_host.vm),
+                                                   token=token)
+                if status != 200:
+                    failures.append((method, status, data))
+            except Exception as exc:  # a dropped connection is a failure too
+                failures.append((method, repr(exc)))
+    workers = [threading.Thread(target=churn, args=(i,)) for i in range(20)]
+    for worker in workers:
+        worker.start()
+    statuses = []
+    try:
+        for _ in range(80):
+            status, _, data = exporter.request('GET', snapshots_path(xfs_host.vm), token=token)
+            statuses.append(status)
+            if status == 200:
+                for snapshot in json.loads(data.decode('utf-8')):
+                    assert snapshot['disks'], snapshot
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert statuses == [200] * 80, statuses
+    assert failures == []
+    exporter.json('DELETE', snapshots_path(xfs_host.vm), token)
+    assert snapshot_folders(xfs_host.repo) == []
 
 
 # ============================================================ the commands an admin runs ===
