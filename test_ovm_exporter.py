@@ -5303,6 +5303,18 @@ def test_store_without_wal_works_like_sqlite_3_6(tmp_path, monkeypatch):
     assert store.ready_ids_by_vm() == {'vm1': [snapshot_id]}
 
 
+def test_store_turns_a_wal_database_back_to_a_rollback_journal(tmp_path):
+    """WAL maps the -shm file into memory: a write to it after chattr +i is a SIGBUS."""
+    path = str(tmp_path / 'state.db')
+    database = sqlite3.connect(path)
+    assert database.execute('PRAGMA journal_mode=WAL').fetchone()[0] == 'wal'
+    database.close()
+    store = ox.SnapshotStore(path)
+    assert store._query('PRAGMA journal_mode')[0][0] == 'delete'
+    assert not os.path.exists(path + '-shm') and not os.path.exists(path + '-wal')
+    store.close()
+
+
 # ============================================================= HTTP maths: ranges, bools ===
 
 @pytest.mark.parametrize('header, size, expected', [
@@ -6229,7 +6241,15 @@ def test_state_database_locked_by_another_process_is_503_with_retry_after(
         assert exporter.db_file in document['details'] and 'locked' in document['details']
         assert snapshot_folders(xfs_host.repo) == []
         check_degraded_vm_listing(exporter, token, xfs_host.vm, exporter.db_file)
-        error_of(exporter, 'GET', snapshots_path(xfs_host.vm), 503, token)
+        answers = []  # queued requests each wait their own time-out, not one after another
+        readers = [threading.Thread(target=lambda: answers.append(exporter.request(
+            'GET', snapshots_path(xfs_host.vm), token=token)[0])) for _ in range(6)]
+        started = time.time()
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        assert answers == [503] * 6 and time.time() - started < 25
     finally:
         holder.stdin.close()
         holder.wait()
