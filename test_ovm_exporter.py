@@ -6336,6 +6336,8 @@ CONTRACT = {
     'log_level': 'info',
     'ovs_agent_db_dir': '/etc/ovs-agent/db',
     'snapshot_min_free_percent': 10,
+    'snapshot_pause': 'auto',
+    'snapshot_pause_max': '10s',
     'jwt.secret': '<generated>',
     'jwt.time_to_live': '168h',
     'api.bind': '<option>',
@@ -6351,7 +6353,8 @@ CONTRACT = {
     'api.tls.require_client_certificate': False,
 }
 # optional keys shown commented out in the example
-COMMENTED_KEYS = ['ovm_endpoint', '[[repository]]', 'id', 'mount_point', 'filesystem']
+COMMENTED_KEYS = ['ovm_endpoint', 'xen_toolstack', '[[repository]]', 'id', 'mount_point',
+                  'filesystem']
 
 
 def have(tool):
