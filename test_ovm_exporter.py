@@ -5261,6 +5261,9 @@ def test_check_config_prints_effective_config_without_secret(tmp_path, certs):
     (lambda t: t.replace('srv', 'srv').replace('certificate = "', 'certificate = "/missing'),
      'does not exist'),
     (lambda t: t.replace('time_to_live = "1h30m"', 'time_to_live = "7d"'), 'time_to_live'),
+    (lambda t: 'snapshot_pause = "sometimes"\n' + t, "'snapshot_pause': must be one of"),
+    (lambda t: 'snapshot_pause_max = "0s"\n' + t, "'snapshot_pause_max'"),
+    (lambda t: 'xen_toolstack = "xl"\n' + t, "'xen_toolstack': must be an absolute path"),
 ])
 def test_check_config_rejects_broken_configs(tmp_path, certs, mutation, message):
     path = write_config(str(tmp_path), mutation(base_config_text(str(tmp_path), certs)))
@@ -7507,6 +7510,7 @@ pause)
     while [ "$(cut -d' ' -f3 "/proc/$pid/stat")" != T ]; do :; done
     echo paused >> "$dir/events"
     if [ -e "$dir/kill-exporter-on-pause" ]; then kill -9 "$PPID"; fi
+    if [ -e "$dir/term-exporter-on-pause" ]; then kill -TERM "$PPID"; fi
     if [ -e "$dir/stop-exporter-on-pause" ]; then kill -STOP "$PPID"; fi
     exit 0 ;;
 unpause)
@@ -7685,6 +7689,22 @@ def test_sigkill_while_paused_unpauses_the_domain(exporter_factory, xen):
     assert 'undoing snapshot' in log_text
     assert snapshot_folders(xen.host.repo) == []
     assert xen.state() != 'T'
+
+
+def test_sigterm_while_paused_finishes_the_snapshot_and_unpauses(exporter_factory, xen):
+    """SIGTERM arrives while the domain is paused: the snapshot completes ("paused"), the
+    domain runs again, and the exporter stops cleanly."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, pause_max='20s')
+    token = exporter.login()
+    xen.behave('term-exporter-on-pause')
+    snapshot = exporter.json('POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, token)
+    assert snapshot['consistency'] == 'paused' and snapshot['paused_ms'] < 20000
+    assert one_instant(xen.counters([d['path'] for d in snapshot['disks']]))
+    assert xen.state() != 'T' and xen.calls().count('unpause') == 1
+    assert wait_for(lambda: exporter.process.poll() is not None, 40)
+    assert exporter.process.returncode == 0
+    assert 'signal 15: stopping' in exporter.log()
 
 
 @pytest.mark.parametrize('mode', ['auto', 'always'])
