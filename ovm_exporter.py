@@ -3160,6 +3160,16 @@ def run_command(argv, timeout):
     return process.returncode, _command_text(output)
 
 
+def xen_domain_state(list_output, domain):
+    """The State column ('r-----', '--p---', ...) of `domain` in `xl list` / `xm list`
+    output, or '' when it is not there."""
+    for line in list_output.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 5 and fields[0] == domain:
+            return fields[4]
+    return ''
+
+
 def _command_text(chunks):
     return b''.join(chunks)[:TOOLSTACK_OUTPUT_LIMIT].decode('utf-8', 'replace')
 
@@ -3740,6 +3750,10 @@ class SnapshotService(object):
             return None, 'per-disk'
         if status != 0:
             return None, 'stopped'
+        if 'p' in xen_domain_state(output, vm_id):
+            # Paused by someone else: nothing runs, and our unpause would end their pause.
+            log.info('snapshot of %s: its domain is already paused; left as it is', vm_id)
+            return None, 'stopped'
         if mode == 'auto' and disk_count < 2:
             return None, 'per-disk'
         return toolstack, None
@@ -3750,7 +3764,11 @@ class SnapshotService(object):
         always = self.config.snapshot_pause == 'always'
         pause = DomainPause(toolstack, vm_id, self.config.snapshot_pause_max)
         self.store.record_pause(vm_id, toolstack)
-        pause.arm()
+        try:
+            pause.arm()
+        except BaseException:
+            self.store.forget_pause(vm_id)
+            raise
         try:
             pause.pause()
         except BaseException as exc:
@@ -3937,8 +3955,13 @@ class SnapshotService(object):
                 if (end - start + block_size - 1) // block_size > CHECKSUM_MAX_BLOCKS:
                     raise bad_request('at most %d blocks per answer: ask for a shorter length '
                                       'or a larger block_size' % CHECKSUM_MAX_BLOCKS)
-            checksum, blocks = range_checksums(handle, fiemap(handle), size, start,
-                                               end - start, block_size)
+            try:
+                extents = fiemap(handle)
+            except EnvironmentError as exc:
+                raise ApiError(500, 'Internal Server Error', 'cannot read the extent map of '
+                               '%s: %s' % (disk_name, exc))
+            checksum, blocks = range_checksums(handle, extents, size, start, end - start,
+                                               block_size)
         finally:
             handle.close()
         answer = {'algorithm': 'sha256', 'start': start, 'length': end - start,

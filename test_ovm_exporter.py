@@ -7500,7 +7500,8 @@ case "$1" in
 list)
     if [ -e "$dir/hang-list" ]; then exec sleep 600; fi
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        echo "Name  ID  Mem VCPUs State Time(s)"; echo "$2  7  512  2  r-----  1.0"; exit 0
+        state=r-----; [ "$(cut -d' ' -f3 "/proc/$pid/stat")" = T ] && state=--p---
+        echo "Name  ID  Mem VCPUs State Time(s)"; echo "$2  7  512  2  $state  1.0"; exit 0
     fi
     echo "$2 is an invalid domain identifier (rc=-6)" >&2; exit 1 ;;
 pause)
@@ -7640,7 +7641,12 @@ def test_auto_pause_cuts_every_disk_at_one_instant(exporter_factory, xen, python
     listed = client.call('GET', '/vms/%s/snapshots' % PAUSE_VM)
     assert [(s['consistency'], s['paused_ms']) for s in listed] == \
         [('paused', kept['paused_ms'])]
-    # a domain that does not run, a VM with one disk
+    # a domain paused by someone else stays paused; one that does not run
+    xen.writer.send_signal(signal.SIGSTOP)
+    assert wait_for(lambda: xen.state() == 'T', 10)
+    snapshot = client.create_snapshot(PAUSE_VM)
+    assert snapshot['consistency'] == 'stopped' and 'paused_ms' not in snapshot
+    assert xen.state() == 'T' and xen.calls().count('unpause') == 51
     xen.writer.kill()
     xen.writer.wait()
     stopped = client.create_snapshot(PAUSE_VM)
