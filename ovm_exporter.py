@@ -3177,56 +3177,71 @@ def _command_text(chunks):
 def _watchdog_child(read_fd, deadline, argv, fd_limit):
     """The forked watchdog: wait for EOF on read_fd or the deadline, then run argv (unpause).
     Uses only os-level calls (no locks, logging or imports: other threads held those at fork
-    time) and leaves with os._exit, never through the server's code."""
+    time) and leaves with os._exit, never through the server's code. Whatever fails before,
+    the unpause is still tried."""
     status = WATCHDOG_CRASHED | WATCHDOG_UNPAUSE_FAILED
     try:
-        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(number, signal.SIG_IGN)  # a process group signal must not stop it
-        os.closerange(3, read_fd)  # the server's sockets, database and other pipes
-        os.closerange(read_fd + 1, fd_limit)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        poller = select.poll()
-        poller.register(read_fd, select.POLLIN)
         overran = False
-        while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                overran = True
-                break
-            try:
-                if poller.poll(int(remaining * 1000) + 1):
-                    break
-            except (select.error, IOError, OSError) as exc:
-                if not exc.args or exc.args[0] != errno.EINTR:
-                    break
+        try:
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(number, signal.SIG_IGN)  # a process group signal must not stop it
+            os.closerange(3, read_fd)  # the server's sockets, database and other pipes
+            os.closerange(read_fd + 1, fd_limit)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)  # for the toolstack: the exporter's stdout may be its log
+            os.close(null)
+            overran = _watchdog_wait(read_fd, deadline)
+        except Exception:
+            overran = True  # unpaused at once: the snapshot may not count as one instant
         unpaused = False
         for _ in range(WATCHDOG_UNPAUSE_ATTEMPTS):
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.dup2(null, 1)
-                    os.execv(argv[0], argv)
-                finally:
-                    os._exit(127)
-            stop_at = time.time() + TOOLSTACK_TIMEOUT
-            while True:
-                done, code = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.time() > stop_at:
-                    os.kill(pid, signal.SIGKILL)
-                    done, code = os.waitpid(pid, 0)
-                    code = -1
-                    break
-                time.sleep(0.001)
-            if code == 0:
+            if _watchdog_run(argv):
                 unpaused = True
                 break
         status = ((WATCHDOG_OVERRAN if overran else 0) |
                   (0 if unpaused else WATCHDOG_UNPAUSE_FAILED))
     finally:
         os._exit(status)
+
+
+def _watchdog_wait(read_fd, deadline):
+    """Wait for EOF (or anything) on read_fd -> False, or for the deadline -> True."""
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return True
+        try:
+            if poller.poll(int(remaining * 1000) + 1):
+                return False
+        except (select.error, IOError, OSError) as exc:
+            if not exc.args or exc.args[0] != errno.EINTR:
+                return False
+
+
+def _watchdog_run(argv):
+    """Run argv from the watchdog (fork + exec, killed after TOOLSTACK_TIMEOUT) -> success."""
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.execv(argv[0], argv)
+            finally:
+                os._exit(127)
+        stop_at = time.time() + TOOLSTACK_TIMEOUT
+        while True:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return code == 0
+            if time.time() > stop_at:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return False
+            time.sleep(0.001)
+    except OSError:
+        return False
 
 
 class DomainPause(object):
