@@ -3100,8 +3100,8 @@ def find_toolstack(configured=''):
     """The Xen toolstack to run: `configured` when it is executable, else xl, then xm, from
     PATH. None when there is none."""
     if configured:
-        return configured if os.path.isfile(configured) and os.access(configured, os.X_OK) \
-            else None
+        usable = os.path.isfile(configured) and os.access(configured, os.X_OK)
+        return configured if usable else None
     for name in TOOLSTACK_NAMES:
         for folder in os.environ.get('PATH', os.defpath).split(os.pathsep):
             path = os.path.join(folder or os.curdir, name)
@@ -3206,7 +3206,8 @@ def _watchdog_child(read_fd, deadline, argv, fd_limit):
 
 
 def _watchdog_wait(read_fd, deadline):
-    """Wait for EOF (or anything) on read_fd -> False, or for the deadline -> True."""
+    """Wait for EOF (or anything) on read_fd -> False, or for the deadline (or an error:
+    the unpause then comes early) -> True."""
     poller = select.poll()
     poller.register(read_fd, select.POLLIN)
     while True:
@@ -3218,7 +3219,7 @@ def _watchdog_wait(read_fd, deadline):
                 return False
         except (select.error, IOError, OSError) as exc:
             if not exc.args or exc.args[0] != errno.EINTR:
-                return False
+                return True
 
 
 def _watchdog_run(argv):
