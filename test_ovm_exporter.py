@@ -7672,12 +7672,13 @@ def test_never_pausing_lets_the_disks_differ(exporter_factory, xen):
     assert xen.calls() == []
 
 
-def test_sigkill_while_paused_unpauses_the_domain(exporter_factory, xen):
+@pytest.mark.parametrize('python', server_pythons())
+def test_sigkill_while_paused_unpauses_the_domain(exporter_factory, xen, python):
     """The exporter dies by SIGKILL while the domain is paused (the stand-in xl kills it
     right after pausing): the watchdog unpauses the domain at once, and the next start
     undoes the snapshot and unpauses the domain it recorded as paused."""
     xen.start_writer()
-    exporter = pause_exporter(exporter_factory, xen, pause_max='3s')
+    exporter = pause_exporter(exporter_factory, xen, pause_max='3s', python=python)
     token = exporter.login()
     xen.behave('kill-exporter-on-pause')
     with pytest.raises((socket.error, http_client.HTTPException, ssl.SSLError)):
@@ -7697,11 +7698,12 @@ def test_sigkill_while_paused_unpauses_the_domain(exporter_factory, xen):
     assert xen.state() != 'T'
 
 
-def test_sigterm_while_paused_finishes_the_snapshot_and_unpauses(exporter_factory, xen):
+@pytest.mark.parametrize('python', server_pythons())
+def test_sigterm_while_paused_finishes_the_snapshot_and_unpauses(exporter_factory, xen, python):
     """SIGTERM arrives while the domain is paused: the snapshot completes ("paused"), the
     domain runs again, and the exporter stops cleanly."""
     xen.start_writer()
-    exporter = pause_exporter(exporter_factory, xen, pause_max='20s')
+    exporter = pause_exporter(exporter_factory, xen, pause_max='20s', python=python)
     token = exporter.login()
     xen.behave('term-exporter-on-pause')
     snapshot = exporter.json('POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, token)
@@ -7713,13 +7715,14 @@ def test_sigterm_while_paused_finishes_the_snapshot_and_unpauses(exporter_factor
     assert 'signal 15: stopping' in exporter.log()
 
 
+@pytest.mark.parametrize('python', server_pythons())
 @pytest.mark.parametrize('mode', ['auto', 'always'])
-def test_watchdog_unpauses_after_snapshot_pause_max(exporter_factory, xen, mode):
+def test_watchdog_unpauses_after_snapshot_pause_max(exporter_factory, xen, mode, python):
     """The exporter freezes while the domain is paused (SIGSTOP from the stand-in xl): the
     watchdog unpauses the domain after snapshot_pause_max; the snapshot, once the exporter
     runs again, is "per-disk" (auto) or refused with nothing left (always)."""
     xen.start_writer()
-    exporter = pause_exporter(exporter_factory, xen, mode, pause_max='2s')
+    exporter = pause_exporter(exporter_factory, xen, mode, pause_max='2s', python=python)
     token = exporter.login()
     xen.behave('stop-exporter-on-pause')
     answers = []
