@@ -62,6 +62,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 
 __version__ = '1.0.0'
 
@@ -927,6 +928,9 @@ CONFIG_SCHEMA = [
     ('log_level', 'str', 'info'),
     ('ovs_agent_db_dir', 'str', '/etc/ovs-agent/db'),
     ('snapshot_min_free_percent', 'int', 10),
+    ('snapshot_pause', 'str', 'auto'),
+    ('snapshot_pause_max', 'duration', 10.0),
+    ('xen_toolstack', 'str', ''),
     ('jwt.secret', 'str', ''),
     ('jwt.time_to_live', 'duration', 168 * 3600.0),
     ('api.bind', 'str', '0.0.0.0'),
@@ -944,6 +948,7 @@ CONFIG_SCHEMA = [
 ]
 SECRET_KEYS = ('jwt.secret',)
 LOG_LEVELS = ('debug', 'info', 'warning', 'error')
+SNAPSHOT_PAUSE_MODES = ('auto', 'always', 'never')
 
 
 class Config(object):
@@ -1079,6 +1084,12 @@ def validate_config(config, need_tls=True):
             fail(key, 'must be at least 1')
     if not 0 <= config.snapshot_min_free_percent < 100:
         fail('snapshot_min_free_percent', 'must be between 0 and 99')
+    if config.snapshot_pause not in SNAPSHOT_PAUSE_MODES:
+        fail('snapshot_pause', 'must be one of %s' % ', '.join(SNAPSHOT_PAUSE_MODES))
+    if not 0 < config.snapshot_pause_max <= 300:
+        fail('snapshot_pause_max', 'must be more than 0s and at most 5m')
+    if config.xen_toolstack and not os.path.isabs(config.xen_toolstack):
+        fail('xen_toolstack', 'must be an absolute path such as /usr/sbin/xl')
     if config.log_level.lower() not in LOG_LEVELS:
         fail('log_level', 'must be one of %s' % ', '.join(LOG_LEVELS))
     if config.ovm_endpoint and not re.match(r'^https://[^/\s]+(/.*)?$', config.ovm_endpoint):
@@ -2958,6 +2969,340 @@ def diff_chunks(old_extents, new_extents, new_size, old_size=None):
         chunks.append(last)
     return chunks
 
+# ------------------------------------------------------------------------ range checksums ---
+#
+# The checksum route and `client download --verify`: sha256 of a byte range of a disk as a GET
+# with that Range returns it, and optionally one sha256 per block of the range. Holes and
+# unwritten extents (FIEMAP) are hashed as zeros without being read.
+
+CHECKSUM_MAX_BLOCKS = 100000
+_ZERO_PIECE = b'\0' * (1 << 20)
+
+
+class _RangeHasher(object):
+    """sha256 of everything fed, and with block_size one sha256 per block_size bytes."""
+
+    def __init__(self, block_size=None):
+        self.total = hashlib.sha256()
+        self.block_size = block_size
+        self.blocks = [] if block_size else None
+        self.block = hashlib.sha256()
+        self.filled = 0
+        self.zero_block = None
+
+    def update(self, data):
+        self.total.update(data)
+        if self.blocks is None:
+            return
+        offset, count = 0, len(data)
+        while offset < count:
+            take = min(count - offset, self.block_size - self.filled)
+            self.block.update(data[offset:offset + take])
+            offset += take
+            self.filled += take
+            if self.filled == self.block_size:
+                self.blocks.append(self.block.hexdigest())
+                self.block, self.filled = hashlib.sha256(), 0
+
+    def zeros(self, count):
+        while count > 0:
+            if self.blocks is not None and self.filled == 0 and count >= self.block_size:
+                whole = count // self.block_size
+                if self.zero_block is None:
+                    zero = hashlib.sha256()
+                    _hash_zeros(zero.update, self.block_size)
+                    self.zero_block = zero.hexdigest()
+                self.blocks.extend([self.zero_block] * whole)
+                _hash_zeros(self.total.update, whole * self.block_size)
+                count -= whole * self.block_size
+                continue
+            piece = min(count, len(_ZERO_PIECE))
+            if self.blocks is not None:
+                piece = min(piece, self.block_size - self.filled)
+            self.update(_ZERO_PIECE if piece == len(_ZERO_PIECE) else _ZERO_PIECE[:piece])
+            count -= piece
+
+    def result(self):
+        if self.blocks is not None and self.filled:
+            self.blocks.append(self.block.hexdigest())
+            self.filled = 0
+        return self.total.hexdigest(), self.blocks
+
+
+def _hash_zeros(update, count):
+    piece = len(_ZERO_PIECE)
+    for _ in range(count // piece):
+        update(_ZERO_PIECE)
+    if count % piece:
+        update(_ZERO_PIECE[:count % piece])
+
+
+def range_checksums(handle, extents, size, start, length, block_size=None, buffer=None):
+    """(sha256 hex of bytes [start, start + length) of an open file, [sha256 hex per block] or
+    None). `extents`: the file's extent map (holes and unwritten ranges are hashed as zeros,
+    not read), or None to read everything. `size` is the file size; the range lies inside."""
+    end = start + length
+    if extents is None:
+        data = [(start, end)]
+    else:
+        data = [(c['start'], c['start'] + c['length']) for c in data_chunks(extents, size)]
+    hasher = _RangeHasher(block_size)
+    buffer = buffer if buffer is not None else bytearray(STREAM_BUFFER_SIZE)
+    position = start
+    for first, last in data:
+        first, last = max(first, position), min(last, end)
+        if first >= last:
+            continue
+        hasher.zeros(first - position)
+        stream_file(handle, hasher.update, first, last - first, buffer)
+        position = last
+    hasher.zeros(end - position)
+    return hasher.result()
+
+# ---------------------------------------------------------------- Xen domains: pausing ---
+#
+# A running VM is a Xen domain named after the VM id (vm.cfg `name`). Pausing it stops its vCPUs:
+# clones of all its disks taken while it is paused show one instant, as a power cut would
+# (crash-consistent; nothing inside the guest is flushed or quiesced, so not
+# application-consistent). The toolstack is `xl` (OVM 3.4), else `xm`.
+#
+# The domain must never stay paused. DomainPause forks a watchdog before pausing: a child that
+# keeps only the read end of a pipe and unpauses the domain as soon as that pipe reports EOF
+# (release() closes the write end: the normal way, after errors too; the kernel closes it
+# when the exporter dies, even by SIGKILL) or when snapshot_pause_max has passed. So exactly one
+# process unpauses, always the watchdog. The pause is also recorded in the store beforehand, and
+# start-up unpauses a domain that is still recorded (both processes killed at once).
+
+TOOLSTACK_NAMES = ('xl', 'xm')
+TOOLSTACK_TIMEOUT = 10.0
+TOOLSTACK_OUTPUT_LIMIT = 4096
+# exit status bits of the watchdog child
+WATCHDOG_OVERRAN = 1
+WATCHDOG_UNPAUSE_FAILED = 2
+WATCHDOG_CRASHED = 4
+WATCHDOG_UNPAUSE_ATTEMPTS = 3
+# Python 3.12+ warns about every fork in a process with threads; the watchdog child only makes
+# system calls (see _watchdog_child).
+warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks',
+                        category=DeprecationWarning)
+
+
+class ToolstackError(Exception):
+    """A toolstack command could not run, hung, or failed; the message names it."""
+
+    def __init__(self, argv, problem, output=''):
+        output = output.strip()
+        Exception.__init__(self, '`%s` %s%s' % (' '.join(argv), problem,
+                                                ': ' + output if output else ''))
+
+
+def find_toolstack(configured=''):
+    """The Xen toolstack to run: `configured` when it is executable, else xl, then xm, from
+    PATH. None when there is none."""
+    if configured:
+        usable = os.path.isfile(configured) and os.access(configured, os.X_OK)
+        return configured if usable else None
+    for name in TOOLSTACK_NAMES:
+        for folder in os.environ.get('PATH', os.defpath).split(os.pathsep):
+            path = os.path.join(folder or os.curdir, name)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return os.path.abspath(path)
+    return None
+
+
+def run_command(argv, timeout):
+    """Run argv without a shell -> (exit status, output text, stdout and stderr together).
+    Raises ToolstackError when it cannot start or does not finish within `timeout` (killed)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        process = subprocess.Popen(argv, stdin=null, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, close_fds=True)
+    except (IOError, OSError) as exc:
+        raise ToolstackError(argv, 'cannot be run (%s)' % (exc.strerror or exc))
+    finally:
+        os.close(null)
+    deadline = time.time() + timeout
+    output = []
+    kept = 0
+    poller = select.poll()
+    poller.register(process.stdout.fileno(), select.POLLIN)
+    try:
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                process.kill()
+                process.wait()
+                raise ToolstackError(argv, 'did not finish within %.1fs (killed)' % timeout,
+                                     _command_text(output))
+            try:
+                events = poller.poll(int(remaining * 1000) + 1)
+            except (select.error, IOError, OSError) as exc:
+                if exc.args and exc.args[0] == errno.EINTR:
+                    continue
+                raise
+            if not events:
+                continue
+            data = os.read(process.stdout.fileno(), 65536)
+            if not data:
+                break
+            if kept < TOOLSTACK_OUTPUT_LIMIT:
+                output.append(data)
+                kept += len(data)
+        while process.poll() is None:
+            if time.time() > deadline:
+                process.kill()
+                process.wait()
+                raise ToolstackError(argv, 'did not exit within %.1fs (killed)' % timeout,
+                                     _command_text(output))
+            time.sleep(0.001)
+    finally:
+        process.stdout.close()
+    return process.returncode, _command_text(output)
+
+
+def xen_domain_state(list_output, domain):
+    """The State column ('r-----', '--p---', ...) of `domain` in `xl list` / `xm list`
+    output, or '' when it is not there."""
+    for line in list_output.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 5 and fields[0] == domain:
+            return fields[4]
+    return ''
+
+
+def _command_text(chunks):
+    return b''.join(chunks)[:TOOLSTACK_OUTPUT_LIMIT].decode('utf-8', 'replace')
+
+
+def _watchdog_child(read_fd, deadline, argv, fd_limit):
+    """The forked watchdog: wait for EOF on read_fd or the deadline, then run argv (unpause).
+    Uses only os-level calls (no locks, logging or imports: other threads held those at fork
+    time) and leaves with os._exit, never through the server's code. Whatever fails before,
+    the unpause is still tried."""
+    status = WATCHDOG_CRASHED | WATCHDOG_UNPAUSE_FAILED
+    try:
+        overran = False
+        try:
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(number, signal.SIG_IGN)  # a process group signal must not stop it
+            os.closerange(3, read_fd)  # the server's sockets, database and other pipes
+            os.closerange(read_fd + 1, fd_limit)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)  # for the toolstack: the exporter's stdout may be its log
+            os.close(null)
+            overran = _watchdog_wait(read_fd, deadline)
+        except Exception:
+            overran = True  # unpaused at once: the snapshot may not count as one instant
+        unpaused = False
+        for _ in range(WATCHDOG_UNPAUSE_ATTEMPTS):
+            if _watchdog_run(argv):
+                unpaused = True
+                break
+        status = ((WATCHDOG_OVERRAN if overran else 0) |
+                  (0 if unpaused else WATCHDOG_UNPAUSE_FAILED))
+    finally:
+        os._exit(status)
+
+
+def _watchdog_wait(read_fd, deadline):
+    """Wait for EOF (or anything) on read_fd -> False, or for the deadline (or an error:
+    the unpause then comes early) -> True."""
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return True
+        try:
+            if poller.poll(int(remaining * 1000) + 1):
+                return False
+        except (select.error, IOError, OSError) as exc:
+            if not exc.args or exc.args[0] != errno.EINTR:
+                return True
+
+
+def _watchdog_run(argv):
+    """Run argv from the watchdog (fork + exec, killed after TOOLSTACK_TIMEOUT) -> success."""
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.execv(argv[0], argv)
+            finally:
+                os._exit(127)
+        stop_at = time.time() + TOOLSTACK_TIMEOUT
+        while True:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return code == 0
+            if time.time() > stop_at:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return False
+            time.sleep(0.001)
+    except OSError:
+        return False
+
+
+class DomainPause(object):
+    """One pause of a Xen domain: arm() forks the watchdog, pause() pauses (raises
+    ToolstackError), release() has the watchdog unpause and waits for it. After release():
+    `unpaused` (the unpause command succeeded), `overran` (the watchdog's deadline came first),
+    `paused_ms` (pause end to unpause end, when pause() succeeded)."""
+
+    def __init__(self, toolstack, domain, max_seconds):
+        self.toolstack, self.domain, self.max_seconds = toolstack, domain, max_seconds
+        self.pid = self.write_fd = self.paused_at = self.paused_ms = None
+        self.unpaused = self.overran = False
+
+    def arm(self):
+        self.deadline = time.time() + self.max_seconds
+        try:
+            fd_limit = os.sysconf('SC_OPEN_MAX')
+        except (ValueError, OSError):
+            fd_limit = 65536
+        argv = [self.toolstack, 'unpause', self.domain]
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if pid == 0:
+            _watchdog_child(read_fd, self.deadline, argv, max(fd_limit, read_fd + 1))
+        os.close(read_fd)
+        self.pid, self.write_fd = pid, write_fd
+
+    def pause(self):
+        argv = [self.toolstack, 'pause', self.domain]
+        status, output = run_command(argv, max(0.1, self.deadline - time.time()))
+        if status != 0:
+            raise ToolstackError(argv, 'failed with exit status %d' % status, output)
+        self.paused_at = time.time()
+
+    def release(self):
+        if self.pid is None:
+            return
+        os.close(self.write_fd)
+        pid, self.pid = self.pid, None
+        while True:
+            try:
+                status = os.waitpid(pid, 0)[1]
+                break
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    raise
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else WATCHDOG_CRASHED
+        if code & WATCHDOG_CRASHED:
+            code |= WATCHDOG_UNPAUSE_FAILED
+        self.unpaused = not code & WATCHDOG_UNPAUSE_FAILED
+        self.overran = bool(code & WATCHDOG_OVERRAN)
+        if self.paused_at is not None:
+            self.paused_ms = int(math.ceil((time.time() - self.paused_at) * 1000))
+
+
 # ------------------------------------------------------------------------ snapshot store ---
 #
 # SQLite holds what snapshots exist; the snapshot files themselves are the truth about data.
@@ -2997,7 +3342,19 @@ STORE_SCHEMA = [
     ' extent_count INTEGER,'
     ' clone_method TEXT,'
     ' PRIMARY KEY (snapshot_id, name))',
+    # domains this exporter paused and has not yet seen unpaused (see DomainPause)
+    'CREATE TABLE IF NOT EXISTS paused_domains ('
+    ' vm_id TEXT PRIMARY KEY,'
+    ' toolstack TEXT NOT NULL,'
+    ' since REAL NOT NULL)',
 ]
+# Columns added after schema version 1 was released: added to older databases when they are
+# opened (ALTER TABLE ADD COLUMN, SQLite 3.2+); an older exporter ignores them.
+STORE_ADDED_COLUMNS = [
+    ('snapshots', 'consistency', 'TEXT'),
+    ('snapshots', 'paused_ms', 'INTEGER'),
+]
+SNAPSHOT_COLUMNS = 'seq, id, vm_id, state, created, consistency, paused_ms'
 
 
 class StoreError(Exception):
@@ -3076,6 +3433,10 @@ class SnapshotStore(object):
         try:
             for statement in STORE_SCHEMA:
                 self._db.execute(statement)
+            for table, column, kind in STORE_ADDED_COLUMNS:
+                present = [r[1] for r in self._db.execute('PRAGMA table_info(%s)' % table)]
+                if column not in present:
+                    self._db.execute('ALTER TABLE %s ADD COLUMN %s %s' % (table, column, kind))
             row = self._db.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
@@ -3220,7 +3581,7 @@ class SnapshotStore(object):
                  disk['repo_mountpoint'])))
         self._write(statements)
 
-    def mark_ready(self, snapshot_id, disk_facts):
+    def mark_ready(self, snapshot_id, disk_facts, consistency=None, paused_ms=None):
         """disk_facts: name -> (size, data_bytes, extent_count, clone_method)."""
         statements = []
         for name, facts in disk_facts.items():
@@ -3228,7 +3589,8 @@ class SnapshotStore(object):
                 'UPDATE snapshot_disks SET size = ?, data_bytes = ?, extent_count = ?,'
                 ' clone_method = ? WHERE snapshot_id = ? AND name = ?',
                 tuple(facts) + (snapshot_id, name)))
-        statements.append(("UPDATE snapshots SET state = 'ready' WHERE id = ?", (snapshot_id,)))
+        statements.append(("UPDATE snapshots SET state = 'ready', consistency = ?, paused_ms = ?"
+                           " WHERE id = ?", (consistency, paused_ms, snapshot_id)))
         self._write(statements)
 
     def mark_deleting(self, snapshot_id):
@@ -3238,9 +3600,21 @@ class SnapshotStore(object):
         self._write([('DELETE FROM snapshot_disks WHERE snapshot_id = ?', (snapshot_id,)),
                      ('DELETE FROM snapshots WHERE id = ?', (snapshot_id,))])
 
+    def record_pause(self, vm_id, toolstack):
+        self._write([('INSERT OR REPLACE INTO paused_domains (vm_id, toolstack, since)'
+                      ' VALUES (?, ?, ?)', (vm_id, toolstack, time.time()))])
+
+    def forget_pause(self, vm_id):
+        self._write([('DELETE FROM paused_domains WHERE vm_id = ?', (vm_id,))])
+
+    def paused_domains(self):
+        """[(vm_id, toolstack)] recorded as paused by this exporter."""
+        return [tuple(r) for r in self._query(
+            'SELECT vm_id, toolstack FROM paused_domains ORDER BY since')]
+
     # -- reads
     def _snapshot_from_row(self, row):
-        seq, snapshot_id, vm_id, state, created = row
+        seq, snapshot_id, vm_id, state, created, consistency, paused_ms = row
         disks = []
         for d in self._db.execute(
                 'SELECT name, parent_path, path, repo_mountpoint, size, data_bytes,'
@@ -3250,13 +3624,14 @@ class SnapshotStore(object):
                           'repo_mountpoint': d[3], 'size': d[4], 'data_bytes': d[5],
                           'extent_count': d[6], 'clone_method': d[7]})
         return {'seq': seq, 'id': snapshot_id, 'vm_id': vm_id, 'state': state,
-                'created': created, 'disks': disks}
+                'created': created, 'disks': disks, 'consistency': consistency,
+                'paused_ms': paused_ms}
 
     def _snapshots(self, where='', args=()):
         """Records with their disks, read in one go: no write of ours comes in between."""
         def read():
-            rows = self._db.execute('SELECT seq, id, vm_id, state, created FROM snapshots'
-                                    + where + ' ORDER BY seq', args).fetchall()
+            rows = self._db.execute('SELECT %s FROM snapshots%s ORDER BY seq'
+                                    % (SNAPSHOT_COLUMNS, where), args).fetchall()
             return [self._snapshot_from_row(r) for r in rows]
         return self._attempt(read)
 
@@ -3459,29 +3834,150 @@ class SnapshotService(object):
                                                disk['name'])})
         with self.vm_locks.get(vm_id):
             self._check_free_space(sorted(set(d['repo_mountpoint'] for d in disks)))
+            toolstack, consistency = self._cut_plan(vm_id, len(disks))
             self.store.record_intent(snapshot_id, vm_id, disks)
             try:
-                facts = {}
-                views = []
                 for disk in disks:
                     folder = os.path.dirname(disk['path'])
                     if not os.path.isdir(folder):
                         os.makedirs(folder, 0o700)
                         with open(os.path.join(folder, SNAPSHOT_OWNER_FILE), 'w') as owner:
                             owner.write(self.store.instance_id + '\n')
-                    method = self._clone(disk['parent_path'], disk['path'])
-                    log.info('snapshot %s: cloned %s with %s', snapshot_id,
-                             disk['parent_path'], method)
+                paused_ms = None
+                if toolstack is None:
+                    methods = self._clone_each(snapshot_id, disks)
+                else:
+                    methods, consistency, paused_ms = self._clone_paused(
+                        snapshot_id, vm_id, disks, toolstack)
+                facts = {}
+                views = []
+                for disk in disks:
                     extents, size = file_extents(disk['path'])
                     chunks = data_chunks(extents, size)
                     facts[disk['name']] = (size, sum(c['length'] for c in chunks),
-                                           len(chunks), method)
+                                           len(chunks), methods[disk['name']])
                     views.append(self._disk_view(snapshot_id, disk, chunks))
-                self.store.mark_ready(snapshot_id, facts)
+                self.store.mark_ready(snapshot_id, facts, consistency, paused_ms)
             except BaseException as exc:
                 self._undo_create(snapshot_id, disks)
                 raise self._clone_failure(exc)
-        return {'id': snapshot_id, 'vm_id': vm_id, 'disks': views}
+        return self._cut_fields({'id': snapshot_id, 'vm_id': vm_id, 'disks': views},
+                                consistency, paused_ms)
+
+    @staticmethod
+    def _cut_fields(view, consistency, paused_ms):
+        view['consistency'] = consistency or 'per-disk'  # older records: cut one by one
+        if consistency == 'paused' and paused_ms is not None:
+            view['paused_ms'] = paused_ms
+        return view
+
+    def _clone_each(self, snapshot_id, disks):
+        methods = {}
+        for disk in disks:
+            methods[disk['name']] = method = self._clone(disk['parent_path'], disk['path'])
+            log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
+        return methods
+
+    def _cut_plan(self, vm_id, disk_count):
+        """-> (toolstack to pause the domain with, None) or (None, consistency)."""
+        mode = self.config.snapshot_pause
+        if mode == 'never':
+            return None, 'per-disk'
+        toolstack = find_toolstack(self.config.xen_toolstack)
+        if toolstack is None:
+            problem = ('no Xen toolstack: %s is not an executable file' % self.config.xen_toolstack
+                       if self.config.xen_toolstack else 'no Xen toolstack (xl or xm) on PATH')
+            if mode == 'always':
+                raise ApiError(500, 'Internal Server Error', 'snapshot_pause is "always" but '
+                               'there is %s' % problem)
+            log.debug('snapshot of %s: %s; disks are cut one by one', vm_id, problem)
+            return None, 'per-disk'
+        try:
+            status, output = run_command([toolstack, 'list', vm_id], TOOLSTACK_TIMEOUT)
+        except ToolstackError as exc:
+            if mode == 'always':
+                raise ApiError(500, 'Internal Server Error', 'cannot tell whether domain %s '
+                               'runs: %s' % (vm_id, exc))
+            log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
+                        'cut one by one', vm_id, exc)
+            return None, 'per-disk'
+        if status != 0:
+            return None, 'stopped'
+        if 'p' in xen_domain_state(output, vm_id):
+            # Paused by someone else: nothing runs, and our unpause would end their pause.
+            log.info('snapshot of %s: its domain is already paused; left as it is', vm_id)
+            return None, 'stopped'
+        if mode == 'auto' and disk_count < 2:
+            return None, 'per-disk'
+        return toolstack, None
+
+    def _clone_paused(self, snapshot_id, vm_id, disks, toolstack):
+        """Clone every disk while the domain is paused -> (methods, consistency, paused_ms).
+        In 'auto', a pause that fails or overruns snapshot_pause_max gives 'per-disk'."""
+        always = self.config.snapshot_pause == 'always'
+        pause = DomainPause(toolstack, vm_id, self.config.snapshot_pause_max)
+        self.store.record_pause(vm_id, toolstack)
+        try:
+            pause.arm()
+        except BaseException:
+            self.store.forget_pause(vm_id)
+            raise
+        try:
+            pause.pause()
+        except BaseException as exc:
+            self._release(pause, vm_id, expect_paused=False)
+            if not isinstance(exc, ToolstackError):
+                raise
+            if always:
+                raise ApiError(500, 'Internal Server Error', 'cannot pause domain %s: %s'
+                               % (vm_id, exc))
+            log.warning('snapshot %s: cannot pause domain %s (%s); disks are cut one by one',
+                        snapshot_id, vm_id, exc)
+            return self._clone_each(snapshot_id, disks), 'per-disk', None
+        try:
+            methods = self._clone_each(snapshot_id, disks)
+        finally:
+            self._release(pause, vm_id, expect_paused=True)
+        log.info('snapshot %s: domain %s was paused for %d ms while %d disks were cloned',
+                 snapshot_id, vm_id, pause.paused_ms, len(disks))
+        if pause.overran:
+            message = ('domain %s stayed paused longer than snapshot_pause_max (%gs): the '
+                       'watchdog unpaused it before every disk was cloned'
+                       % (vm_id, self.config.snapshot_pause_max))
+            if always:
+                raise ApiError(500, 'Internal Server Error', message)
+            log.warning('snapshot %s: %s; it counts as cut one by one', snapshot_id, message)
+            return methods, 'per-disk', None
+        return methods, 'paused', pause.paused_ms
+
+    def _release(self, pause, vm_id, expect_paused):
+        pause.release()
+        if pause.unpaused or not expect_paused:
+            self.store.forget_pause(vm_id)
+        else:
+            log.error('could not unpause domain %s with %s unpause; unpause it by hand; the '
+                      'next start of the exporter tries again', vm_id, pause.toolstack)
+
+    def unpause_leftovers(self):
+        """At start-up: unpause the domains a killed exporter may have left paused."""
+        for vm_id, toolstack in self.store.paused_domains():
+            toolstack = find_toolstack(toolstack) or find_toolstack(self.config.xen_toolstack)
+            if toolstack is None:
+                log.error('domain %s may have been left paused, and no Xen toolstack is found '
+                          'to unpause it', vm_id)
+                continue
+            try:
+                status, output = run_command([toolstack, 'unpause', vm_id], TOOLSTACK_TIMEOUT)
+            except ToolstackError as exc:
+                log.error('domain %s may have been left paused: %s', vm_id, exc)
+                continue
+            if status == 0:
+                log.warning('domain %s was left paused by an interrupted snapshot: unpaused',
+                            vm_id)
+            else:
+                log.info('domain %s was recorded as paused; `%s unpause` says: %s', vm_id,
+                         toolstack, output.strip() or 'exit status %d' % status)
+            self.store.forget_pause(vm_id)
 
     def _undo_create(self, snapshot_id, disks):
         clean = True
@@ -3552,7 +4048,8 @@ class SnapshotService(object):
             if squash:
                 chunks = squash_chunks(chunks)
             disks.append(self._disk_view(record['id'], disk, chunks))
-        return {'id': record['id'], 'vm_id': record['vm_id'], 'disks': disks}
+        return self._cut_fields({'id': record['id'], 'vm_id': record['vm_id'], 'disks': disks},
+                                record['consistency'], record['paused_ms'])
 
     def list_snapshots(self, vm_id, squash=True):
         """What exists when the list is read: a snapshot deleted meanwhile is left out."""
@@ -3607,6 +4104,40 @@ class SnapshotService(object):
                     raise
                 return handle, os.fstat(handle.fileno()).st_size
         raise not_found('snapshot %s has no disk %s' % (snapshot_id, disk_name))
+
+    def disk_checksum(self, vm_id, snapshot_id, disk_name, start=0, length=None,
+                      block_size=None):
+        """The checksum route's answer for bytes [start, start + length) of a snapshot disk
+        (length None: to the end; an end past the disk is clamped, like a Range)."""
+        handle, size = self.open_disk(vm_id, snapshot_id, disk_name)
+        try:
+            if start >= size and (start or size):
+                raise ApiError(416, 'Range Not Satisfiable', 'start %d is not below the disk '
+                               'size %d' % (start, size), {'Content-Range': 'bytes */%d' % size})
+            if length is not None and length < 1:
+                raise bad_request('length must be at least 1')
+            end = size if length is None else min(size, start + length)
+            if block_size is not None:
+                if block_size < 1 or block_size % 4096:
+                    raise bad_request('block_size must be a positive multiple of 4096')
+                if (end - start + block_size - 1) // block_size > CHECKSUM_MAX_BLOCKS:
+                    raise bad_request('at most %d blocks per answer: ask for a shorter length '
+                                      'or a larger block_size' % CHECKSUM_MAX_BLOCKS)
+            try:
+                extents = fiemap(handle)
+            except EnvironmentError as exc:
+                raise ApiError(500, 'Internal Server Error', 'cannot read the extent map of '
+                               '%s: %s' % (disk_name, exc))
+            checksum, blocks = range_checksums(handle, extents, size, start, end - start,
+                                               block_size)
+        finally:
+            handle.close()
+        answer = {'algorithm': 'sha256', 'start': start, 'length': end - start,
+                  'checksum': checksum}
+        if block_size is not None:
+            answer['block_size'] = block_size
+            answer['blocks'] = blocks
+        return answer
 
     # -- crash recovery
     def reconcile(self):
@@ -4309,6 +4840,7 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
+DECIMAL_RE = re.compile(r'^[0-9]{1,19}\Z')
 
 HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
                 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
@@ -4809,6 +5341,8 @@ class ApiApplication(object):
         (('api', 'v1', 'vms', None, 'snapshots', None), ('GET', 'DELETE'), 'snapshot', True),
         (('api', 'v1', 'vms', None, 'snapshots', None, 'disks', None), ('GET', 'HEAD'),
          'disk', True),
+        (('api', 'v1', 'vms', None, 'snapshots', None, 'disks', None, 'checksum'), ('GET',),
+         'checksum', True),
     ]
 
     def __init__(self, service, authenticator):
@@ -4935,6 +5469,21 @@ class ApiApplication(object):
 
     on_head_disk = on_get_disk
 
+    def on_get_checksum(self, request, params, query):
+        request.send_json(200, self.service.disk_checksum(
+            params[0], params[1], params[2], start=self._number(query, 'start') or 0,
+            length=self._number(query, 'length'), block_size=self._number(query, 'block_size')))
+
+    @staticmethod
+    def _number(query, name):
+        values = query.get(name)
+        if not values:
+            return None
+        if not DECIMAL_RE.match(values[-1]):
+            raise bad_request('%s must be a plain decimal number (at most 19 digits), not %r'
+                              % (name, values[-1][:40]))
+        return int(values[-1])
+
     def _send_disk(self, request, handle, size):
         headers = [('Content-Type', 'application/octet-stream'), ('Accept-Ranges', 'bytes'),
                    ('Last-Modified', http_date(os.fstat(handle.fileno()).st_mtime))]
@@ -4999,6 +5548,7 @@ class ApiApplication(object):
 # make a full image, a later snapshot's compareTo chunks turn that image into the later one.
 
 DOWNLOAD_PIECE = 64 << 20
+VERIFY_BLOCK_SIZE = 1 << 20
 
 
 class ClientError(Exception):
@@ -5137,14 +5687,73 @@ class ExporterClient(object):
                     else:
                         data = self.read_range(vm_id, snapshot_id, disk_name, start, piece)
                         downloaded += len(data)
-                    os.lseek(fd, start, os.SEEK_SET)
-                    while data:
-                        written = os.write(fd, data)
-                        data = data[written:]
+                    _write_at(fd, start, data)
                     start += piece
         finally:
             os.close(fd)
         return downloaded
+
+    def checksum(self, vm_id, snapshot_id, disk_name, start=None, length=None,
+                 block_size=None):
+        query = '&'.join('%s=%d' % (name, value) for name, value in (
+            ('start', start), ('length', length), ('block_size', block_size))
+            if value is not None)
+        return self.call('GET', '/vms/%s/snapshots/%s/disks/%s/checksum%s' % (
+            vm_id, snapshot_id, disk_name, '?' + query if query else ''))
+
+    def verify_disk(self, vm_id, snapshot_id, disk_name, image_path,
+                    block_size=VERIFY_BLOCK_SIZE):
+        """Check `image_path` against the server's sha256 of the disk; where they differ,
+        find the blocks that differ, download them again, and check again. Returns the
+        bytes downloaded again (0: the image was right); raises ClientError when the image
+        still differs."""
+        size = self.disk_size(vm_id, snapshot_id, disk_name)
+        remote = self.checksum(vm_id, snapshot_id, disk_name)['checksum'] if size else None
+        if _image_checksum(image_path, size) == remote:
+            return 0
+        repaired = 0
+        try:
+            with open(image_path, 'r+b', 0) as image:  # unbuffered: blocks are rewritten by fd
+                if os.fstat(image.fileno()).st_size != size:
+                    image.truncate(size)
+                span = block_size * CHECKSUM_MAX_BLOCKS
+                for offset in range(0, size, span):
+                    length = min(span, size - offset)
+                    theirs = self.checksum(vm_id, snapshot_id, disk_name, offset, length,
+                                           block_size)['blocks']
+                    ours = range_checksums(image, None, size, offset, length, block_size)[1]
+                    for index in range(len(ours)):
+                        if index < len(theirs) and theirs[index] == ours[index]:
+                            continue
+                        start = offset + index * block_size
+                        count = min(block_size, size - start)
+                        data = self.read_range(vm_id, snapshot_id, disk_name, start, count)
+                        _write_at(image.fileno(), start, data)
+                        repaired += count
+        except (IOError, OSError) as exc:
+            raise ClientError('mismatch', 'image %s differs from disk %s of snapshot %s and '
+                              'cannot be repaired: %s' % (image_path, disk_name, snapshot_id,
+                                                          exc))
+        if _image_checksum(image_path, size) != remote:
+            raise ClientError('mismatch', 'image %s still differs from disk %s of snapshot %s '
+                              'after %d bytes were downloaded again'
+                              % (image_path, disk_name, snapshot_id, repaired))
+        return repaired
+
+
+def _image_checksum(path, size):
+    """sha256 of a local image (None when its size is not `size`; no size: None)."""
+    with open(path, 'rb', 0) as image:
+        if not size or os.fstat(image.fileno()).st_size != size:
+            return None
+        return range_checksums(image, None, size, 0, size)[0]
+
+
+def _write_at(fd, offset, data):
+    os.lseek(fd, offset, os.SEEK_SET)
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
 
 # ---------------------------------------------------------------------- command line ---
 
@@ -5218,6 +5827,7 @@ def raise_file_limit():
 def serve(config, pid_file=None, ready=None):
     """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening."""
     app, service = build_application(config)
+    service.unpause_leftovers()
     summary = service.reconcile()
     if any(summary.values()):
         log.warning('start-up recovery: %s', json_dumps(summary))
@@ -5329,6 +5939,8 @@ def parse_command_line(argv):
     parser.add_option('--cacert', help='client: CA certificate of the exporter')
     parser.add_option('--insecure', action='store_true', help='client: do not verify TLS')
     parser.add_option('--compare-to', help='client download: older snapshot already in IMAGE')
+    parser.add_option('--verify', action='store_true', help='client download: check the image '
+                      "against the server's sha256 and download differing blocks again")
     options, args = parser.parse_args(argv)
     command = args.pop(0) if args else 'serve'
     if command not in COMMANDS:
@@ -5532,7 +6144,7 @@ def command_demo(options, args):
 
 def command_client(options, args):
     usage = ('client commands: vms | snapshot VM | download VM SNAPSHOT DISK IMAGE '
-             '[--compare-to OLDER]  (with --url, --user, --cacert or --insecure)')
+             '[--compare-to OLDER] [--verify]  (with --url, --user, --cacert or --insecure)')
     if not args or not options.url:
         return fail(usage)
     password = os.environ.get('OVM_EXPORTER_PASSWORD')
@@ -5549,9 +6161,14 @@ def command_client(options, args):
         elif args[0] == 'download' and len(args) == 5:
             count = client.sync_disk(args[1], args[2], args[3], args[4], options.compare_to)
             print('%s: downloaded %d bytes' % (args[4], count))
+            if options.verify:
+                repaired = client.verify_disk(args[1], args[2], args[3], args[4])
+                print('%s: sha256 matches the server%s' % (args[4], repaired and (
+                    ' after %d bytes were downloaded again' % repaired) or ''))
         else:
             return fail(usage)
-    except (ClientError, socket.error, ssl.SSLError, http_client.HTTPException) as exc:
+    except (ClientError, socket.error, ssl.SSLError, http_client.HTTPException, IOError,
+            OSError) as exc:
         return fail(str(exc), 1)
     finally:
         client.close()

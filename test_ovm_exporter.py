@@ -5263,6 +5263,9 @@ def test_check_config_prints_effective_config_without_secret(tmp_path, certs):
     (lambda t: t.replace('srv', 'srv').replace('certificate = "', 'certificate = "/missing'),
      'does not exist'),
     (lambda t: t.replace('time_to_live = "1h30m"', 'time_to_live = "7d"'), 'time_to_live'),
+    (lambda t: 'snapshot_pause = "sometimes"\n' + t, "'snapshot_pause': must be one of"),
+    (lambda t: 'snapshot_pause_max = "0s"\n' + t, "'snapshot_pause_max'"),
+    (lambda t: 'xen_toolstack = "xl"\n' + t, "'xen_toolstack': must be an absolute path"),
 ])
 def test_check_config_rejects_broken_configs(tmp_path, certs, mutation, message):
     path = write_config(str(tmp_path), mutation(base_config_text(str(tmp_path), certs)))
@@ -6605,6 +6608,8 @@ CONTRACT = {
     'log_level': 'info',
     'ovs_agent_db_dir': '/etc/ovs-agent/db',
     'snapshot_min_free_percent': 10,
+    'snapshot_pause': 'auto',
+    'snapshot_pause_max': '10s',
     'jwt.secret': '<generated>',
     'jwt.time_to_live': '168h',
     'api.bind': '<option>',
@@ -6620,7 +6625,8 @@ CONTRACT = {
     'api.tls.require_client_certificate': False,
 }
 # optional keys shown commented out in the example
-COMMENTED_KEYS = ['ovm_endpoint', '[[repository]]', 'id', 'mount_point', 'filesystem']
+COMMENTED_KEYS = ['ovm_endpoint', 'xen_toolstack', '[[repository]]', 'id', 'mount_point',
+                  'filesystem']
 
 
 def have(tool):
@@ -7747,3 +7753,503 @@ def test_ocfs2_full_volume_refuses_snapshots_with_507_and_leaves_nothing(exporte
         for path in glob.glob(os.path.join(small, 'filler-*')):
             os.unlink(path)
         shutil.rmtree(base, ignore_errors=True)
+
+# ============================== snapshots cut at one instant (Xen pause), checksums, --verify ===
+#
+# A stand-in `xl` first on the exporter's PATH. Its "domain" is a real writer process that
+# stamps a rising counter into disk 1, then disk 2, then disk 3, forever: `xl pause` sends it
+# SIGSTOP and waits until the kernel shows it stopped (as xl waits for the vCPUs), `xl unpause`
+# SIGCONT, `xl list` exits 0 while it runs. Files in the stand-in's folder make it misbehave.
+
+STAND_IN_XL = r'''#!/bin/sh
+dir=$(dirname "$0")
+echo "$*" >> "$dir/calls"
+pid=$(cat "$dir/$2.pid" 2>/dev/null)
+case "$1" in
+list)
+    if [ -e "$dir/hang-list" ]; then exec sleep 600; fi
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        state=r-----; [ "$(cut -d' ' -f3 "/proc/$pid/stat")" = T ] && state=--p---
+        echo "Name  ID  Mem VCPUs State Time(s)"; echo "$2  7  512  2  $state  1.0"; exit 0
+    fi
+    echo "$2 is an invalid domain identifier (rc=-6)" >&2; exit 1 ;;
+pause)
+    if [ -e "$dir/fail-pause" ]; then echo "libxl: error: domain_pause failed: -3" >&2; exit 3; fi
+    if [ -e "$dir/hang-pause" ]; then exec sleep 600; fi
+    kill -STOP "$pid" || exit 1
+    while [ "$(cut -d' ' -f3 "/proc/$pid/stat")" != T ]; do :; done
+    echo paused >> "$dir/events"
+    if [ -e "$dir/kill-exporter-on-pause" ]; then kill -9 "$PPID"; fi
+    if [ -e "$dir/term-exporter-on-pause" ]; then kill -TERM "$PPID"; fi
+    if [ -e "$dir/stop-exporter-on-pause" ]; then kill -STOP "$PPID"; fi
+    exit 0 ;;
+unpause)
+    kill -CONT "$pid" || exit 1
+    echo unpaused >> "$dir/events"
+    exit 0 ;;
+esac
+echo "unknown command $1" >&2; exit 2
+'''
+
+COUNTER_WRITER = r'''
+import os, struct, sys
+fds = [os.open(path, os.O_WRONLY) for path in sys.argv[1:]]
+counter = 0
+while True:
+    counter += 1
+    block = struct.pack('<Q', counter) * 512
+    for fd in fds:
+        os.pwrite(fd, block, 0)
+'''
+
+PAUSE_VM = '0004fb00000600000000000000000070'
+
+
+class XenStandIn(object):
+    """The stand-in toolstack and its writer "domain" for PAUSE_VM's three disks."""
+
+    def __init__(self, folder, host):
+        self.folder = folder
+        os.mkdir(folder)
+        self.xl = os.path.join(folder, 'xl')
+        with open(self.xl, 'w') as handle:
+            handle.write(STAND_IN_XL)
+        os.chmod(self.xl, 0o755)
+        self.disks = host.add_vm(host.repo, PAUSE_VM, [
+            ('0004fb000012000000000000000007%02x.img' % i, 1 << 20, [(0, b'\0' * 4096)])
+            for i in range(3)])
+        self.writer = None
+
+    def start_writer(self):
+        self.writer = subprocess.Popen([sys.executable, '-c', COUNTER_WRITER] + self.disks)
+        with open(os.path.join(self.folder, PAUSE_VM + '.pid'), 'w') as handle:
+            handle.write('%d\n' % self.writer.pid)
+        assert wait_for(lambda: self.counters(self.disks)[2] > 0, 10)
+
+    def state(self):
+        with open('/proc/%d/stat' % self.writer.pid) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0]
+
+    def running_again(self, seconds):
+        return wait_for(lambda: self.state() != 'T', seconds)
+
+    def behave(self, name, on=True):
+        path = os.path.join(self.folder, name)
+        if on:
+            open(path, 'w').close()
+        elif os.path.exists(path):
+            os.unlink(path)
+
+    def calls(self):
+        path = os.path.join(self.folder, 'calls')
+        if not os.path.exists(path):
+            return []
+        with open(path) as handle:
+            return [line.split()[0] for line in handle]
+
+    @staticmethod
+    def counters(paths):
+        values = []
+        for path in paths:
+            with open(path, 'rb') as handle:
+                values.append(struct.unpack('<Q', handle.read(8))[0])
+        return values
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.send_signal(signal.SIGCONT)
+            self.writer.kill()
+            self.writer.wait()
+
+
+@pytest.fixture
+def xen(xfs_host, tmp_path):
+    stand_in = XenStandIn(str(tmp_path / 'xen'), xfs_host)
+    stand_in.host = xfs_host
+    yield stand_in
+    stand_in.close()
+
+
+def pause_exporter(exporter_factory, xen, mode='auto', pause_max='5s', python='3', **kwargs):
+    env = dict(PATH=xen.folder + os.pathsep + os.environ['PATH'])
+    extra = 'snapshot_pause = "%s"\nsnapshot_pause_max = "%s"\n%s' % (
+        mode, pause_max, kwargs.pop('extra', ''))
+    return exporter_factory(python, repositories=xen.host.repositories, env=env, extra=extra,
+                            **kwargs)
+
+
+def one_instant(values):
+    """The writer stamps disk 1, 2, 3 in turn: any instant shows n on a prefix of the disks
+    and n - 1 on the rest."""
+    return all(a - b in (0, 1) for a, b in zip(values, values[1:])) and \
+        values[0] - values[-1] <= 1
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_auto_pause_cuts_every_disk_at_one_instant(exporter_factory, xen, python):
+    """50 snapshots of a 3-disk VM while its domain writes: each holds one instant."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, python=python)
+    client = exporter.client()
+    seen = []
+    for _ in range(50):
+        snapshot = client.create_snapshot(PAUSE_VM)
+        assert snapshot['consistency'] == 'paused', snapshot
+        assert isinstance(snapshot['paused_ms'], int) and snapshot['paused_ms'] >= 0
+        values = xen.counters([d['path'] for d in snapshot['disks']])
+        assert one_instant(values), values
+        seen.append(values[0])
+        client.delete_snapshot(PAUSE_VM, snapshot['id'])
+    assert len(set(seen)) > 10, 'the writer hardly ran: the test proved nothing'
+    assert xen.state() != 'T'
+    assert xen.calls().count('pause') == 50 and xen.calls().count('unpause') == 50
+    assert len(re.findall(r'domain %s was paused for \d+ ms while 3 disks' % PAUSE_VM,
+                          exporter.log())) == 50
+    kept = client.create_snapshot(PAUSE_VM)
+    assert client.snapshot(PAUSE_VM, kept['id'], squash=False) == kept
+    listed = client.call('GET', '/vms/%s/snapshots' % PAUSE_VM)
+    assert [(s['consistency'], s['paused_ms']) for s in listed] == \
+        [('paused', kept['paused_ms'])]
+    # a domain paused by someone else stays paused; one that does not run
+    xen.writer.send_signal(signal.SIGSTOP)
+    assert wait_for(lambda: xen.state() == 'T', 10)
+    snapshot = client.create_snapshot(PAUSE_VM)
+    assert snapshot['consistency'] == 'stopped' and 'paused_ms' not in snapshot
+    assert xen.state() == 'T' and xen.calls().count('unpause') == 51
+    xen.writer.kill()
+    xen.writer.wait()
+    stopped = client.create_snapshot(PAUSE_VM)
+    assert stopped['consistency'] == 'stopped' and 'paused_ms' not in stopped
+    assert client.create_snapshot(xen.host.vm)['consistency'] == 'stopped'
+    assert xen.calls().count('pause') == 51
+
+
+def test_never_pausing_lets_the_disks_differ(exporter_factory, xen):
+    """The same writer with snapshot_pause = "never": snapshots mix several instants."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, 'never')
+    client = exporter.client()
+    mixed = 0
+    for _ in range(50):
+        snapshot = client.create_snapshot(PAUSE_VM)
+        assert snapshot['consistency'] == 'per-disk' and 'paused_ms' not in snapshot
+        if not one_instant(xen.counters([d['path'] for d in snapshot['disks']])):
+            mixed += 1
+            break
+        client.delete_snapshot(PAUSE_VM, snapshot['id'])
+    assert mixed, 'never saw disks from different instants'
+    assert xen.calls() == []
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_sigkill_while_paused_unpauses_the_domain(exporter_factory, xen, python):
+    """The exporter dies by SIGKILL while the domain is paused (the stand-in xl kills it
+    right after pausing): the watchdog unpauses the domain at once, and the next start
+    undoes the snapshot and unpauses the domain it recorded as paused."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, pause_max='3s', python=python)
+    token = exporter.login()
+    xen.behave('kill-exporter-on-pause')
+    with pytest.raises((socket.error, http_client.HTTPException, ssl.SSLError)):
+        exporter.request('POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, token=token)
+    killed = time.time()
+    exporter.process.wait()
+    assert exporter.process.returncode == -signal.SIGKILL
+    assert xen.running_again(3 + 1), 'the domain stayed paused'
+    print('running again %.3fs after the kill' % (time.time() - killed))
+    xen.behave('kill-exporter-on-pause', False)
+    exporter.log_handle.close()
+    exporter.start()
+    log_text = exporter.log()
+    assert 'domain %s was left paused by an interrupted snapshot: unpaused' % PAUSE_VM in log_text
+    assert 'undoing snapshot' in log_text
+    assert snapshot_folders(xen.host.repo) == []
+    assert xen.state() != 'T'
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_sigterm_while_paused_finishes_the_snapshot_and_unpauses(exporter_factory, xen, python):
+    """SIGTERM arrives while the domain is paused: the snapshot completes ("paused"), the
+    domain runs again, and the exporter stops cleanly."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, pause_max='20s', python=python)
+    token = exporter.login()
+    xen.behave('term-exporter-on-pause')
+    snapshot = exporter.json('POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, token)
+    assert snapshot['consistency'] == 'paused' and snapshot['paused_ms'] < 20000
+    assert one_instant(xen.counters([d['path'] for d in snapshot['disks']]))
+    assert xen.state() != 'T' and xen.calls().count('unpause') == 1
+    assert wait_for(lambda: exporter.process.poll() is not None, 40)
+    assert exporter.process.returncode == 0
+    assert 'signal 15: stopping' in exporter.log()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+@pytest.mark.parametrize('mode', ['auto', 'always'])
+def test_watchdog_unpauses_after_snapshot_pause_max(exporter_factory, xen, mode, python):
+    """The exporter freezes while the domain is paused (SIGSTOP from the stand-in xl): the
+    watchdog unpauses the domain after snapshot_pause_max; the snapshot, once the exporter
+    runs again, is "per-disk" (auto) or refused with nothing left (always)."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, mode, pause_max='2s', python=python)
+    token = exporter.login()
+    xen.behave('stop-exporter-on-pause')
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(exporter.request(
+        'POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, token=token)))
+    thread.start()
+    try:
+        assert wait_for(lambda: os.path.exists(os.path.join(xen.folder, 'events')), 30)
+        paused = time.time()
+        assert wait_for(lambda: open('/proc/%d/stat' % exporter.process.pid).read()
+                        .rsplit(')', 1)[1].split()[0] == 'T', 10)
+        assert xen.running_again(2 + 1), 'the watchdog did not unpause the domain'
+        print('unpaused %.3fs after the pause' % (time.time() - paused))
+    finally:
+        xen.behave('stop-exporter-on-pause', False)
+        exporter.process.send_signal(signal.SIGCONT)
+        thread.join(60)
+    status, headers, data = answers[0]
+    document = json.loads(data.decode('utf-8'))
+    if mode == 'auto':
+        assert status == 200 and document['consistency'] == 'per-disk', document
+        assert 'longer than snapshot_pause_max' in exporter.log()
+    else:
+        assert status == 500 and 'longer than snapshot_pause_max' in document['details']
+        assert snapshot_folders(xen.host.repo) == []
+    assert xen.calls().count('unpause') == 1
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_toolstack_that_fails_or_hangs(exporter_factory, xen, python):
+    """`xl pause` fails or hangs: "auto" cuts disk by disk, "always" answers 500 naming the
+    command and its output and leaves nothing; no toolstack at all likewise."""
+    xen.start_writer()
+    auto = pause_exporter(exporter_factory, xen, 'auto', pause_max='2s', python=python)
+    always = pause_exporter(exporter_factory, xen, 'always', pause_max='2s', python=python)
+    missing = pause_exporter(exporter_factory, xen, 'always', python=python,
+                             extra='xen_toolstack = "/nonexistent/xl"')
+    for behaviour, words in (('fail-pause', ['pause %s' % PAUSE_VM, 'exit status 3',
+                                             'domain_pause failed: -3']),
+                             ('hang-pause', ['pause %s' % PAUSE_VM, 'did not finish within'])):
+        xen.behave(behaviour)
+        snapshot = auto.client().create_snapshot(PAUSE_VM)
+        assert snapshot['consistency'] == 'per-disk' and 'paused_ms' not in snapshot
+        started = time.time()
+        document, _ = error_of(always, 'POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, 500,
+                               always.login())
+        assert time.time() - started < 2 + 20
+        for word in words:
+            assert word in document['details'], document
+        assert [s['id'] for s in auto.client().call('GET', '/vms/%s/snapshots' % PAUSE_VM)] \
+            == [snapshot['id']]
+        auto.client().call('DELETE', '/vms/%s/snapshots' % PAUSE_VM)
+        assert snapshot_folders(xen.host.repo) == []
+        assert xen.state() != 'T'
+        xen.behave(behaviour, False)
+    document, _ = error_of(missing, 'POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, 500,
+                           missing.login())
+    assert '/nonexistent/xl' in document['details']
+    assert snapshot_folders(xen.host.repo) == []
+    assert always.client().create_snapshot(PAUSE_VM)['consistency'] == 'paused'
+
+
+def test_store_adds_the_new_columns_to_an_old_database(tmp_path):
+    """A database written before "consistency" existed opens, gains the columns, and its
+    snapshots read as cut one by one."""
+    path = str(tmp_path / 'old.db')
+    old = sqlite3.connect(path)
+    for statement in ox.STORE_SCHEMA[:4]:
+        old.execute(statement)
+    old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    old.execute("INSERT INTO snapshots (id, vm_id, state, created) VALUES "
+                "('9633d114-8270-41eb-bffc-67cc342957d9', 'vm', 'ready', 1.0)")
+    old.commit()
+    old.close()
+    store = ox.SnapshotStore(path)
+    record = store.get('9633d114-8270-41eb-bffc-67cc342957d9')
+    assert record['consistency'] is None and record['paused_ms'] is None
+    store.record_intent('00000000-0000-4000-8000-000000000001', 'vm', [])
+    store.mark_ready('00000000-0000-4000-8000-000000000001', {}, 'paused', 12)
+    store.close()
+    store = ox.SnapshotStore(path)
+    assert [(r['consistency'], r['paused_ms']) for r in store.list_all()] == \
+        [(None, None), ('paused', 12)]
+    store.close()
+
+
+# ---------------------------------------------------------------------------- checksums ---
+
+def expected_checksums(path, start, length, block_size=None):
+    with open(path, 'rb') as handle:
+        handle.seek(start)
+        data = handle.read(length)
+    blocks = None
+    if block_size:
+        blocks = [hashlib.sha256(data[i:i + block_size]).hexdigest()
+                  for i in range(0, len(data), block_size)]
+    return hashlib.sha256(data).hexdigest(), blocks
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_checksum_route(exporter_factory, xfs_host, python):
+    live = xfs_host.vm_disks[0]
+    run(['fallocate', '-o', str(40 << 20), '-l', str(2 << 20), live])  # unwritten: zeros
+    exporter = exporter_factory(python, repositories=xfs_host.repositories)
+    token = exporter.login()
+    snapshot = exporter.json('POST', '/api/v1/vms/%s/snapshots' % xfs_host.vm, token)
+    disk = snapshot['disks'][0]
+    url = '/api/v1/vms/%s/snapshots/%s/disks/%s/checksum' % (xfs_host.vm, snapshot['id'],
+                                                               disk['name'])
+    size = 64 << 20
+    whole = exporter.json('GET', url, token)
+    assert whole == {'algorithm': 'sha256', 'start': 0, 'length': size,
+                     'checksum': sha256_file(disk['path'])}
+    for start, length, block_size in ((0, 4096, None), (12345, 1 << 20, None),
+                                      (20 << 20, 30 << 20, 4096 * 256),
+                                      ((64 << 20) - 5000, 5000, 4096),
+                                      ((64 << 20) - 5000, 1 << 40, 8192),
+                                      (39 << 20, 4 << 20, 65536)):
+        query = '?start=%d&length=%d' % (start, length)
+        if block_size:
+            query += '&block_size=%d' % block_size
+        answer = exporter.json('GET', url + query, token)
+        length = min(length, size - start)
+        checksum, blocks = expected_checksums(disk['path'], start, length, block_size)
+        assert answer['start'] == start and answer['length'] == length
+        assert answer['checksum'] == checksum
+        if block_size:
+            assert answer['block_size'] == block_size and answer['blocks'] == blocks
+        else:
+            assert 'blocks' not in answer
+    assert exporter.json('GET', url + '?start=%d' % (60 << 20), token)['length'] == 4 << 20
+    # errors, like the disk route
+    document, headers = error_of(exporter, 'GET', url + '?start=%d' % size, 416, token)
+    assert headers['content-range'] == 'bytes */%d' % size
+    for bad in ('start=-1', 'start=%2B1', 'start=0x10', 'length=1e3', 'length=%201',
+                'start=%D9%A1', 'length=0', 'start=' + '9' * 20, 'block_size=1000',
+                'block_size=0', 'block_size=4096&start=1&start=x', 'start='):
+        document, _ = error_of(exporter, 'GET', url + '?' + bad, 400, token)
+    error_of(exporter, 'GET', url.replace(disk['name'], 'nope.img'), 404, token)
+    error_of(exporter, 'GET', url.replace(snapshot['id'], str(uuid.uuid4())), 404, token)
+    other = '0004fb00000600000000000000000002'
+    xfs_host.add_vm(xfs_host.repo, other, [('0004fb00001200000000000000000c1.img', 1 << 20,
+                                            [(0, b'x' * 4096)])])
+    error_of(exporter, 'GET', url.replace(xfs_host.vm, other), 409, token)
+    error_of(exporter, 'GET', url, 401)
+    error_of(exporter, 'POST', url, 405, token)
+
+
+def test_checksum_of_a_large_sparse_disk_does_not_block_other_requests(exporter_factory,
+                                                                      xfs_host):
+    """A checksum that takes a while (a 2 GiB disk, mostly holes) runs in its own worker:
+    other requests are answered meanwhile. At most 100,000 blocks per answer."""
+    vm = '0004fb00000600000000000000000071'
+    xfs_host.add_vm(xfs_host.repo, vm, [
+        ('0004fb00001200000000000000000711.img', 2 << 30, [(1 << 30, b'z' * 65536)])])
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    snapshot = client.create_snapshot(vm)
+    name = snapshot['disks'][0]['name']
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(
+        exporter.client().checksum(vm, snapshot['id'], name)))
+    thread.start()
+    answered_meanwhile = 0
+    while thread.is_alive() and answered_meanwhile < 20:
+        client.vms()
+        answered_meanwhile += thread.is_alive()
+    thread.join(300)
+    assert answered_meanwhile >= 3
+    expected = hashlib.sha256()
+    zeros = b'\0' * (16 << 20)
+    for _ in range(64):
+        expected.update(zeros)
+    expected.update(b'z' * 65536 + b'\0' * ((16 << 20) - 65536))
+    for _ in range(63):
+        expected.update(zeros)
+    assert answers[0]['checksum'] == expected.hexdigest()
+    with pytest.raises(ox.ClientError) as caught:
+        client.checksum(vm, snapshot['id'], name, block_size=4096)
+    assert caught.value.status == 400 and '100000 blocks' in str(caught.value)
+    blocks = client.checksum(vm, snapshot['id'], name, start=(1 << 30) - 4096,
+                             length=4096 * 100000, block_size=4096)['blocks']
+    assert len(blocks) == 100000 and len(set(blocks)) == 2
+    assert blocks[1] == hashlib.sha256(b'z' * 4096).hexdigest()
+
+
+# ----------------------------------------------------------------- client download --verify ---
+
+def test_verify_finds_and_repairs_a_corrupt_full_image(exporter_factory, xfs_host, tmp_path):
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    snapshot = client.create_snapshot(xfs_host.vm)
+    disk = snapshot['disks'][0]
+    image = str(tmp_path / 'full.img')
+    client.sync_disk(xfs_host.vm, snapshot['id'], disk['name'], image)
+    assert client.verify_disk(xfs_host.vm, snapshot['id'], disk['name'], image) == 0
+    for offset in (21 << 20) + 77, 50 << 20:  # in data, in a hole
+        with open(image, 'r+b') as handle:
+            handle.seek(offset)
+            byte = handle.read(1)
+            handle.seek(offset)
+            handle.write(bytes([byte[0] ^ 0xff]))
+    assert sha256_file(image) != sha256_file(disk['path'])
+    repaired = client.verify_disk(xfs_host.vm, snapshot['id'], disk['name'], image,
+                                  block_size=65536)
+    assert repaired == 2 * 65536
+    assert sha256_file(image) == sha256_file(disk['path'])
+    with open(image, 'r+b') as handle:  # an image it cannot repair: an error, left as it is
+        handle.write(b'bad')
+    damaged = sha256_file(image)
+    run(['chattr', '+i', image])
+    try:
+        with pytest.raises(ox.ClientError) as caught:
+            client.verify_disk(xfs_host.vm, snapshot['id'], disk['name'], image)
+        assert 'cannot be repaired' in str(caught.value)
+    finally:
+        run(['chattr', '-i', image])
+    assert sha256_file(image) == damaged
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_client_download_verify_repairs_an_incremental_image(exporter_factory, xfs_host,
+                                                             tmp_path, python):
+    """The older image was damaged outside the changed ranges; `download --compare-to
+    --verify` finds the bad block, fetches it again, and exits 0; on an image it cannot
+    repair (immutable) it exits non-zero."""
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    first = client.create_snapshot(xfs_host.vm)
+    with open(xfs_host.vm_disks[0], 'r+b') as handle:
+        handle.seek(30 << 20)
+        handle.write(b'new data' * 1000)
+    second = client.create_snapshot(xfs_host.vm)
+    image = str(tmp_path / 'disk.img')
+    disk = first['disks'][0]['name']
+    client.sync_disk(xfs_host.vm, first['id'], disk, image)
+    with open(image, 'r+b') as handle:
+        handle.seek(12345)
+        handle.write(b'X')
+    env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
+    # localhost: Python 2.7's ssl.match_hostname does not match IP addresses
+    base = [python_path(python), EXPORTER, 'client', '--url',
+            'https://localhost:%d' % exporter.port, '--cacert', exporter.certs['ca_cert'],
+            '--user', ADMIN]
+    out = run(base + ['--compare-to', first['id'], '--verify', 'download', xfs_host.vm,
+                      second['id'], disk, image], env=env)
+    assert 'sha256 matches the server after %d bytes were downloaded again' % (1 << 20) in out
+    assert sha256_file(image) == sha256_file(second['disks'][0]['path'])
+    out = run(base + ['--verify', 'download', xfs_host.vm, second['id'], disk, image], env=env)
+    assert re.search(r'sha256 matches the server\n', out)
+    # an image the client cannot write: exit status 1, a message, no traceback
+    run(['chattr', '+i', image])
+    try:
+        process = subprocess.Popen(base + ['--verify', 'download', xfs_host.vm, second['id'],
+                                           disk, image], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = process.communicate()[0].decode('utf-8', 'replace')
+        assert process.returncode == 1, out
+        assert 'Traceback' not in out and 'Operation not permitted' in out
+    finally:
+        run(['chattr', '-i', image])
