@@ -4821,11 +4821,11 @@ class Authenticator(object):
 
 # ---------------------------------------------------------------------------------- HTTP ---
 #
-# A small threaded HTTPS server. The main thread accepts connections into a "lobby" and only
-# hands a connection to a worker thread once the client has sent something, so idle TCP
-# connections cost a file descriptor, not a thread. The TLS handshake runs in the worker
-# with a time-out. Requests are parsed by BaseHTTPRequestHandler after their head has been
-# read with bounds (Python 2's parser has none).
+# An event-driven HTTPS front end (ExporterServer): the main thread accepts connections,
+# runs their TLS handshakes and reads their request heads without blocking, each within a
+# deadline, and parses the heads with bounds (parse_request_head). Complete requests go to a
+# bounded pool of worker threads, so that a connection that waits costs no thread, and no
+# client that is slow to send can hold a worker.
 
 REQUEST_LINE_LIMIT = 8192
 HEADER_LINE_LIMIT = 8192
@@ -4834,13 +4834,15 @@ HEADER_BYTES_LIMIT = 65536
 BODY_LIMIT = 65536
 MAX_RANGES = 1000
 STREAM_BUFFER_SIZE = 1 << 20
-LOBBY_LIMIT = 1024
-OVERFLOW_THREADS = 8
+QUEUE_WAIT_SECONDS = 2.0
 SHUTDOWN_GRACE_SECONDS = 30.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
 DECIMAL_RE = re.compile(r'^[0-9]{1,19}\Z')
+CONTROL_BYTES_RE = re.compile(br'[\x00-\x1f\x7f]')
+HTTP_VERSION_RE = re.compile(br'HTTP/([0-9]+)\.([0-9]+)\Z')
+TOKEN_RE = re.compile(br"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
 
 HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
                 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
@@ -4913,7 +4915,8 @@ def set_tcp_nodelay(sock):
 
 
 def make_server_tls(config):
-    """Return a function that wraps an accepted socket in TLS (doing the handshake)."""
+    """Return a function that wraps an accepted socket in TLS (doing the handshake unless
+    told not to: the front end runs it without blocking)."""
     certfile, keyfile = config.api_tls_certificate, config.api_tls_key
     cafile = config.api_tls_ca_certificate or None
     require_client = config.api_tls_require_client_certificate
@@ -4930,8 +4933,9 @@ def make_server_tls(config):
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cafile)
 
-        def wrap(sock):
-            return context.wrap_socket(sock, server_side=True)
+        def wrap(sock, handshake=True):
+            return context.wrap_socket(sock, server_side=True,
+                                       do_handshake_on_connect=handshake)
     else:
         # Python 2.6: no SSLContext. PROTOCOL_SSLv23 negotiates TLS 1.2 with OpenSSL 1.0.1.
         options = dict(server_side=True, certfile=certfile, keyfile=keyfile,
@@ -4947,46 +4951,248 @@ def make_server_tls(config):
             probe.close()
             peer.close()
 
-        def wrap(sock):
-            return legacy_handshake(ssl.wrap_socket(sock, do_handshake_on_connect=False,
-                                                    **options))
+        def wrap(sock, handshake=True):
+            tls = ssl.wrap_socket(sock, do_handshake_on_connect=False, **options)
+            return legacy_handshake(tls) if handshake else tls
     return wrap
 
 
+class RequestHeaders(object):
+    """The header fields of one request: names case-insensitive, repeated fields kept."""
+
+    def __init__(self):
+        self._fields = {}  # lower-case name -> [values]
+        self._order = []   # (name, value) as sent
+
+    def add(self, name, value):
+        self._fields.setdefault(name.lower(), []).append(value)
+        self._order.append((name, value))
+
+    def get(self, name, default=None):
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, failobj=None):
+        values = self._fields.get(name.lower())
+        return list(values) if values else failobj
+
+    def getheaders(self, name):
+        return self.get_all(name, [])
+
+    def items(self):
+        return list(self._order)
+
+    def __contains__(self, name):
+        return name.lower() in self._fields
+
+    def __len__(self):
+        return len(self._order)
+
+
+class RequestHead(object):
+    """A parsed request line and headers, or the error that answers a malformed one."""
+
+    def __init__(self, requestline, method=None, target=None, version=None, headers=None,
+                 keep_alive=False, error=None):
+        self.requestline = requestline
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.error = error
+
+
+def _native_text(raw):
+    return raw if PY2 else raw.decode('latin-1')
+
+
+def check_request_line(line):
+    """`METHOD target HTTP/1.x` (bytes, without its line end) -> (method, target, version).
+    Refuses anything else with 400, another HTTP version with 505."""
+    if CONTROL_BYTES_RE.search(line):
+        raise bad_request('the request line holds a control character')
+    words = line.split(b' ')
+    if len(words) != 3 or not all(words):
+        raise bad_request('the request line must be "METHOD /path HTTP/1.1"')
+    version = HTTP_VERSION_RE.match(words[2])
+    if version is None or not TOKEN_RE.match(words[0]):
+        raise bad_request('the request line must be "METHOD /path HTTP/1.1"')
+    if version.group(1) != b'1' or len(version.group(2)) != 1:
+        raise ApiError(505, 'HTTP Version Not Supported',
+                       'this server speaks HTTP/1.1 and HTTP/1.0')
+    return _native_text(words[0]), _native_text(words[1]), _native_text(words[2])
+
+
+def _strip_line_end(line):
+    if line.endswith(b'\n'):
+        line = line[:-1]
+    if line.endswith(b'\r'):
+        line = line[:-1]
+    return line
+
+
+def parse_request_head(data):
+    """A whole request head (bytes up to and with the empty line) -> RequestHead. Bounded:
+    no line, count or total beyond the limits; malformed heads get a RequestHead with the
+    ApiError that answers them. Replaces BaseHTTPRequestHandler's parser (email.parser)."""
+    first, _, rest = data.partition(b'\n')
+    requestline = _native_text(_strip_line_end(first))
+    try:
+        if len(first) + 1 > REQUEST_LINE_LIMIT:
+            raise ApiError(414, 'URI Too Long', 'the request line is longer than %d bytes'
+                           % REQUEST_LINE_LIMIT)
+        method, target, version = check_request_line(_strip_line_end(first))
+        headers = RequestHeaders()
+        lines = rest.split(b'\n')
+        if len(lines) - 2 >= HEADER_COUNT_LIMIT or len(data) > HEADER_BYTES_LIMIT or (
+                max([len(line) for line in lines]) + 1 > HEADER_LINE_LIMIT):
+            raise ApiError(431, 'Request Header Fields Too Large',
+                           'the request headers exceed %d lines or %d bytes'
+                           % (HEADER_COUNT_LIMIT, HEADER_BYTES_LIMIT))
+        for line in lines:
+            line = _strip_line_end(line)
+            if not line:
+                continue
+            name, colon, value = line.partition(b':')
+            if not colon or not TOKEN_RE.match(name):
+                raise bad_request('malformed header line %r' % _native_text(line[:40]))
+            headers.add(_native_text(name), _native_text(value.strip(b' \t')))
+        connection = headers.get('Connection', '').lower()
+        if version == 'HTTP/1.1':
+            keep_alive = 'close' not in connection
+        else:
+            keep_alive = 'keep-alive' in connection
+        return RequestHead(requestline, method, target, version, headers, keep_alive)
+    except ApiError as exc:
+        return RequestHead(requestline, error=exc)
+
+
+def _body_to_wait_for(head):
+    """How many body bytes the front end waits for before it hands the request on: a small
+    body declared once with Content-Length; else none (the worker answers or reads it)."""
+    if head.error is not None or head.headers.get('Transfer-Encoding') is not None:
+        return 0
+    values = head.headers.get_all('Content-Length') or []
+    if len(values) != 1 or not DECIMAL_RE.match(values[0].strip(' \t')):
+        return 0
+    length = int(values[0].strip(' \t'))
+    return length if length <= BODY_LIMIT else 0
+
+
+_HANDSHAKE, _WAITING, _QUEUED, _WORKING = range(4)
+_WANT = (ssl.SSL_ERROR_WANT_READ, ssl.SSL_ERROR_WANT_WRITE)
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+HEAD_END_RE = re.compile(br'\r?\n\r?\n')
+
+
+class _Connection(object):
+    """One accepted connection. The front end owns it while it handshakes or waits for a
+    request; a worker owns it while one of its requests is worked on."""
+
+    __slots__ = ('sock', 'tls', 'fd', 'address', 'state', 'buffer', 'scanned', 'deadline',
+                 'since', 'head', 'body', 'handler', 'queued_at')
+
+    def __init__(self, fd, sock, tls, address, now):
+        self.sock = sock
+        self.tls = tls
+        self.fd = fd
+        self.address = address
+        self.state = _HANDSHAKE
+        self.buffer = b''
+        self.scanned = 0
+        self.deadline = None
+        self.since = now
+        self.head = None
+        self.body = 0
+        self.handler = None
+        self.queued_at = None
+
+    def read_some(self, size=65536):
+        """One read of TLS data: bytes, b'' at the end, None if nothing is there yet."""
+        try:
+            return self.tls.read(size) if PY2 else self.tls.recv(size)
+        except ssl.SSLError as exc:
+            if exc.args and exc.args[0] in _WANT:
+                return None
+            raise
+        except (socket.error, OSError) as exc:
+            if exc.args and exc.args[0] in _AGAIN:
+                return None
+            raise
+
+
 class ExporterServer(object):
-    """Accept loop, lobby, connection cap and graceful shutdown."""
+    """The front end: one thread with poll() accepts connections, runs their TLS handshakes
+    and reads their request heads without blocking, each against a deadline, and hands
+    complete requests to a bounded pool of worker threads. A waiting connection costs no
+    thread; `max_connections` bounds the requests being worked on; one client address holds
+    at most half the workers; when file descriptors run short the oldest idle connections are
+    closed first."""
 
     def __init__(self, config, app, tls_wrap):
         self.config = config
         self.app = app
         self.tls_wrap = tls_wrap
-        self.max_connections = config.api_max_connections
+        self.max_workers = max(1, config.api_max_connections)
+        self.max_connections = self.max_workers
+        self.address_share = max(1, self.max_workers // 2)
         self.handshake_timeout = config.api_handshake_timeout
+        self.head_timeout = config.api_handshake_timeout
         self.idle_timeout = config.api_idle_timeout
         self._lock = threading.Lock()
-        self._connections = {}  # accepted socket -> handler (None until TLS is up)
-        self._overflow = 0
+        self._work = threading.Condition(self._lock)
+        self._ready = []          # connections with a complete request, oldest first
+        self._returned = []       # connections a worker gives back to the front end
+        self._busy = {}           # client address -> requests being worked on
+        self._working = 0
+        self._workers = 0
+        self._idle_workers = 0
+        self._signalled = False
         self._stopping = False
+        self._connections = {}    # fd -> _Connection, all of them
+        self._poller = None
+        self._listening = True
+        self._refused = 0
         self._wakeup_r, self._wakeup_w = os.pipe()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         family, socktype, proto, _, address = socket.getaddrinfo(
             config.api_bind, config.api_port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
         self.listener = socket.socket(family, socktype, proto)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(address)
-        self.listener.listen(128)
+        self.listener.listen(1024)
         self.listener.setblocking(0)
         self.address = self.listener.getsockname()[:2]
+        self._base_descriptors = _open_descriptor_count()
 
     @property
     def active_connections(self):
-        with self._lock:
-            return len(self._connections)
+        return len(self._connections)
 
+    @property
+    def stopping(self):
+        return self._stopping
+
+    def stop(self):
+        """Stop accepting; running transfers get SHUTDOWN_GRACE_SECONDS to finish."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            os.write(self._wakeup_w, b'x')
+        except OSError:
+            pass
+
+    # -- the front end's loop
     def serve_forever(self):
-        poller = select.poll()
+        self._poller = poller = select.poll()
         poller.register(self.listener.fileno(), select.POLLIN)
         poller.register(self._wakeup_r, select.POLLIN)
-        lobby = {}  # fd -> (sock, address, deadline)
+        listener_fd = self.listener.fileno()
+        next_sweep = 0
         while not self._stopping:
             try:
                 events = poller.poll(250)
@@ -4994,108 +5200,251 @@ class ExporterServer(object):
                 if exc.args and exc.args[0] == errno.EINTR:
                     continue
                 raise
-            for fd, _ in events:
-                if fd == self.listener.fileno():
-                    self._accept_into(lobby, poller)
-                elif fd in lobby:
-                    sock, address, _ = lobby.pop(fd)
-                    poller.unregister(fd)
-                    self._dispatch(sock, address)
+            for fd, event in events:
+                if fd == listener_fd:
+                    self._accept()
+                elif fd == self._wakeup_r:
+                    self._take_back()
+                else:
+                    connection = self._connections.get(fd)
+                    if connection is None or connection.state > _WAITING:
+                        continue
+                    if connection.state == _HANDSHAKE:
+                        self._handshake(connection)
+                    else:
+                        self._receive(connection)
             now = time.time()
-            for fd in [fd for fd, entry in lobby.items() if entry[2] < now]:
-                poller.unregister(fd)
-                self._close_quietly(lobby.pop(fd)[0])
-        for sock, _, _ in lobby.values():
-            self._close_quietly(sock)
-        self.listener.close()
-        self._drain()
+            if now >= next_sweep:
+                next_sweep = now + 0.25
+                self._sweep(now)
+        self._shut_down()
 
-    def _accept_into(self, lobby, poller):
-        for _ in range(64):
+    def _accept(self):
+        for _ in range(256):
+            if len(self._connections) >= self._descriptor_budget():
+                if not self._close_oldest_idle():
+                    self._pause_listening()
+                    return
             try:
                 sock, address = self.listener.accept()
             except (socket.error, OSError) as exc:
-                if exc.args and exc.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                code = exc.args[0] if exc.args else None
+                if code in _AGAIN or code == errno.ECONNABORTED:
                     return
-                if exc.args and exc.args[0] in (errno.EMFILE, errno.ENFILE):
-                    log.error('out of file descriptors; refusing connections for a moment')
-                    time.sleep(0.1)
+                if code in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if not self._close_oldest_idle():
+                        log.warning('out of file descriptors: %d connections open',
+                                    len(self._connections))
+                        self._pause_listening()
                     return
                 raise
-            if len(lobby) >= LOBBY_LIMIT:
+            now = time.time()
+            fd = sock.fileno()
+            try:
+                sock.setblocking(0)
+                set_tcp_nodelay(sock)
+                tls = self.tls_wrap(sock, handshake=False)  # Python 3: takes `sock` over
+            except (ssl.SSLError, socket.error, OSError, ValueError) as exc:
+                log.debug('cannot set up TLS for %s: %s', address[0], exc)
                 self._close_quietly(sock)
                 continue
-            lobby[sock.fileno()] = (sock, address, time.time() + self.handshake_timeout)
-            poller.register(sock.fileno(), select.POLLIN)
+            connection = _Connection(fd, sock, tls, address, now)
+            connection.deadline = now + self.handshake_timeout
+            self._connections[connection.fd] = connection
+            self._poller.register(connection.fd, select.POLLIN)
 
-    def _dispatch(self, sock, address):
-        with self._lock:
-            if len(self._connections) < self.max_connections:
-                self._connections[sock] = None
-                target = self._serve_connection
-            elif self._overflow < OVERFLOW_THREADS:
-                self._overflow += 1
-                target = self._refuse_connection
-            else:
-                target = None
-        if target is None:
-            self._close_quietly(sock)
+    def _descriptor_budget(self):
+        """Connections that may be open, keeping descriptors for workers' files."""
+        try:
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, ValueError, OSError):
+            return 1 << 30
+        if soft == getattr(__import__('resource'), 'RLIM_INFINITY', -1):
+            return 1 << 30
+        return max(8, soft - self._base_descriptors - 16 - 4 * self.max_workers)
+
+    def _close_oldest_idle(self):
+        """Close the oldest connections nobody works on (1/16 of them); False if none."""
+        idle = [c for c in self._connections.values() if c.state <= _WAITING]
+        if not idle:
+            return False
+        idle.sort(key=lambda c: c.since)
+        for connection in idle[:max(1, len(idle) // 16)]:
+            self._close(connection)
+        return True
+
+    def _pause_listening(self):
+        if self._listening:
+            self._listening = False
+            self._poller.unregister(self.listener.fileno())
+
+    def _handshake(self, connection):
+        try:
+            connection.tls.do_handshake()
+        except ssl.SSLError as exc:
+            code = exc.args[0] if exc.args else None
+            if code == ssl.SSL_ERROR_WANT_READ:
+                self._poller.modify(connection.fd, select.POLLIN)
+                return
+            if code == ssl.SSL_ERROR_WANT_WRITE:
+                self._poller.modify(connection.fd, select.POLLOUT)
+                return
+            log.debug('TLS handshake with %s failed: %s', connection.address[0], exc)
+            self._close(connection)
             return
-        worker = threading.Thread(target=target, args=(sock, address))
+        except (socket.error, OSError, ValueError) as exc:
+            log.debug('TLS handshake with %s failed: %s', connection.address[0], exc)
+            self._close(connection)
+            return
+        now = time.time()
+        connection.state = _WAITING
+        connection.since = now
+        connection.deadline = now + self.idle_timeout
+        connection.handler = ExporterRequestHandler(connection, self)
+        self._poller.modify(connection.fd, select.POLLIN)
+        self._receive(connection)
+
+    def _receive(self, connection):
+        """Read what the client sent; queue the request once its head (and small body) is in.
+        """
+        try:
+            while len(connection.buffer) < HEADER_BYTES_LIMIT + REQUEST_LINE_LIMIT + BODY_LIMIT:
+                block = connection.read_some()
+                if block is None:
+                    break
+                if not block:
+                    self._close(connection)
+                    return
+                connection.buffer += block
+        except (ssl.SSLError, socket.error, OSError, ValueError) as exc:
+            log.debug('connection to %s ended: %s', connection.address[0], exc)
+            self._close(connection)
+            return
+        self._examine(connection, time.time())
+
+    def _examine(self, connection, now):
+        if connection.head is None:
+            if connection.scanned == 0:
+                connection.buffer = connection.buffer.lstrip(b'\r\n')
+                if not connection.buffer:
+                    return
+                connection.deadline = min(connection.deadline, now + self.head_timeout)
+            buffer = connection.buffer
+            end = HEAD_END_RE.search(buffer, max(0, connection.scanned - 3))
+            if end is None:
+                connection.scanned = len(buffer)
+                error = self._early_error(buffer)
+                if error is not None:
+                    self._queue(connection, RequestHead(error[0], error=error[1]), now)
+                return
+            connection.head = parse_request_head(buffer[:end.end()])
+            connection.buffer = buffer[end.end():]
+            connection.body = _body_to_wait_for(connection.head)
+        if len(connection.buffer) >= connection.body:
+            self._queue(connection, connection.head, now)
+
+    @staticmethod
+    def _early_error(buffer):
+        """(request line, ApiError) for a head that is already wrong before it is complete."""
+        line_end = buffer.find(b'\n')
+        if line_end < 0:
+            if len(buffer) > REQUEST_LINE_LIMIT:
+                return _native_text(buffer[:256]), ApiError(
+                    414, 'URI Too Long', 'the request line is longer than %d bytes'
+                    % REQUEST_LINE_LIMIT)
+            return None
+        line = _strip_line_end(buffer[:line_end + 1])
+        try:
+            check_request_line(line)
+        except ApiError as exc:
+            return _native_text(line), exc
+        if len(buffer) > HEADER_BYTES_LIMIT:
+            return _native_text(line), ApiError(
+                431, 'Request Header Fields Too Large',
+                'the request headers exceed %d lines or %d bytes'
+                % (HEADER_COUNT_LIMIT, HEADER_BYTES_LIMIT))
+        return None
+
+    def _queue(self, connection, head, now):
+        connection.head = head
+        connection.state = _QUEUED
+        connection.queued_at = now
+        connection.scanned = 0
+        self._poller.unregister(connection.fd)
+        with self._lock:
+            self._ready.append(connection)
+            if self._idle_workers:
+                self._work.notify()
+                return
+            if self._workers >= self.max_workers:
+                return
+            self._workers += 1
+        worker = threading.Thread(target=self._worker)
         worker.daemon = True
         worker.start()
 
-    def _serve_connection(self, sock, address):
-        tls = None
-        try:
-            sock.setblocking(1)
-            sock.settimeout(self.handshake_timeout)
-            set_tcp_nodelay(sock)
-            try:
-                tls = self.tls_wrap(sock)  # on Python 3 this takes `sock` over
-            except (ssl.SSLError, socket.error, socket.timeout, OSError) as exc:
-                log.debug('TLS handshake with %s failed: %s', address[0], exc)
-                return
-            tls.settimeout(self.idle_timeout)
-            ExporterRequestHandler(tls, address, self, sock)
-        except Exception:
-            log.error('connection from %s failed: %s', address[0], traceback.format_exc())
-        finally:
-            with self._lock:
-                self._connections.pop(sock, None)
-            if tls is not None:
-                self._close_quietly(tls)
-            self._close_quietly(sock)  # Python 2: the plain socket shares the descriptor
-
-    def _refuse_connection(self, sock, address):
-        try:
-            sock.setblocking(1)
-            sock.settimeout(2.0)
-            tls = self.tls_wrap(sock)
-            head = b''
-            while b'\r\n\r\n' not in head and len(head) < HEADER_BYTES_LIMIT:
-                block = tls.recv(4096)  # read the request, so that closing sends no RST
-                if not block:
-                    break
-                head += block
-            body = to_bytes(json_dumps({'error': 'Service Unavailable',
-                                        'details': 'too many connections; retry shortly'}))
-            tls.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json'
-                        b'\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: '
-                        + to_bytes(str(len(body))) + b'\r\n\r\n' + body)
-            log.warning('refused a connection from %s: %d connections open', address[0],
-                        self.max_connections)
-        except Exception as exc:
-            log.debug('refusing %s: %s', address[0], exc)
-        finally:
-            with self._lock:
-                self._overflow -= 1
-            self._close_quietly(sock)
-
-    def register_handler(self, accepted, handler):
+    def _sweep(self, now):
+        if not self._listening and len(self._connections) < self._descriptor_budget():
+            self._listening = True
+            self._poller.register(self.listener.fileno(), select.POLLIN)
+        for connection in list(self._connections.values()):
+            if connection.state <= _WAITING and connection.deadline < now:
+                if connection.buffer or connection.scanned:
+                    log.info('%s: the request head did not arrive within %.0fs; closed',
+                             connection.address[0], self.head_timeout)
+                self._close(connection)
+        refused = []
         with self._lock:
-            if accepted in self._connections:
-                self._connections[accepted] = handler
+            while self._ready and self._ready[0].queued_at < now - QUEUE_WAIT_SECONDS:
+                refused.append(self._ready.pop(0))
+        for connection in refused:
+            self._refuse(connection)
+
+    def _refuse(self, connection):
+        """503 to a request that waited QUEUE_WAIT_SECONDS for a worker; sent without
+        blocking (it is small), then the connection is closed."""
+        body = to_bytes(json_dumps({'error': 'Service Unavailable',
+                                    'details': 'too many requests in progress; retry shortly'}))
+        try:
+            connection.tls.send(
+                b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json'
+                b'\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: '
+                + to_bytes(str(len(body))) + b'\r\n\r\n' + body)
+        except (ssl.SSLError, socket.error, OSError, ValueError) as exc:
+            log.debug('refusing %s: %s', connection.address[0], exc)
+        log.warning('refused a request from %s: %d requests in progress',
+                    connection.address[0], self.max_workers)
+        self._close(connection)
+
+    def _take_back(self):
+        try:
+            os.read(self._wakeup_r, 4096)
+        except OSError:
+            pass
+        with self._lock:
+            returned, self._returned = self._returned, []
+            self._signalled = False
+        now = time.time()
+        for connection in returned:
+            if connection.state != _WAITING:
+                self._close(connection)
+                continue
+            connection.since = now
+            connection.deadline = now + self.idle_timeout
+            self._poller.register(connection.fd, select.POLLIN)
+            if connection.buffer or connection.tls.pending():
+                self._receive(connection)
+
+    def _close(self, connection):
+        if self._connections.pop(connection.fd, None) is not None and (
+                connection.state <= _WAITING):
+            try:
+                self._poller.unregister(connection.fd)
+            except (KeyError, ValueError):
+                pass
+        self._close_quietly(connection.tls)
+        self._close_quietly(connection.sock)  # Python 2: the plain socket shares the descriptor
 
     @staticmethod
     def _close_quietly(sock):
@@ -5104,109 +5453,171 @@ class ExporterServer(object):
         except Exception:
             pass
 
-    def stop(self):
-        """Stop accepting; running transfers get SHUTDOWN_GRACE_SECONDS to finish."""
-        self._stopping = True
-        try:
-            os.write(self._wakeup_w, b'x')
-        except OSError:
-            pass
+    # -- workers
+    def _next_request(self):
+        """The oldest ready connection whose client address is within its share."""
+        for index, connection in enumerate(self._ready):
+            if self._busy.get(connection.address[0], 0) < self.address_share:
+                del self._ready[index]
+                return connection
+        return None
 
-    @property
-    def stopping(self):
-        return self._stopping
-
-    def _drain(self):
-        deadline = time.time() + SHUTDOWN_GRACE_SECONDS
-        while time.time() < deadline:
+    def _worker(self):
+        while True:
             with self._lock:
-                connections = list(self._connections.items())
-            if not connections:
-                return
-            for _, handler in connections:
-                if handler is not None and not handler.busy:
-                    try:  # an idle keep-alive connection: wake its reader with an EOF
-                        handler.connection.shutdown(socket.SHUT_RDWR)
-                    except (socket.error, OSError, ValueError):
-                        pass
-            time.sleep(0.1)
-        log.warning('%d connections still open at shutdown', self.active_connections)
+                connection = self._next_request()
+                while connection is None:
+                    if self._stopping and not self._ready:
+                        self._workers -= 1
+                        self._work.notify_all()
+                        return
+                    self._idle_workers += 1
+                    self._work.wait()
+                    self._idle_workers -= 1
+                    connection = self._next_request()
+                address = connection.address[0]
+                self._busy[address] = self._busy.get(address, 0) + 1
+                self._working += 1
+            try:
+                self._serve(connection)
+            finally:
+                with self._lock:
+                    self._working -= 1
+                    count = self._busy[address] - 1
+                    if count:
+                        self._busy[address] = count
+                    else:
+                        del self._busy[address]
+                    if self._ready:
+                        self._work.notify()
+                    if self._stopping and not self._working:
+                        self._work.notify_all()
+
+    def _serve(self, connection):
+        connection.state = _WORKING
+        keep = False
+        try:
+            connection.tls.settimeout(self.idle_timeout)
+            keep = connection.handler.serve_request(connection.head)
+            if keep:
+                connection.tls.setblocking(0)
+        except (socket.error, ssl.SSLError, OSError, ValueError) as exc:
+            log.debug('connection to %s ended: %s', connection.address[0], exc)
+            keep = False
+        except Exception:
+            log.error('connection from %s failed: %s', connection.address[0],
+                      traceback.format_exc())
+            keep = False
+        connection.head = None
+        connection.body = 0
+        connection.state = _WAITING if keep and not self._stopping else _WORKING
+        with self._lock:
+            self._returned.append(connection)
+            signal_it = not self._signalled
+            self._signalled = True
+        if signal_it:
+            self._wake()
+
+    def _shut_down(self):
+        self.listener.close()
+        for connection in list(self._connections.values()):
+            if connection.state <= _WAITING:
+                self._close(connection)
+        deadline = time.time() + SHUTDOWN_GRACE_SECONDS
+        with self._lock:
+            self._work.notify_all()
+            while (self._working or self._ready) and time.time() < deadline:
+                self._work.wait(0.25)
+            busy = self._working
+            self._work.notify_all()
+        self._take_back()
+        for connection in list(self._connections.values()):
+            self._close(connection)
+        with self._lock:  # idle workers leave their loop (no thread runs on at exit)
+            deadline = time.time() + 2.0
+            while self._workers and time.time() < deadline:
+                self._work.notify_all()
+                self._work.wait(0.05)
+        if busy:
+            log.warning('%d requests still running at shutdown', busy)
+
+
+def _open_descriptor_count():
+    try:
+        return len(os.listdir('/proc/self/fd'))
+    except OSError:
+        return 16
+
+
+class _ConnectionReader(object):
+    """A request body: the bytes the front end already read, then the socket."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def read(self, size):
+        connection = self.connection
+        while len(connection.buffer) < size:
+            block = connection.tls.read(65536) if PY2 else connection.tls.recv(65536)
+            if not block:
+                break
+            connection.buffer += block
+        data, connection.buffer = connection.buffer[:size], connection.buffer[size:]
+        return data
+
+
+class _SocketWriter(object):
+    def __init__(self, sock):
+        self.write = sock.sendall
+
+    def flush(self):
+        pass
 
 
 class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
-    """One connection: reads bounded requests and answers them through ApiApplication."""
+    """The requests of one connection, one at a time, answered through ApiApplication. The
+    front end parses the head (parse_request_head), so BaseHTTPRequestHandler's own reading
+    and parsing are not used; its attributes (command, path, headers...) are kept."""
 
     protocol_version = 'HTTP/1.1'
     server_version = 'ovm_exporter/' + __version__
     sys_version = ''
-    rbufsize = 65536
 
-    def __init__(self, request, client_address, server, accepted):
-        self.busy = False
-        self.connection = request
-        server.register_handler(accepted, self)
-        http_server.BaseHTTPRequestHandler.__init__(self, request, client_address, server)
+    def __init__(self, connection, server):
+        self.connection = self.request = connection.tls
+        self.client_address = connection.address
+        self.server = server
+        self.rfile = _ConnectionReader(connection)
+        self.wfile = _SocketWriter(connection.tls)
+        self.close_connection = False
 
-    # -- reading a request
-    def _read_head(self):
-        """Read the request line and headers with bounds; return the lines or None at EOF."""
-        line = self.rfile.readline(REQUEST_LINE_LIMIT + 1)
-        while line in (b'\r\n', b'\n'):
-            line = self.rfile.readline(REQUEST_LINE_LIMIT + 1)
-        if not line:
-            return None
-        self.busy = True
-        if len(line) > REQUEST_LINE_LIMIT:
-            raise ApiError(414, 'URI Too Long', 'the request line is longer than %d bytes'
-                           % REQUEST_LINE_LIMIT)
-        lines = [line]
-        total = len(line)
-        while True:
-            header = self.rfile.readline(HEADER_LINE_LIMIT + 1)
-            if not header:
-                return None
-            total += len(header)
-            if len(header) > HEADER_LINE_LIMIT or total > HEADER_BYTES_LIMIT \
-                    or len(lines) > HEADER_COUNT_LIMIT:
-                raise ApiError(431, 'Request Header Fields Too Large',
-                               'the request headers exceed %d lines or %d bytes'
-                               % (HEADER_COUNT_LIMIT, HEADER_BYTES_LIMIT))
-            lines.append(header)
-            if header in (b'\r\n', b'\n'):
-                return lines
-
-    def handle_one_request(self):
+    def serve_request(self, head):
+        """Answer one request; True if the connection stays open for the next."""
         self.started = time.time()
         self.user = '-'
         self.status_sent = 0
         self.bytes_sent = 0
-        self.requestline = ''
+        self.requestline = head.requestline
         self.command = None
-        self.busy = False
         self.body_done = False
+        self.headers = None
+        self.close_connection = True
         try:
-            lines = self._read_head()
-            if lines is None:
-                self.close_connection = True
-                return
-            self.raw_requestline = lines[0]
-            real_rfile = self.rfile
-            self.rfile = BytesIO(b''.join(lines[1:]))
-            try:
-                parsed = self.parse_request()
-            finally:
-                self.rfile = real_rfile
-            if not parsed:
-                return
+            if head.error is not None:
+                raise head.error
+            self.command, self.path = head.method, head.target
+            self.request_version = head.version
+            self.headers = head.headers
+            self.close_connection = not head.keep_alive or self.server.stopping
             length = self.headers.get('Content-Length')
             self.body_done = not self.headers.get('Transfer-Encoding') and \
                 (length is None or length.strip() == '0')
-            if self.server.stopping:
-                self.close_connection = True
             self.server.app.handle(self)
         except ApiError as exc:
             if not self.body_done:  # the rest of the request is still on the wire
                 self.close_connection = True
+            if self.command is None:
+                self.command = '-'
             self.send_api_error(exc)
         except socket.timeout:
             self.close_connection = True
@@ -5216,11 +5627,10 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         finally:
             if self.command is not None or self.status_sent:
                 self.log_access()
-            self.busy = False
+        return not self.close_connection
 
     # -- writing a response
-    def send_head(self, status, headers, length):
-        """Write the status line and headers in one go; `headers` is a list of pairs."""
+    def head_bytes(self, status, headers, length):
         lines = ['HTTP/1.1 %d %s' % (status, HTTP_REASONS.get(status, 'Unknown')),
                  'Server: ' + self.server_version, 'Date: ' + http_date()]
         for name, value in headers:
@@ -5229,15 +5639,22 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             lines.append('Content-Length: %d' % length)
         if self.close_connection:
             lines.append('Connection: close')
-        self.wfile.write(('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1'))
         self.status_sent = status
+        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+
+    def send_head(self, status, headers, length):
+        """Write the status line and headers in one go; `headers` is a list of pairs."""
+        self.wfile.write(self.head_bytes(status, headers, length))
 
     def send_json(self, status, obj, headers=()):
+        """A small answer: its head and body in one write."""
         body = to_bytes(json_dumps(obj))
-        self.send_head(status, [('Content-Type', 'application/json')] + list(headers),
-                       len(body))
-        if self.command != 'HEAD':
-            self.wfile.write(body)
+        head = self.head_bytes(status, [('Content-Type', 'application/json')] + list(headers),
+                               len(body))
+        if self.command == 'HEAD':
+            self.wfile.write(head)
+        else:
+            self.wfile.write(head + body)
             self.bytes_sent += len(body)
 
     def send_api_error(self, exc):
@@ -5245,7 +5662,7 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
                        sorted(exc.headers.items()))
 
     def send_error(self, code, message=None, explain=None):
-        """BaseHTTPRequestHandler's own errors (bad request line, version), as JSON."""
+        """BaseHTTPRequestHandler's own errors, as JSON."""
         self.close_connection = True
         if self.command is None:
             self.command = '-'
