@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -5605,22 +5606,165 @@ def test_idle_connections_and_stalled_handshakes_do_not_block_others(exporter_fa
             sock.close()
 
 
-def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory):
-    exporter = exporter_factory(api_extra='max_connections = 4')
+def stalled_download(exporter, xfs_host, token, snapshot, source='127.0.0.1'):
+    """A download from `source` that reads its first bytes, then nothing: its worker is
+    left blocked in sending (64 MiB do not fit in the socket buffers)."""
+    sock = socket.create_connection(('127.0.0.1', exporter.port), source_address=(source, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
+    tls.settimeout(10)
+    tls.sendall(('GET /api/v1/vms/%s/snapshots/%s/disks/%s HTTP/1.1\r\nHost: x\r\n'
+                 'Authorization: Bearer %s\r\n\r\n' % (
+                     xfs_host.vm, snapshot['id'], snapshot['disks'][0]['name'], token)
+                 ).encode('ascii'))
+    assert tls.recv(4096).startswith(b'HTTP/1.1 200 ')
+    return tls
+
+
+def request_from(exporter, source, method, path, token=None, timeout=30):
+    """exporter.request() from another loopback address (127.0.0.2 and so on)."""
+    connection = exporter.connection(timeout=timeout)
+    connection.source_address = (source, 0)
+    return exporter.request(method, path, token=token, connection=connection)
+
+
+def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory, xfs_host):
+    """max_connections bounds the requests being worked on, not the connections: idle
+    keep-alive connections do not count; a request that finds every worker busy waits a
+    moment, then gets 503 with Retry-After, and the service recovers."""
+    exporter = exporter_factory(repositories=xfs_host.repositories,
+                                api_extra='max_connections = 4')
     token = exporter.login()
-    held = [exporter.connection() for _ in range(4)]
+    held = [exporter.connection() for _ in range(6)]
     for connection in held:
         assert exporter.request('GET', '/api/v1/vms', token=token, connection=connection)[0] \
             == 200
-    status, headers, data = exporter.request('GET', '/api/v1/vms', token=token)
+    assert exporter.request('GET', '/api/v1/vms', token=token)[0] == 200
+    snapshot = exporter.json('POST', '/api/v1/vms/%s/snapshots' % xfs_host.vm, token)
+    stalled = [stalled_download(exporter, xfs_host, token, snapshot, source)
+               for source in ('127.0.0.1', '127.0.0.1', '127.0.0.2', '127.0.0.2')]
+    status, headers, data = request_from(exporter, '127.0.0.3', 'GET', '/api/v1/vms', token)
     assert status == 503 and headers['retry-after'] == '1'
     assert json.loads(data.decode('utf-8'))['error'] == 'Service Unavailable'
     for connection in held:
         connection.close()
-    deadline = time.time() + 5
+    for tls in stalled:
+        tls.close()
+    deadline = time.time() + 10
     while exporter.request('GET', '/api/v1/vms', token=token)[0] != 200:
         assert time.time() < deadline, 'did not recover'
         time.sleep(0.1)
+
+
+def test_one_client_address_holds_at_most_half_the_workers(exporter_factory, xfs_host):
+    exporter = exporter_factory(repositories=xfs_host.repositories,
+                                api_extra='max_connections = 4')
+    token = exporter.login()
+    snapshot = exporter.json('POST', '/api/v1/vms/%s/snapshots' % xfs_host.vm, token)
+    stalled = [stalled_download(exporter, xfs_host, token, snapshot) for _ in range(2)]
+    try:
+        assert request_from(exporter, '127.0.0.2', 'GET', '/api/v1/vms', token)[0] == 200
+        status, headers, _ = exporter.request('GET', '/api/v1/vms', token=token)
+        assert status == 503 and headers['retry-after'] == '1'
+        assert request_from(exporter, '127.0.0.2', 'GET', '/api/v1/vms', token)[0] == 200
+    finally:
+        for tls in stalled:
+            tls.close()
+
+
+def tls_client(exporter):
+    sock = socket.create_connection(('127.0.0.1', exporter.port))
+    tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
+    tls.settimeout(10)
+    return tls
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_stalled_handshakes_slowloris_and_idle_connections_do_not_starve_others(
+        exporter_factory, python):
+    """Timing (generous bound): with far more stalled TLS handshakes, slowloris heads and
+    idle connections open than there are workers, a new client logs in and is served."""
+    exporter = exporter_factory(python, api_extra='max_connections = 4\n'
+                                                  'handshake_timeout = "30s"')
+    token = exporter.login()
+    held = []
+    try:
+        for _ in range(200):
+            held.append(socket.create_connection(('127.0.0.1', exporter.port)))
+        for _ in range(40):  # half a ClientHello, then nothing
+            sock = socket.create_connection(('127.0.0.1', exporter.port))
+            sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')
+            held.append(sock)
+        slow = [tls_client(exporter) for _ in range(40)]
+        held.extend(slow)
+        for tls in slow:  # the start of a request head, to be continued byte by byte
+            tls.sendall(b'GET /api/v1/vms HTTP/1.1\r\nHost: x\r\n')
+        for _ in range(3):
+            for tls in slow:
+                tls.sendall(b'X')
+            started = time.time()
+            assert exporter.login()
+            assert exporter.request('GET', '/api/v1/vms', token=token)[0] == 200
+            assert time.time() - started < 5.0
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_a_request_head_must_arrive_whole_within_the_deadline(exporter_factory, python):
+    """Timing (generous bound): a head sent one byte at a time is cut off at the deadline
+    for the whole head (handshake_timeout), however often a byte arrives."""
+    exporter = exporter_factory(python, api_extra='handshake_timeout = "1s"')
+    tls = tls_client(exporter)
+    started = time.time()
+    closed = False
+    for byte in bytearray(b'GET /api/v1/vms HTTP/1.1\r\nX-Slow: ' + b'a' * 100):
+        try:
+            tls.sendall(bytes(bytearray([byte])))
+            tls.settimeout(0.2)
+            closed = tls.recv(1024) == b''
+        except socket.timeout:
+            pass
+        except (socket.error, ssl.SSLError):
+            closed = True
+        if closed or time.time() - started > 15:
+            break
+    tls.close()
+    assert closed and time.time() - started < 8
+    assert exporter.request('GET', '/nope')[0] == 404
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_out_of_descriptors_closes_the_oldest_idle_connections(exporter_factory, python):
+    """With the descriptor limit lowered under it, a server full of idle connections closes
+    the oldest of them and still serves a new client (timing: a generous bound, far below
+    the handshake time-out that would free them otherwise)."""
+    exporter = exporter_factory(python, api_extra='max_connections = 4\n'
+                                                  'handshake_timeout = "60s"')
+    token = exporter.login()
+    resource.prlimit(exporter.process.pid, resource.RLIMIT_NOFILE, (200, 200))
+    held = []
+    try:
+        for _ in range(300):
+            held.append(socket.create_connection(('127.0.0.1', exporter.port)))
+        started = time.time()
+        connection = exporter.connection(timeout=15)
+        assert exporter.request('GET', '/api/v1/vms', token=token, connection=connection)[0] \
+            == 200
+        assert time.time() - started < 10
+        held[0].settimeout(10)
+        try:
+            oldest_closed = held[0].recv(1) == b''
+        except socket.error:
+            oldest_closed = True
+        assert oldest_closed
+        held[-1].settimeout(0.2)
+        with pytest.raises(socket.timeout):  # the newest idle connection stays open
+            held[-1].recv(1)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_sigterm_lets_a_running_download_finish(exporter_factory, xfs_host):
