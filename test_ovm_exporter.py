@@ -488,6 +488,11 @@ def make_disk(path, size, blocks=()):
             handle.write(data)
 
 
+def filesystem_type(path):
+    """The type of the mounted filesystem holding `path`, as findmnt (util-linux) tells it."""
+    return run(['findmnt', '-n', '-o', 'FSTYPE', '--target', path]).strip()
+
+
 class SampleHost(object):
     """Repositories under a base folder, with helpers to add VMs with disks."""
 
@@ -501,8 +506,9 @@ class SampleHost(object):
             path = os.path.join(mount_point, sub)
             if not os.path.isdir(path):
                 os.makedirs(path)
+        # the type of the filesystem it is on: the exporter uses a repository only there
         self.repositories.append({'id': repo_id, 'mount_point': mount_point,
-                                  'filesystem': 'xfs'})
+                                  'filesystem': filesystem_type(mount_point)})
         return mount_point
 
     def add_vm(self, repo, vm_name, disks, friendly=None, extra=()):
@@ -2885,6 +2891,7 @@ def host(xfs_mount, tmp_path_factory):
     exa_img2 = vd(a, '0004fb0000120000000000000000a003.img')
     exa_img3 = vd(a, '0004fb0000120000000000000000a004.img')
     tpl_img = vd(a, '0004fb0000120000000000000000a005.img')
+    vd(a, '0004fb0000120000000000000000a00p.img')  # phy-vm's file disk: a real file
     b_img = vd(b, '0004fb0000120000000000000000b001.img')
     iso = os.path.join(b, 'ISOs', '0004fb0000150000000000000000b0150.iso')
     write(iso, b'CD001')
@@ -3302,6 +3309,7 @@ def test_vm_cfg_reread_only_when_changed(tmp_path):
     for i in range(3):
         make_vm(repo, 'vm%d' % i, "name = 'vm%d'\ndisk = ['file:%s/VirtualDisks/d%d.img,xvda,w']\n"
                 % (i, repo, i))
+        write(os.path.join(repo, 'VirtualDisks', 'd%d.img' % i), b'\0' * 4096)
     calls = []
 
     def probe(directory):
@@ -3399,6 +3407,7 @@ def test_unreadable_ovsmeta_ignored(tmp_path, caplog):
     repo = str(tmp_path / 'repo')
     write(os.path.join(repo, '.ovsmeta'), b'\x00\x01garbage')
     make_vm(repo, 'v', "name = 'v'\ndisk = ['file:%s/VirtualDisks/x.img,xvda,w']\n" % repo)
+    write(os.path.join(repo, 'VirtualDisks', 'x.img'), b'\0' * 4096)
     configured = [{'id': 'r', 'mount_point': repo}]
     inv = ox.HostInventory(lambda: ox.load_repositories(None, None, configured), json_ovsmeta_reader,
                            lambda d: (True, 'yes'))
@@ -3413,6 +3422,7 @@ def test_unreadable_ovsmeta_ignored(tmp_path, caplog):
 def test_probe_exception_means_not_compatible(tmp_path):
     repo = str(tmp_path / 'repo')
     make_vm(repo, 'v', "name = 'v'\ndisk = ['file:%s/VirtualDisks/x.img,xvda,w']\n" % repo)
+    write(os.path.join(repo, 'VirtualDisks', 'x.img'), b'\0' * 4096)
 
     def probe(directory):
         raise OSError(errno.EACCES, 'Permission denied')
