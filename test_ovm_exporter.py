@@ -6259,6 +6259,8 @@ def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporte
         assert 'keeping snapshot %s' % ids[0] in exporter.log()
 
         run(['mount', '-o', 'loop', mount_a.image, mount_a.path])
+        listed = exporter.json('GET', '/api/v1/vms/%s/snapshots' % vm, token)
+        assert [s['id'] for s in listed] == ids  # back at once, before any restart
         token = restart(exporter)
         assert listed_snapshot_ids(exporter, token, vm) == ids
         listed = exporter.json('GET', '/api/v1/vms/%s/snapshots' % vm, token)
