@@ -2051,13 +2051,30 @@ def _file_type_name(mode):
     return 'not a regular file'
 
 
-def disk_file_problem(path, mount_point):
+def _cached(cache, function, argument):
+    key = (function, argument)
+    if key not in cache:
+        cache[key] = function(argument)
+    return cache[key]
+
+
+def disk_file_problem(path, mount_point, cache=None):
     """(real path, None) when `path` is a regular file whose real path (every symbolic link
     resolved) lies inside the repository at `mount_point`, on that repository's filesystem;
-    else (real path or None, why not). Never opens the file."""
+    else (real path or None, why not). Never opens the file. `cache`: a dict kept for one
+    listing (folders' real paths, mount points' stat)."""
+    if cache is None:
+        cache = {}
     try:
-        real = os.path.realpath(path)
-        st = os.lstat(real)  # a symbolic link left after realpath: a loop or a dangling link
+        directory, name = posixpath.split(path)
+        if name in ('', '.', '..'):
+            real = os.path.realpath(path)
+        else:  # a disk's folder is shared by many disks: resolve it once per listing
+            real = posixpath.join(_cached(cache, os.path.realpath, directory), name)
+        st = os.lstat(real)
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(real)
+            st = os.lstat(real)  # still a link: a loop (or too deep)
     except EnvironmentError as e:
         return None, u'cannot be read: {0}'.format(discovery_error_text(e.strerror or e))
     if stat.S_ISLNK(st.st_mode):
@@ -2071,8 +2088,8 @@ def disk_file_problem(path, mount_point):
     if not stat.S_ISREG(st.st_mode):
         return real, u'{0}, not a regular file'.format(_file_type_name(st.st_mode))
     try:
-        repo_real = os.path.realpath(mount_point)
-        repo_st = os.stat(repo_real)
+        repo_real = _cached(cache, os.path.realpath, mount_point)
+        repo_st = _cached(cache, os.stat, repo_real)
     except EnvironmentError as e:
         return real, u'cannot read its repository {0}: {1}'.format(
             mount_point, discovery_error_text(e.strerror or e))
@@ -2156,6 +2173,7 @@ class HostInventory(object):
         self._warned = {}
         self._warnings = None
         self._cfg_seen = {}
+        self._path_cache = {}     # for one listing: see disk_file_problem
 
     # -- warnings: logged once when a condition appears (or its message changes)
     def _warn(self, key, message):
@@ -2429,7 +2447,7 @@ class HostInventory(object):
                 disk['_reason'] = u'repository {0} cannot be used now: {1}'.format(
                     disk['_repo_id'], problems[disk['_repo_id']])
             else:
-                why = disk_file_problem(path, disk_repo['mount_point'])[1]
+                why = disk_file_problem(path, disk_repo['mount_point'], self._path_cache)[1]
                 if why:
                     disk['_reason'] = why
                 else:
@@ -2531,6 +2549,7 @@ class HostInventory(object):
             finally:
                 self._warnings = None
                 self._cfg_seen = {}
+                self._path_cache = {}
         finally:
             self._lock.release()
 
