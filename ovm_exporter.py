@@ -2470,6 +2470,12 @@ class HostInventory(object):
                 '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
                 '_compat_reason': '; '.join(reasons), '_unparsed_disks': unparsed}
 
+    def _keep_cached_parses(self, vm_root):
+        """Keep the cached parses of a repository that cannot be listed, for when it is back."""
+        for path, entry in self._cfg_cache.items():
+            if path.startswith(vm_root + '/'):
+                self._cfg_seen[path] = entry
+
     def _list_locked(self):
         repos = self._load_repositories()
         self._warnings = {}
@@ -2487,9 +2493,7 @@ class HostInventory(object):
                            u'its VMs are not listed and nothing is written there'.format(
                                repo['id'], repo['alias'] or repo['mount_point'],
                                problems[repo['id']]))
-                for path, entry in self._cfg_cache.items():
-                    if path.startswith(vm_root + '/'):
-                        self._cfg_seen[path] = entry
+                self._keep_cached_parses(vm_root)
                 continue
             try:
                 dir_names = os.listdir(vm_root)
@@ -2499,10 +2503,7 @@ class HostInventory(object):
                 self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
                            'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
                                                discovery_error_text(e.strerror or e)))
-                # keep the cached parses of this repository for when it comes back
-                for path, entry in self._cfg_cache.items():
-                    if path.startswith(vm_root + '/'):
-                        self._cfg_seen[path] = entry
+                self._keep_cached_parses(vm_root)
                 continue
             ascii_names = []
             for dir_name in dir_names:
@@ -3776,12 +3777,12 @@ class SnapshotService(object):
         that is not mounted now is kept as it is."""
         summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
                    'vanished': 0, 'kept_unmounted': 0}
-        mountpoints = set(self.store.repo_mountpoints())
+        all_mountpoints = set(self.store.repo_mountpoints())
         try:
-            mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
+            all_mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
         except Exception as exc:
             log.warning('cannot list repositories while reconciling: %s', exc)
-        problems = self.inventory.mount_problems(sorted(mountpoints))
+        problems = self.inventory.mount_problems(sorted(all_mountpoints))
         for record in self.store.list_all():
             mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
             absent = [mp for mp in mountpoints if problems.get(mp)]
@@ -3839,8 +3840,8 @@ class SnapshotService(object):
         """True when `folder` is a snapshot folder made by this exporter (its owner file)."""
         if os.path.islink(folder) or not os.path.isdir(folder):
             return False
-        try:
-            with open(os.path.join(folder, SNAPSHOT_OWNER_FILE)) as owner:
+        try:  # a pool peer's FIFO must not block the start-up
+            with os.fdopen(open_regular_file(os.path.join(folder, SNAPSHOT_OWNER_FILE))) as owner:
                 return owner.read(100).strip() == self.store.instance_id
         except (IOError, OSError):
             return False

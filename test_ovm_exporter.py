@@ -6384,6 +6384,18 @@ def test_disks_that_reach_outside_the_repository_are_refused(exporter_factory, x
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_a_fifo_for_an_owner_file_does_not_block_the_start_up(exporter_factory, xfs_host):
+    """A pool peer (or a mistake) leaves a FIFO where a snapshot folder's owner file goes: the
+    start-up clean-up reads owner files, and must neither wait on it nor remove the folder."""
+    folder = os.path.join(xfs_host.repo, 'CoriolisSnapshots', str(uuid.uuid4()))
+    os.makedirs(folder)
+    os.mkfifo(os.path.join(folder, '.ovm-exporter-owner'))
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    token = exporter.login()
+    assert exporter.json('GET', '/api/v1/vms/%s/snapshots' % xfs_host.vm, token) == []
+    assert snapshot_folders(xfs_host.repo) == [os.path.basename(folder)]
+
+
 @pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_vm_cfg_that_is_a_fifo_is_skipped_with_a_warning(exporter_factory, tmp_path, python):
     host = SampleHost(str(tmp_path / 'host'))
