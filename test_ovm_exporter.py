@@ -6305,6 +6305,9 @@ def test_repository_mount_checks(tmp_path):
         os.mkdir(plain)
         assert 'not on xfs' in problem(plain, 'xfs')
         assert problem(plain, 'demo', plain=True) is None
+        nfs = [('/', 'ext4'), (plain, 'nfs4')]  # an NFS repository mounts as nfs or nfs4
+        assert ox.repository_mount_problem({'id': 'n', 'mount_point': plain,
+                                            'filesystem': 'nfs'}, nfs) is None
         run(['umount', mount.path])
         mounts = ox.read_mount_table()
         assert 'not on xfs' in problem(mount.path, 'xfs')
