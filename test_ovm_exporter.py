@@ -6183,7 +6183,7 @@ def test_ranges_past_4_gib(exporter_factory, xfs, python):
         shutil.rmtree(base, ignore_errors=True)
 
 
-# ================================ when the host misbehaves: unmounted repositories, hostile disks ===
+# ===================== when the host misbehaves: unmounted repositories, hostile disks ===
 
 def listed_snapshot_ids(exporter, token, vm):
     return exporter.json('GET', '/api/v1/vms/%s' % vm, token)['snapshots']
@@ -6317,7 +6317,9 @@ def test_repository_mount_checks(tmp_path):
         mount.close()
 
 
-HOSTILE_DISKS = {  # case -> (disk path in the repository "repo" next to "outside", words of the reason)
+# case -> (disk path under the host folder: repository "repo" and "outside" side by side,
+#          words of the reason)
+HOSTILE_DISKS = {
     'symlink-out': ('repo/VirtualDisks/link-out.img', 'outside'),
     'symlinked-folder': ('repo/VirtualDisks2/secret.img', 'outside'),
     'ovsmeta-outside': ('outside/meta.img', 'outside'),
