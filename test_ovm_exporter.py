@@ -6240,7 +6240,10 @@ def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporte
         listing = exporter.json('GET', '/api/v1/vms', token)
         assert [v['name'] for v in listing] == [vm]
         assert listing[0]['snapshot_compatible'] is False
+        assert listing[0]['disks'][0]['snapshot_compatible'] is False
         assert listing[0]['snapshots'] == ids  # kept and reported
+        assert wait_for(lambda: 'repository 0004fb000003000000000000000000aa (%s) cannot be used '
+                        'now: not mounted' % repo_a in exporter.log(), 10)
         assert exporter.json('GET', '/api/v1/vms/%s/snapshots' % vm, token) == []
         document, _ = error_of(exporter, 'GET', '/api/v1/vms/%s/snapshots/%s' % (vm, ids[0]),
                                503, token)
