@@ -1748,8 +1748,14 @@ def parse_vm_cfg(text, source):
 
 def read_vm_cfg_file(path):
     """Read and parse one vm.cfg. Returns (parsed dict, os.fstat result).
-    Raises VmConfigError (too large) or EnvironmentError (unreadable)."""
-    handle = open(path, 'rb')
+    Raises VmConfigError (too large, not a regular file) or EnvironmentError (unreadable)."""
+    try:
+        fd = open_regular_file(path)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise VmConfigError(discovery_error_text(e.strerror))
+        raise
+    handle = os.fdopen(fd, 'rb')
     try:
         st = os.fstat(handle.fileno())
         if st.st_size > VM_CFG_MAX_BYTES:
@@ -1946,6 +1952,187 @@ class RepositoryDbLoader(object):
             self._lock.release()
 
 
+# ------------------------------------------------------------------ mounts and disk files ---
+# OCFS2 repositories mount after the cluster is up and are unmounted for maintenance: the bare
+# mount point is then a folder of the dom0's root filesystem. Nothing may be created there, and
+# nothing recorded may be forgotten because its files cannot be seen there.
+
+MOUNT_TABLE_PATHS = ('/proc/self/mounts', '/proc/mounts')
+# the filesystem a repository names -> the types the kernel's mount table may show for it
+_FILESYSTEM_TYPE_ALIASES = {'nfs': ('nfs', 'nfs4')}
+_MOUNT_ESCAPE_RE = re.compile(br'\\([0-7]{3})')
+
+
+def _mount_unescape(field):
+    return _MOUNT_ESCAPE_RE.sub(lambda m: struct.pack('B', int(m.group(1), 8) & 0xff), field)
+
+
+def read_mount_table(paths=MOUNT_TABLE_PATHS):
+    """[(mount point, filesystem type)] (text) in mount order, from the kernel's mount table
+    (octal escapes such as \\040 decoded); None when no table can be read."""
+    for path in paths:
+        try:
+            handle = open(path, 'rb')
+            try:
+                data = handle.read()
+            finally:
+                handle.close()
+        except EnvironmentError:
+            continue
+        entries = []
+        for line in data.split(b'\n'):
+            fields = line.split()
+            if len(fields) >= 3:
+                entries.append((discovery_text(_mount_unescape(fields[1])),
+                                discovery_text(_mount_unescape(fields[2]))))
+        return entries
+    return None
+
+
+def _mount_containing(real_path, mounts):
+    """The (mount point, type) entry of `mounts` whose filesystem holds real_path (the last
+    mounted of the deepest mount point above it), or None."""
+    best = None
+    for entry in mounts:
+        directory = entry[0]
+        if directory == '/' or real_path == directory or real_path.startswith(directory + '/'):
+            if best is None or len(directory) >= len(best[0]):
+                best = entry
+    return best
+
+
+def repository_mount_problem(repo, mounts, plain_folder_ok=False):
+    """None when the repository record `repo` is there to be used, else why not (text).
+    Its mount point must be a directory; when the record names a filesystem type, the mounted
+    filesystem holding the mount point must be of that type; when it names none, the mount
+    point must be a mount point itself. `mounts` is read_mount_table()'s answer (None: no
+    table, the mount point must then differ in st_dev from its parent). `plain_folder_ok`
+    (the demo) accepts any directory."""
+    mount_point = repo['mount_point']
+    try:
+        real = os.path.realpath(mount_point)
+        st = os.stat(real)
+    except EnvironmentError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return u'mount point {0} does not exist'.format(mount_point)
+        return u'cannot read the mount point {0}: {1}'.format(
+            mount_point, discovery_error_text(e.strerror or e))
+    if not stat.S_ISDIR(st.st_mode):
+        return u'mount point {0} is not a directory'.format(mount_point)
+    if plain_folder_ok:
+        return None
+    expected = discovery_text(repo.get('filesystem')).strip().lower()
+    if mounts is None:
+        try:
+            parent = os.stat(os.path.join(real, '..'))
+        except EnvironmentError:
+            parent = st
+        if st.st_dev != parent.st_dev or st.st_ino == parent.st_ino:
+            return None
+        return u'{0} is not a mount point (no mount table to read)'.format(mount_point)
+    entry = _mount_containing(real, mounts)
+    if entry is None:
+        return u'no mounted filesystem holds {0}'.format(mount_point)
+    if expected:
+        if entry[1].lower() in _FILESYSTEM_TYPE_ALIASES.get(expected, (expected,)):
+            return None
+        return (u'not mounted: {0} is on the {1} filesystem mounted at {2}, not on {3}'.format(
+            mount_point, entry[1], entry[0], expected))
+    if entry[0] == real:
+        return None
+    return u'not mounted: {0} is not a mount point'.format(mount_point)
+
+
+def repository_problems(repos, plain_folder_ok=False):
+    """{repository id: None or why it cannot be used now} for repository records, from one
+    reading of the mount table."""
+    mounts = read_mount_table()
+    result = {}
+    for repo in repos:
+        result[repo['id']] = repository_mount_problem(repo, mounts, plain_folder_ok)
+    return result
+
+
+def _file_type_name(mode):
+    for test, name in ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'),
+                       (stat.S_ISLNK, 'a symbolic link'), (stat.S_ISSOCK, 'a socket'),
+                       (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device')):
+        if test(mode):
+            return name
+    return 'not a regular file'
+
+
+def _cached(cache, function, argument):
+    key = (function, argument)
+    if key not in cache:
+        cache[key] = function(argument)
+    return cache[key]
+
+
+def disk_file_problem(path, mount_point, cache=None):
+    """(real path, None) when `path` is a regular file whose real path (every symbolic link
+    resolved) lies inside the repository at `mount_point`, on that repository's filesystem;
+    else (real path or None, why not). Never opens the file. `cache`: a dict kept for one
+    listing (folders' real paths, mount points' stat)."""
+    if cache is None:
+        cache = {}
+    try:
+        directory, name = posixpath.split(path)
+        if name in ('', '.', '..'):
+            real = os.path.realpath(path)
+        else:  # a disk's folder is shared by many disks: resolve it once per listing
+            real = posixpath.join(_cached(cache, os.path.realpath, directory), name)
+        st = os.lstat(real)
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(real)
+            st = os.lstat(real)  # still a link: a loop (or too deep)
+    except EnvironmentError as e:
+        return None, u'cannot be read: {0}'.format(discovery_error_text(e.strerror or e))
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            os.stat(real)
+            why = u'a symbolic link that cannot be resolved'
+        except EnvironmentError as e:
+            why = u'a symbolic link that cannot be resolved: {0}'.format(
+                discovery_error_text(e.strerror or e))
+        return real, why
+    if not stat.S_ISREG(st.st_mode):
+        return real, u'{0}, not a regular file'.format(_file_type_name(st.st_mode))
+    try:
+        repo_real = _cached(cache, os.path.realpath, mount_point)
+        repo_st = _cached(cache, os.stat, repo_real)
+    except EnvironmentError as e:
+        return real, u'cannot read its repository {0}: {1}'.format(
+            mount_point, discovery_error_text(e.strerror or e))
+    if not real.startswith(repo_real.rstrip('/') + '/'):
+        return real, u'its real path {0} is outside the repository {1}'.format(real, mount_point)
+    if st.st_dev != repo_st.st_dev:
+        return real, u'its real path {0} is on another filesystem than the repository {1}'.format(
+            real, mount_point)
+    return real, None
+
+
+class NotRegularFileError(OSError):
+    """open_regular_file() found something else than a regular file (errno EINVAL)."""
+
+
+def open_regular_file(path):
+    """A read-only descriptor of the regular file `path`; NotRegularFileError for anything else
+    (a FIFO is never waited on: O_NONBLOCK)."""
+    flags = (os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_NOCTTY', 0)
+             | getattr(os, 'O_CLOEXEC', 0))
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, '%s is %s, not a regular file' % (
+                path, _file_type_name(mode)))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def vm_public_fields(vm):
     """A copy of a VM dict without the internal "_..." keys (also inside its disks)."""
     result = {}
@@ -1970,15 +2157,19 @@ class HostInventory(object):
 
     repositories_loader() -> list of repository records (see make_repository_record);
     ovsmeta_reader(path) -> {basename: {"OBJECT_TYPE": ..., "SIMPLE_NAME": ...}};
-    clone_probe(directory) -> (bool, reason text).
+    clone_probe(directory) -> (bool, reason text);
+    check_mounts(repositories) -> {repository id: None, or why it cannot be used now} (see
+    repository_problems; None: every repository is taken as mounted). A repository that cannot
+    be used is neither listed, probed nor written to, and its disks are not snapshot compatible.
     vm.cfg files are re-parsed only when their (mtime, size, inode) change, directories are
     listed on every call, clone probes are cached per repository for probe_ttl seconds.
     A problem (unmounted repository, broken vm.cfg, bad VM name) is logged once when it
     appears, not on every listing. Thread-safe."""
 
     def __init__(self, repositories_loader, ovsmeta_reader, clone_probe, probe_ttl=300.0,
-                 clock=time.time):
+                 clock=time.time, check_mounts=None):
         self.repositories_loader = repositories_loader
+        self.check_mounts = check_mounts
         self.ovsmeta_reader = ovsmeta_reader
         self.clone_probe = clone_probe
         self.probe_ttl = float(probe_ttl)
@@ -1993,6 +2184,7 @@ class HostInventory(object):
         self._warned = {}
         self._warnings = None
         self._cfg_seen = {}
+        self._path_cache = {}     # for one listing: see disk_file_problem
 
     # -- warnings: logged once when a condition appears (or its message changes)
     def _warn(self, key, message):
@@ -2042,10 +2234,40 @@ class HostInventory(object):
         finally:
             self._lock.release()
 
+    def _mount_problems(self, repos):
+        if self.check_mounts is None:
+            return {}
+        try:
+            return self.check_mounts(repos)
+        except Exception as e:
+            problem = u'cannot check the mounts: {0}'.format(discovery_error_text(e))
+            return dict((repo['id'], problem) for repo in repos)
+
+    def mount_problems(self, mount_points):
+        """{mount point: None when the repository there can be used now, else why not}. A mount
+        point that no repository names any more must be a mount point itself."""
+        self._lock.acquire()
+        try:
+            by_mount_point = dict((r['mount_point'], r) for r in self._load_repositories())
+        finally:
+            self._lock.release()
+        repos = []
+        for mount_point in mount_points:
+            repo = by_mount_point.get(mount_point)
+            if repo is None:
+                repo = make_repository_record(u'', {'mount_point': mount_point})
+            repo = dict(repo, id=mount_point)
+            repos.append(repo)
+        problems = self._mount_problems(repos)
+        return dict((mount_point, problems.get(mount_point)) for mount_point in mount_points)
+
     def _ovsmeta(self, repo):
         path = os.path.join(repo['mount_point'], '.ovsmeta')
         try:
-            key = _discovery_stat_key(os.stat(path))
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, 'not a regular file')
+            key = _discovery_stat_key(st)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                 self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
@@ -2103,6 +2325,9 @@ class HostInventory(object):
         try:
             for repo in self._load_repositories():
                 if repo['id'] == repo_id:
+                    problem = self._mount_problems([repo]).get(repo_id)
+                    if problem:
+                        return False, problem
                     return self._probe(repo)
             return None
         finally:
@@ -2111,11 +2336,15 @@ class HostInventory(object):
     def _read_cfg(self, path):
         """(parsed dict or None, problem text). Parses only when the file changed."""
         try:
-            key = _discovery_stat_key(os.stat(path))
+            st = os.stat(path)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None, ''  # not a VM directory (or one being created / removed)
             return None, u'cannot read {0}: {1}'.format(path, discovery_error_text(e))
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing until written to
+            return None, u'skipping VM: {0} is {1}, not a regular file'.format(
+                path, _file_type_name(st.st_mode))
+        key = _discovery_stat_key(st)
         cached = self._cfg_cache.get(path)
         if cached is not None and cached[0] == key:
             self._cfg_seen[path] = cached
@@ -2159,7 +2388,7 @@ class HostInventory(object):
                 return repo
         return None
 
-    def _build_vm(self, parsed, cfg_path, dir_name, repo, repos, metas):
+    def _build_vm(self, parsed, cfg_path, dir_name, repo, repos, metas, problems):
         cfg, parsed_disks = parsed
         name = cfg.get('name')
         if not isinstance(name, text_type) or not name:
@@ -2225,12 +2454,20 @@ class HostInventory(object):
                 disk['_reason'] = u'not in a known repository'
             elif disk['_object_type'] not in OVSMETA_OBJECT_TYPES_CLONABLE:
                 disk['_reason'] = u'repository metadata says {0}, not VIRTUAL_DISK'.format(disk['_object_type'])
+            elif problems.get(disk['_repo_id']):
+                disk['_reason'] = u'repository {0} cannot be used now: {1}'.format(
+                    disk['_repo_id'], problems[disk['_repo_id']])
             else:
-                ok, why = self._probe(disk_repo)
-                if ok:
-                    disk['snapshot_compatible'] = True
+                why = disk_file_problem(path, disk_repo['mount_point'], self._path_cache)[1]
+                if why:
+                    disk['_reason'] = why
                 else:
-                    disk['_reason'] = u'repository {0} cannot clone files: {1}'.format(disk['_repo_id'], why)
+                    ok, why = self._probe(disk_repo)
+                    if ok:
+                        disk['snapshot_compatible'] = True
+                    else:
+                        disk['_reason'] = u'repository {0} cannot clone files: {1}'.format(
+                            disk['_repo_id'], why)
             if not disk['snapshot_compatible']:
                 reasons.append(u'disk {0} ({1}): {2}'.format(disk['device_name'], path, disk['_reason']))
         if unparsed:
@@ -2244,17 +2481,31 @@ class HostInventory(object):
                 '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
                 '_compat_reason': '; '.join(reasons), '_unparsed_disks': unparsed}
 
+    def _keep_cached_parses(self, vm_root):
+        """Keep the cached parses of a repository that cannot be listed, for when it is back."""
+        for path, entry in self._cfg_cache.items():
+            if path.startswith(vm_root + '/'):
+                self._cfg_seen[path] = entry
+
     def _list_locked(self):
         repos = self._load_repositories()
         self._warnings = {}
         self._cfg_seen = {}
+        problems = self._mount_problems(repos)
         metas = {}
         for repo in repos:
-            metas[repo['id']] = self._ovsmeta(repo)
+            metas[repo['id']] = {} if problems.get(repo['id']) else self._ovsmeta(repo)
         vms = []
         by_name = {}
         for repo in repos:
             vm_root = os.path.join(repo['mount_point'], 'VirtualMachines')
+            if problems.get(repo['id']):
+                self._warn('repo:' + repo['id'], u'repository {0} ({1}) cannot be used now: {2}; '
+                           u'its VMs are not listed and nothing is written there'.format(
+                               repo['id'], repo['alias'] or repo['mount_point'],
+                               problems[repo['id']]))
+                self._keep_cached_parses(vm_root)
+                continue
             try:
                 dir_names = os.listdir(vm_root)
             except OSError as e:
@@ -2263,10 +2514,7 @@ class HostInventory(object):
                 self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
                            'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
                                                discovery_error_text(e.strerror or e)))
-                # keep the cached parses of this repository for when it comes back
-                for path, entry in self._cfg_cache.items():
-                    if path.startswith(vm_root + '/'):
-                        self._cfg_seen[path] = entry
+                self._keep_cached_parses(vm_root)
                 continue
             ascii_names = []
             for dir_name in dir_names:
@@ -2286,7 +2534,7 @@ class HostInventory(object):
                     continue
                 if parsed is None:
                     continue
-                vm = self._build_vm(parsed, cfg_path, dir_name, repo, repos, metas)
+                vm = self._build_vm(parsed, cfg_path, dir_name, repo, repos, metas, problems)
                 if vm is None:
                     continue
                 first = by_name.get(vm['name'])
@@ -2313,6 +2561,7 @@ class HostInventory(object):
             finally:
                 self._warnings = None
                 self._cfg_seen = {}
+                self._path_cache = {}
         finally:
             self._lock.release()
 
@@ -2533,7 +2782,7 @@ def _ocfs2_reflink(src_path, dst_path):
     old_path = array.array('b', _path_to_bytes(src_path) + b'\0')
     new_path = array.array('b', _path_to_bytes(dst_path) + b'\0')
     args = struct.pack('=QQQ', old_path.buffer_info()[0], new_path.buffer_info()[0], 1)
-    fd = os.open(src_path, os.O_RDONLY)
+    fd = open_regular_file(src_path)
     try:
         fcntl.ioctl(fd, OCFS2_IOC_REFLINK, args)
     finally:
@@ -2546,7 +2795,7 @@ def _ficlone(src_path, dst_path):
     """FICLONE into a new file (O_EXCL), then copy mode, owner and times from the source like
     the reflink's preserve=1 does. A failed clone removes the file it created."""
     cloexec = getattr(os, 'O_CLOEXEC', 0)
-    src_fd = os.open(src_path, os.O_RDONLY | cloexec)
+    src_fd = open_regular_file(src_path)
     try:
         st = os.fstat(src_fd)
         dst_fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o600)
@@ -2572,10 +2821,21 @@ def _ficlone(src_path, dst_path):
 def clone_file(src_path, dst_path):
     """Clone src_path to the new file dst_path (which must not exist). Returns the method used,
     'ocfs2_reflink' or 'ficlone'. Raises CloneError; dst_path is never left behind on failure
-    (and an existing dst_path is never touched)."""
+    (and an existing dst_path is never touched). A source that is not a regular file is only
+    opened for a check that does not block (a FIFO)."""
+    try:
+        return _clone_file(src_path, dst_path)
+    except NotRegularFileError as e:  # not "cannot clone", although its errno is EINVAL
+        raise CloneError(e.errno, 'cannot clone {0!r} to {1!r}: {2}'.format(
+            src_path, dst_path, e.strerror), src_path, dst_path)
+
+
+def _clone_file(src_path, dst_path):
     try:
         _ocfs2_reflink(src_path, dst_path)
         return 'ocfs2_reflink'
+    except NotRegularFileError:
+        raise
     except EnvironmentError as e:
         if e.errno not in _CLONE_UNSUPPORTED_ERRNOS:
             raise _clone_error(e.errno, src_path, dst_path)
@@ -2583,6 +2843,8 @@ def clone_file(src_path, dst_path):
     try:
         _ficlone(src_path, dst_path)
         return 'ficlone'
+    except NotRegularFileError:
+        raise
     except EnvironmentError as e:
         detail = None
         if e.errno in _CLONE_UNSUPPORTED_ERRNOS:
@@ -3681,6 +3943,13 @@ def conflict(details):
     return ApiError(409, 'Conflict', details)
 
 
+class RepositoryUnavailable(ApiError):
+    """A repository that holds (or would hold) snapshot files is not mounted now."""
+
+    def __init__(self, details):
+        ApiError.__init__(self, 503, 'Service Unavailable', details)
+
+
 def remove_tree_quietly(path):
     """Remove a snapshot folder; return True when nothing is left."""
     if not os.path.lexists(path):
@@ -3696,7 +3965,7 @@ def remove_tree_quietly(path):
 def copy_sparse(src, dst):
     """Copy data regions only (demo fallback where the folder's filesystem cannot clone)."""
     seek_data, seek_hole = getattr(os, 'SEEK_DATA', 3), getattr(os, 'SEEK_HOLE', 4)
-    src_fd = os.open(src, os.O_RDONLY)
+    src_fd = open_regular_file(src)
     try:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -3726,6 +3995,15 @@ def copy_sparse(src, dst):
     finally:
         os.close(src_fd)
     return 'sparse_copy'
+
+
+def _is_missing(path):
+    """True only when `path` provably does not exist (not for any other error)."""
+    try:
+        os.lstat(path)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
 class KeyedLocks(object):
@@ -3833,7 +4111,15 @@ class SnapshotService(object):
                           'path': os.path.join(snapshot_dir(mountpoint, snapshot_id),
                                                disk['name'])})
         with self.vm_locks.get(vm_id):
-            self._check_free_space(sorted(set(d['repo_mountpoint'] for d in disks)))
+            mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
+            self._check_mounted(mountpoints, 'no snapshot was made')
+            for disk in disks:
+                real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
+                if why:
+                    raise bad_request('virtual machine %s is not snapshot compatible: disk %s: %s'
+                                      % (vm_id, disk['parent_path'], why))
+                disk['source'] = real
+            self._check_free_space(mountpoints)
             toolstack, consistency = self._cut_plan(vm_id, len(disks))
             self.store.record_intent(snapshot_id, vm_id, disks)
             try:
@@ -3874,7 +4160,7 @@ class SnapshotService(object):
     def _clone_each(self, snapshot_id, disks):
         methods = {}
         for disk in disks:
-            methods[disk['name']] = method = self._clone(disk['parent_path'], disk['path'])
+            methods[disk['name']] = method = self._clone(disk['source'], disk['path'])
             log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
         return methods
 
@@ -3979,6 +4265,13 @@ class SnapshotService(object):
                          toolstack, output.strip() or 'exit status %d' % status)
             self.store.forget_pause(vm_id)
 
+    def _check_mounted(self, mountpoints, consequence):
+        problems = self.inventory.mount_problems(mountpoints)
+        absent = [mp for mp in mountpoints if problems.get(mp)]
+        if absent:
+            raise RepositoryUnavailable('repository %s cannot be used now (%s); %s' % (
+                absent[0], problems[absent[0]], consequence))
+
     def _undo_create(self, snapshot_id, disks):
         clean = True
         for mountpoint in sorted(set(d['repo_mountpoint'] for d in disks)):
@@ -4015,13 +4308,18 @@ class SnapshotService(object):
                 'snapshot_id': snapshot_id, 'name': disk['name'],
                 'repo_mountpoint': disk['repo_mountpoint'], 'chunks': chunks}
 
-    @staticmethod
-    def _disk_map_or_404(disk):
+    def _missing_file(self, snapshot_id, disk):
+        """The error for a snapshot file that cannot be found."""
+        self._check_mounted([disk['repo_mountpoint']], 'snapshot %s is kept and can be read '
+                            'again once it is mounted' % snapshot_id)
+        return not_found('the snapshot file %s is missing' % disk['path'])
+
+    def _disk_map_or_404(self, snapshot_id, disk):
         try:
             return file_extents(disk['path'])
         except (IOError, OSError) as exc:
-            if exc.errno == errno.ENOENT:
-                raise not_found('the snapshot file %s is missing' % disk['path'])
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise self._missing_file(snapshot_id, disk)
             raise
 
     def get_snapshot(self, vm_id, snapshot_id, squash=True, compare_to=None):
@@ -4039,9 +4337,10 @@ class SnapshotService(object):
         base_disks = dict((d['name'], d) for d in (base['disks'] if base else []))
         disks = []
         for disk in record['disks']:
-            extents, size = self._disk_map_or_404(disk)
+            extents, size = self._disk_map_or_404(record['id'], disk)
             if disk['name'] in base_disks:
-                old_extents, old_size = self._disk_map_or_404(base_disks[disk['name']])
+                old_extents, old_size = self._disk_map_or_404(base['id'],
+                                                              base_disks[disk['name']])
                 chunks = diff_chunks(old_extents, extents, size, old_size)
             else:
                 chunks = data_chunks(extents, size)
@@ -4052,11 +4351,15 @@ class SnapshotService(object):
                                 record['consistency'], record['paused_ms'])
 
     def list_snapshots(self, vm_id, squash=True):
-        """What exists when the list is read: a snapshot deleted meanwhile is left out."""
+        """What exists when the list is read: a snapshot deleted meanwhile is left out, and so
+        is one in a repository that is not mounted now (logged; its record and its id in the
+        VM's "snapshots" stay)."""
         views = []
         for record in self.store.list_for_vm(vm_id):
             try:
                 views.append(self._snapshot_view(record, squash))
+            except RepositoryUnavailable as exc:
+                log.warning('not listing snapshot %s of %s: %s', record['id'], vm_id, exc.details)
             except ApiError as exc:
                 if exc.status != 404:
                     raise
@@ -4077,10 +4380,17 @@ class SnapshotService(object):
 
     def delete_all(self, vm_id):
         with self.vm_locks.get(vm_id):
-            for record in self.store.list_for_vm(vm_id, ('ready', 'deleting')):
+            records = self.store.list_for_vm(vm_id, ('ready', 'deleting'))
+            self._check_mounted(sorted(set(d['repo_mountpoint'] for r in records
+                                           for d in r['disks'])),
+                                'nothing was deleted; try again once it is mounted')
+            for record in records:
                 self._delete_record(record)
 
     def _delete_record(self, record):
+        self._check_mounted(sorted(set(d['repo_mountpoint'] for d in record['disks'])),
+                            'snapshot %s was not deleted; try again once it is mounted'
+                            % record['id'])
         self.store.mark_deleting(record['id'])
         clean = True
         for mountpoint in sorted(set(d['repo_mountpoint'] for d in record['disks'])):
@@ -4097,10 +4407,10 @@ class SnapshotService(object):
         for disk in record['disks']:
             if disk['name'] == disk_name:
                 try:
-                    handle = open(disk['path'], 'rb')
+                    handle = os.fdopen(open_regular_file(disk['path']), 'rb')
                 except (IOError, OSError) as exc:
-                    if exc.errno == errno.ENOENT:
-                        raise not_found('the snapshot file %s is missing' % disk['path'])
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                        raise self._missing_file(snapshot_id, disk)
                     raise
                 return handle, os.fstat(handle.fileno()).st_size
         raise not_found('snapshot %s has no disk %s' % (snapshot_id, disk_name))
@@ -4141,13 +4451,26 @@ class SnapshotService(object):
 
     # -- crash recovery
     def reconcile(self):
-        """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict."""
+        """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict.
+        Only what is provably gone is forgotten or deleted: a record or folder in a repository
+        that is not mounted now is kept as it is."""
         summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
-                   'vanished': 0}
-        owned = set()
+                   'vanished': 0, 'kept_unmounted': 0}
+        all_mountpoints = set(self.store.repo_mountpoints())
+        try:
+            all_mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
+        except Exception as exc:
+            log.warning('cannot list repositories while reconciling: %s', exc)
+        problems = self.inventory.mount_problems(sorted(all_mountpoints))
         for record in self.store.list_all():
             mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
-            if record['state'] == 'creating':
+            absent = [mp for mp in mountpoints if problems.get(mp)]
+            if absent:
+                log.warning('keeping snapshot %s of %s (%s) as it is: repository %s cannot be '
+                            'used now (%s)', record['id'], record['vm_id'], record['state'],
+                            absent[0], problems[absent[0]])
+                summary['kept_unmounted'] += 1
+            elif record['state'] == 'creating':
                 log.warning('undoing snapshot %s of %s interrupted while being created',
                             record['id'], record['vm_id'])
                 self._undo_create(record['id'], record['disks'])
@@ -4160,10 +4483,7 @@ class SnapshotService(object):
                 except ApiError as exc:
                     log.error('%s', exc.details)
             else:
-                owned.add(record['id'])
-                missing = [d['path'] for d in record['disks'] if not os.path.exists(d['path'])
-                           and os.path.isdir(os.path.join(d['repo_mountpoint'],
-                                                          SNAPSHOTS_DIR_NAME))]
+                missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
                 if missing:
                     log.error('snapshot %s of %s lost its files (%s); forgetting it',
                               record['id'], record['vm_id'], ', '.join(missing))
@@ -4171,12 +4491,10 @@ class SnapshotService(object):
                         remove_tree_quietly(snapshot_dir(mountpoint, record['id']))
                     self.store.forget(record['id'])
                     summary['vanished'] += 1
-        mountpoints = set(self.store.repo_mountpoints())
-        try:
-            mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
-        except Exception as exc:
-            log.warning('cannot list repositories while reconciling: %s', exc)
-        for mountpoint in sorted(mountpoints):
+        owned = set(record['id'] for record in self.store.list_all())
+        for mountpoint in sorted(problems):
+            if problems[mountpoint]:
+                continue
             base = os.path.join(mountpoint, SNAPSHOTS_DIR_NAME)
             try:
                 names = os.listdir(base)
@@ -4201,8 +4519,8 @@ class SnapshotService(object):
         """True when `folder` is a snapshot folder made by this exporter (its owner file)."""
         if os.path.islink(folder) or not os.path.isdir(folder):
             return False
-        try:
-            with open(os.path.join(folder, SNAPSHOT_OWNER_FILE)) as owner:
+        try:  # a pool peer's FIFO must not block the start-up
+            with os.fdopen(open_regular_file(os.path.join(folder, SNAPSHOT_OWNER_FILE))) as owner:
                 return owner.read(100).strip() == self.store.instance_id
         except (IOError, OSError):
             return False
@@ -6208,8 +6526,12 @@ def build_inventory(config):
         if not supported and config.demo:
             return True, 'demo: %s; snapshots will be sparse copies' % reason
         return supported, reason
+
+    def check_mounts(repos):
+        # the demo's repositories are plain folders
+        return repository_problems(repos, plain_folder_ok=config.demo)
     loader = RepositoryDbLoader(read_ovs_agent_db, config.ovs_agent_db_dir, config.repository)
-    return HostInventory(loader, sniff_ovsmeta, probe)
+    return HostInventory(loader, sniff_ovsmeta, probe, check_mounts=check_mounts)
 
 
 def build_application(config):

@@ -489,6 +489,11 @@ def make_disk(path, size, blocks=()):
             handle.write(data)
 
 
+def filesystem_type(path):
+    """The type of the mounted filesystem holding `path`, as findmnt (util-linux) tells it."""
+    return run(['findmnt', '-n', '-o', 'FSTYPE', '--target', path]).strip()
+
+
 class SampleHost(object):
     """Repositories under a base folder, with helpers to add VMs with disks."""
 
@@ -502,8 +507,9 @@ class SampleHost(object):
             path = os.path.join(mount_point, sub)
             if not os.path.isdir(path):
                 os.makedirs(path)
+        # the type of the filesystem it is on: the exporter uses a repository only there
         self.repositories.append({'id': repo_id, 'mount_point': mount_point,
-                                  'filesystem': 'xfs'})
+                                  'filesystem': filesystem_type(mount_point)})
         return mount_point
 
     def add_vm(self, repo, vm_name, disks, friendly=None, extra=()):
@@ -2888,6 +2894,7 @@ def host(xfs_mount, tmp_path_factory):
     exa_img2 = vd(a, '0004fb0000120000000000000000a003.img')
     exa_img3 = vd(a, '0004fb0000120000000000000000a004.img')
     tpl_img = vd(a, '0004fb0000120000000000000000a005.img')
+    vd(a, '0004fb0000120000000000000000a00p.img')  # phy-vm's file disk: a real file
     b_img = vd(b, '0004fb0000120000000000000000b001.img')
     iso = os.path.join(b, 'ISOs', '0004fb0000150000000000000000b0150.iso')
     write(iso, b'CD001')
@@ -3305,6 +3312,7 @@ def test_vm_cfg_reread_only_when_changed(tmp_path):
     for i in range(3):
         make_vm(repo, 'vm%d' % i, "name = 'vm%d'\ndisk = ['file:%s/VirtualDisks/d%d.img,xvda,w']\n"
                 % (i, repo, i))
+        write(os.path.join(repo, 'VirtualDisks', 'd%d.img' % i), b'\0' * 4096)
     calls = []
 
     def probe(directory):
@@ -3402,6 +3410,7 @@ def test_unreadable_ovsmeta_ignored(tmp_path, caplog):
     repo = str(tmp_path / 'repo')
     write(os.path.join(repo, '.ovsmeta'), b'\x00\x01garbage')
     make_vm(repo, 'v', "name = 'v'\ndisk = ['file:%s/VirtualDisks/x.img,xvda,w']\n" % repo)
+    write(os.path.join(repo, 'VirtualDisks', 'x.img'), b'\0' * 4096)
     configured = [{'id': 'r', 'mount_point': repo}]
     inv = ox.HostInventory(lambda: ox.load_repositories(None, None, configured), json_ovsmeta_reader,
                            lambda d: (True, 'yes'))
@@ -3416,6 +3425,7 @@ def test_unreadable_ovsmeta_ignored(tmp_path, caplog):
 def test_probe_exception_means_not_compatible(tmp_path):
     repo = str(tmp_path / 'repo')
     make_vm(repo, 'v', "name = 'v'\ndisk = ['file:%s/VirtualDisks/x.img,xvda,w']\n" % repo)
+    write(os.path.join(repo, 'VirtualDisks', 'x.img'), b'\0' * 4096)
 
     def probe(directory):
         raise OSError(errno.EACCES, 'Permission denied')
@@ -6587,6 +6597,249 @@ def test_listing_snapshots_during_concurrent_creates_and_deletes_never_404s(
     assert failures == []
     exporter.json('DELETE', snapshots_path(xfs_host.vm), token)
     assert snapshot_folders(xfs_host.repo) == []
+
+
+# ===================== when the host misbehaves: unmounted repositories, hostile disks ===
+
+def listed_snapshot_ids(exporter, token, vm):
+    return exporter.json('GET', '/api/v1/vms/%s' % vm, token)['snapshots']
+
+
+def download_sha256(exporter, token, vm, snapshot_id, disk_name):
+    status, _, data = exporter.request('GET', '/api/v1/vms/%s/snapshots/%s/disks/%s'
+                                       % (vm, snapshot_id, disk_name), token=token)
+    assert status == 200, (status, data[:200])
+    return hashlib.sha256(data).hexdigest()
+
+
+def restart(exporter):
+    exporter.stop()
+    exporter.log_handle.close()
+    exporter.start()
+    return exporter.login()
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporter_factory,
+                                                                         tmp_path, python):
+    """The VM is in repository B, its disk in repository A. A is unmounted (OCFS2 repositories
+    mount late and are unmounted for maintenance) while the exporter lists, restarts, and is
+    asked to snapshot and delete: nothing is written on A's bare mount point, no snapshot is
+    forgotten, and after A is mounted again and the exporter restarted all 4 are there."""
+    a_dir, b_dir = tmp_path / 'repo-a', tmp_path / 'repo b'  # \040 in the mount table
+    a_dir.mkdir()
+    b_dir.mkdir()
+    mount_a = LoopMount(str(a_dir), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
+    mount_b = LoopMount(str(b_dir), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
+    try:
+        host = SampleHost(str(tmp_path))
+        repo_a = host.add_repository('0004fb000003000000000000000000aa', mount_a.path)
+        repo_b = host.add_repository('0004fb000003000000000000000000bb', mount_b.path)
+        vm = '0004fb000006000000000000000000ab'
+        disk_name = '0004fb000012000000000000000000ab.img'
+        disk = os.path.join(repo_a, 'VirtualDisks', disk_name)
+        make_disk(disk, 8 << 20, [(0, os.urandom(1 << 20))])
+        write_vm(repo_b, vm, 'split', ['file:%s,xvda,w' % disk])
+        exporter = exporter_factory(python, host.repositories)
+        token = exporter.login()
+        ids, digests = [], []
+        for index in range(4):
+            with open(disk, 'r+b') as handle:
+                handle.seek(index * 4096)
+                handle.write(os.urandom(4096))
+            ids.append(exporter.json('POST', '/api/v1/vms/%s/snapshots' % vm, token)['id'])
+            digests.append(download_sha256(exporter, token, vm, ids[-1], disk_name))
+        assert sorted(snapshot_folders(repo_a)) == sorted(ids)
+
+        run(['umount', mount_a.path])
+        assert os.listdir(mount_a.path) == []
+        listing = exporter.json('GET', '/api/v1/vms', token)
+        assert [v['name'] for v in listing] == [vm]
+        assert listing[0]['snapshot_compatible'] is False
+        assert listing[0]['disks'][0]['snapshot_compatible'] is False
+        assert listing[0]['snapshots'] == ids  # kept and reported
+        assert wait_for(lambda: 'repository 0004fb000003000000000000000000aa (%s) cannot be used '
+                        'now: not mounted' % repo_a in exporter.log(), 10)
+        assert exporter.json('GET', '/api/v1/vms/%s/snapshots' % vm, token) == []
+        document, _ = error_of(exporter, 'GET', '/api/v1/vms/%s/snapshots/%s' % (vm, ids[0]),
+                               503, token)
+        assert repo_a in document['details']
+        error_of(exporter, 'GET', '/api/v1/vms/%s/snapshots/%s/disks/%s'
+                 % (vm, ids[0], disk_name), 503, token)
+        document, _ = error_of(exporter, 'POST', '/api/v1/vms/%s/snapshots' % vm, 400, token)
+        assert repo_a in document['details']
+        error_of(exporter, 'DELETE', '/api/v1/vms/%s/snapshots/%s' % (vm, ids[0]), 503, token)
+        error_of(exporter, 'DELETE', '/api/v1/vms/%s/snapshots' % vm, 503, token)
+        assert os.listdir(mount_a.path) == []
+
+        token = restart(exporter)
+        assert listed_snapshot_ids(exporter, token, vm) == ids
+        assert os.listdir(mount_a.path) == []
+        assert 'keeping snapshot %s' % ids[0] in exporter.log()
+
+        run(['mount', '-o', 'loop', mount_a.image, mount_a.path])
+        listed = exporter.json('GET', '/api/v1/vms/%s/snapshots' % vm, token)
+        assert [s['id'] for s in listed] == ids  # back at once, before any restart
+        token = restart(exporter)
+        assert listed_snapshot_ids(exporter, token, vm) == ids
+        listed = exporter.json('GET', '/api/v1/vms/%s/snapshots' % vm, token)
+        assert [s['id'] for s in listed] == ids
+        assert sorted(snapshot_folders(repo_a)) == sorted(ids)
+        for snapshot_id, digest in zip(ids, digests):
+            assert download_sha256(exporter, token, vm, snapshot_id, disk_name) == digest
+        assert exporter.json('GET', '/api/v1/vms/%s' % vm, token)['snapshot_compatible'] is True
+        exporter.json('DELETE', '/api/v1/vms/%s/snapshots' % vm, token)
+        assert snapshot_folders(repo_a) == []
+        exporter.stop()
+    finally:
+        mount_b.close()
+        if subprocess.call(['mountpoint', '-q', mount_a.path]) != 0:
+            os.unlink(mount_a.image)
+        else:
+            mount_a.close()
+
+
+def test_repository_mount_checks(tmp_path):
+    """The mount table decides: a mount point with a space (\\040), the filesystem type a
+    repository names, a plain folder where a mount point is expected."""
+    folder = tmp_path / 'a b'
+    folder.mkdir()
+    mount = LoopMount(str(folder), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
+    try:
+        inside = os.path.join(mount.path, 'repo')
+        os.mkdir(inside)
+        mounts = ox.read_mount_table()
+        assert (mount.path, 'xfs') in mounts
+
+        def problem(mount_point, filesystem, plain=False):
+            return ox.repository_mount_problem({'id': 'r', 'mount_point': mount_point,
+                                                'filesystem': filesystem}, mounts, plain)
+        assert problem(mount.path, 'xfs') is None
+        assert problem(mount.path, '') is None       # no type named: a mount point will do
+        assert problem(inside, 'xfs') is None        # a folder of an XFS filesystem
+        assert 'is not a mount point' in problem(inside, '')
+        assert 'not on ocfs2' in problem(mount.path, 'ocfs2')
+        assert 'does not exist' in problem(os.path.join(mount.path, 'nope'), 'xfs')
+        plain = str(tmp_path / 'plain')
+        os.mkdir(plain)
+        assert 'not on xfs' in problem(plain, 'xfs')
+        assert problem(plain, 'demo', plain=True) is None
+        nfs = [('/', 'ext4'), (plain, 'nfs4')]  # an NFS repository mounts as nfs or nfs4
+        assert ox.repository_mount_problem({'id': 'n', 'mount_point': plain,
+                                            'filesystem': 'nfs'}, nfs) is None
+        run(['umount', mount.path])
+        mounts = ox.read_mount_table()
+        assert 'not on xfs' in problem(mount.path, 'xfs')
+        assert 'is not a mount point' in problem(mount.path, '')
+        run(['mount', '-o', 'loop', mount.image, mount.path])
+    finally:
+        mount.close()
+
+
+# case -> (disk path under the host folder: repository "repo" and "outside" side by side,
+#          words of the reason)
+HOSTILE_DISKS = {
+    'symlink-out': ('repo/VirtualDisks/link-out.img', 'outside'),
+    'symlinked-folder': ('repo/VirtualDisks2/secret.img', 'outside'),
+    'ovsmeta-outside': ('outside/meta.img', 'outside'),
+    'fifo': ('repo/VirtualDisks/fifo.img', 'FIFO'),
+    'directory': ('repo/VirtualDisks/dir.img', 'directory'),
+    'symlink-loop': ('repo/VirtualDisks/loop.img', 'symbolic link'),
+    'other-filesystem': ('repo/VirtualDisks/other-fs.img', 'outside'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(HOSTILE_DISKS))
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_disks_that_reach_outside_the_repository_are_refused(exporter_factory, xfs, tmp_path,
+                                                             python, case):
+    """A repository is shared by a pool: a symbolic link out of it, a folder linked out of it,
+    a path outside every repository that .ovsmeta names, a FIFO, a directory, a symbolic link
+    loop and a link to another filesystem are listed as not compatible, and create answers 400
+    (promptly: a FIFO is never opened), writes nothing and holds no lock."""
+    base = os.path.join(xfs, 'host-%s' % uuid.uuid4().hex[:8])
+    host = SampleHost(base)
+    repo = host.add_repository('repo')
+    outside = os.path.join(base, 'outside')
+    os.mkdir(outside)
+    for name in ('secret.img', 'meta.img'):
+        make_disk(os.path.join(outside, name), 1 << 20, [(0, b'dom0 secret' * 300)])
+    other_fs = str(tmp_path / 'other.img')
+    make_disk(other_fs, 1 << 20, [(0, b'root fs' * 300)])
+    disks = os.path.join(repo, 'VirtualDisks')
+    os.symlink(os.path.join(outside, 'secret.img'), os.path.join(disks, 'link-out.img'))
+    os.symlink('../outside', os.path.join(repo, 'VirtualDisks2'))
+    os.mkfifo(os.path.join(disks, 'fifo.img'))
+    os.mkdir(os.path.join(disks, 'dir.img'))
+    os.symlink('loop.img', os.path.join(disks, 'loop.img'))
+    os.symlink(other_fs, os.path.join(disks, 'other-fs.img'))
+    with open(os.path.join(repo, '.ovsmeta'), 'w') as handle:
+        json.dump({'meta.img': {'OBJECT_TYPE': 'VIRTUAL_DISK', 'SIMPLE_NAME': 'meta'}}, handle)
+    vm = '0004fb000006000000000000000000d1'
+    path = os.path.join(base, HOSTILE_DISKS[case][0])
+    write_vm(repo, vm, 'hostile', ['file:%s,xvda,w' % path])
+    good = host.add_vm(repo, '0004fb000006000000000000000000d0', [('good.img', 1 << 20,
+                                                                   [(0, b'g' * 4096)])])
+    exporter = exporter_factory(python, host.repositories)
+    token = exporter.login()
+    try:
+        assert exporter.json('GET', '/api/v1/vms/0004fb000006000000000000000000d0',
+                             token)['snapshot_compatible'] is True
+        view = exporter.json('GET', '/api/v1/vms/%s' % vm, token)
+        assert view['snapshot_compatible'] is False
+        assert view['disks'][0]['snapshot_compatible'] is False
+        connection = exporter.connection(timeout=15)
+        try:
+            status, _, data = exporter.request('POST', '/api/v1/vms/%s/snapshots' % vm,
+                                               token=token, connection=connection)
+        finally:
+            connection.close()
+        assert status == 400, (status, data)
+        details = json.loads(data.decode('utf-8'))['details']
+        assert path in details and HOSTILE_DISKS[case][1] in details, details
+        exporter.json('DELETE', '/api/v1/vms/%s/snapshots' % vm, token)
+        assert snapshot_folders(repo) == []
+        store = ox.SnapshotStore(os.path.join(exporter.folder, 'exporter.db'))
+        assert store.list_all() == []
+        store.close()
+        exporter.json('POST', '/api/v1/vms/0004fb000006000000000000000000d0/snapshots', token)
+        assert len(snapshot_folders(repo)) == 1 and os.path.exists(good[0])
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_fifo_for_an_owner_file_does_not_block_the_start_up(exporter_factory, xfs_host):
+    """A pool peer (or a mistake) leaves a FIFO where a snapshot folder's owner file goes: the
+    start-up clean-up reads owner files, and must neither wait on it nor remove the folder."""
+    folder = os.path.join(xfs_host.repo, 'CoriolisSnapshots', str(uuid.uuid4()))
+    os.makedirs(folder)
+    os.mkfifo(os.path.join(folder, '.ovm-exporter-owner'))
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    token = exporter.login()
+    assert exporter.json('GET', '/api/v1/vms/%s/snapshots' % xfs_host.vm, token) == []
+    assert snapshot_folders(xfs_host.repo) == [os.path.basename(folder)]
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_vm_cfg_that_is_a_fifo_is_skipped_with_a_warning(exporter_factory, tmp_path, python):
+    host = SampleHost(str(tmp_path / 'host'))
+    repo = host.add_repository('0004fb00000300000000000000000f1f')
+    host.add_vm(repo, '0004fb00000600000000000000000f01', [('d.img', 1 << 20, [])])
+    fifo_dir = os.path.join(repo, 'VirtualMachines', '0004fb00000600000000000000000f02')
+    os.mkdir(fifo_dir)
+    os.mkfifo(os.path.join(fifo_dir, 'vm.cfg'))
+    exporter = exporter_factory(python, host.repositories)
+    token = exporter.login()
+    connection = exporter.connection(timeout=15)
+    try:
+        status, _, data = exporter.request('GET', '/api/v1/vms', token=token,
+                                           connection=connection)
+    finally:
+        connection.close()
+    assert status == 200, (status, data)
+    assert [vm['name'] for vm in json.loads(data.decode('utf-8'))] == [
+        '0004fb00000600000000000000000f01']
+    assert wait_for(lambda: 'is a FIFO, not a regular file' in exporter.log(), 10)
 
 
 # ============================================================ the commands an admin runs ===

@@ -58,7 +58,8 @@ def build(base):
     for r in range(REPOS):
         repo_id = '0004fb000003000000000000000000%02d' % r
         mount_point = os.path.join(base, 'Repositories', repo_id)
-        os.makedirs(os.path.join(mount_point, 'VirtualMachines'))
+        for sub in ('VirtualMachines', 'VirtualDisks', 'ISOs'):
+            os.makedirs(os.path.join(mount_point, sub))
         meta = {}
         for i in range(r, VMS, REPOS):
             meta['0004fb00001200000000000000%06d.img' % i] = {'OBJECT_TYPE': 'VIRTUAL_DISK',
@@ -75,6 +76,12 @@ def build(base):
         with open(os.path.join(vm_dir, 'vm.cfg'), 'w') as f:
             f.write(VM_CFG % {'i': i, 'm1': i // 256, 'm2': i % 256, 'repo': repo,
                               'iso_repo': iso_repo, 'r': (i + 1) % REPOS})
+        for name in ('0004fb00001200000000000000%06d.img' % i,
+                     '0004fb00001200000000000001%06d.img' % i):
+            open(os.path.join(repo, 'VirtualDisks', name), 'w').close()  # disks must be files
+    for r in range(REPOS):
+        open(os.path.join(repos[r]['mount_point'], 'ISOs',
+                          '0004fb0000150000000000000000%04d.iso' % r), 'w').close()
     return repos
 
 
@@ -93,7 +100,11 @@ def main():
     try:
         repos = build(base)
         # drop nothing from the page cache: "cold" here means our caches are empty
-        inventory = ox.HostInventory(lambda: repos, meta_reader, trivial_probe)
+        # the mount table is read on every listing as in the server; the benchmark's
+        # repositories are plain folders (as the demo's)
+        inventory = ox.HostInventory(lambda: repos, meta_reader, trivial_probe,
+                                     check_mounts=lambda records: ox.repository_problems(
+                                         records, plain_folder_ok=True))
         t0 = time.time()
         vms = inventory.list_vms()
         cold = time.time() - t0
