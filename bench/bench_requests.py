@@ -1,0 +1,295 @@
+"""Small requests and crowds: the exporter against nginx (1 worker), over TLS on 127.0.0.1.
+
+Run as root from the repo root:
+    python3 bench/bench_requests.py [--python PATH[@SCRIPT] ...] [--size-mib N]
+        [--seconds N] [--ranges 4096,65536,1048576] [--conns 1,8] [--no-new-tls]
+        [--no-crowd] [--idle 1000 --stalled 200 --slowloris 200]
+PYTHON@SCRIPT runs another copy of ovm_exporter.py, e.g. today's beside the new one:
+    git show 8bbe230:ovm_exporter.py > /tmp/old/ovm_exporter.py
+    python3 bench/bench_requests.py --python python3@/tmp/old/ovm_exporter.py --python python3
+
+What it does (setup shared with bench_download.py: certificate, XFS reflink loop mount, one
+repository per exporter with a --size-mib disk of random data in the page cache, stand-in OVM
+Manager, nginx serving the first snapshot file with the same certificate):
+- wrk (apt-get install wrk), one thread, over keep-alive connections: GET of random ranges
+  aligned to their size, for each --ranges size and --conns count; requests per second, and the
+  ratio to nginx in the same run. 64 KiB with `Connection: close` too (a new TLS connection per
+  request; wrk offers no session ticket, so this is full handshakes).
+- the crowd: --idle idle TCP connections, --stalled TLS handshakes that stop after half a
+  ClientHello, --slowloris TLS connections sending a request head one byte every 5 s, all open
+  at once; then the time for a new client to log in and read a 1 MiB range, alone and as 16
+  clients at once, and the server's memory (VmRSS) and open descriptors in that state.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_download as bd  # noqa: E402  (setup: servers, certificate, XFS, Manager)
+from bench_download import log, MiB  # noqa: E402
+
+LUA = """
+local size, block, path, token = %(size)d, %(block)d, "%(path)s", "%(token)s"
+local count = math.floor(size / block)
+local extra = %(extra)s
+math.randomseed(%(seed)d)
+request = function()
+  local first = math.random(0, count - 1) * block
+  local headers = {["Range"] = "bytes=" .. first .. "-" .. (first + block - 1)}
+  if token ~= "" then headers["Authorization"] = "Bearer " .. token end
+  for name, value in pairs(extra) do headers[name] = value end
+  return wrk.format("GET", path, headers)
+end
+"""
+
+
+def wrk(server, folder, size, block, conns, seconds, close=False):
+    """-> requests per second (raises if any answer was not 206)."""
+    url = server.url
+    match = re.match(r'(https://[^/]+)(/.*)', url)
+    token = getattr(server, 'token', '') or ''
+    script = os.path.join(folder, 'wrk-%d-%d.lua' % (os.getpid(), random.randint(0, 1 << 30)))
+    with open(script, 'w') as handle:
+        handle.write(LUA % {'size': size, 'block': block, 'path': match.group(2),
+                            'token': token, 'seed': random.randint(0, 1 << 30),
+                            'extra': '{["Connection"] = "close"}' if close else '{}'})
+    out = subprocess.run(['wrk', '-t1', '-c%d' % conns, '-d%ds' % seconds, '-s', script,
+                          match.group(1)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         check=True).stdout.decode()
+    os.unlink(script)
+    if 'Non-2xx' in out or 'Socket errors' in out and not close:
+        raise RuntimeError('%s %s: wrk saw errors:\n%s' % (server.label, server.interpreter,
+                                                           out))
+    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1))
+
+
+def server_state(pid):
+    with open('/proc/%d/status' % pid) as handle:
+        rss = int(re.search(r'VmRSS:\s*(\d+)', handle.read()).group(1))
+    return rss / 1024.0, len(os.listdir('/proc/%d/fd' % pid))
+
+
+def read_range(exporter, results, index):
+    """Log in and read 1 MiB; seconds into results[index] (None on failure)."""
+    started = time.time()
+    try:
+        exporter.call('POST', '/auth/login', json.dumps({'username': bd.USER,
+                                                         'password': bd.PASSWORD}))
+        sock = socket.create_connection(('127.0.0.1', exporter.port), timeout=30)
+        tls = ssl._create_unverified_context().wrap_socket(sock)  # noqa: S323 (own CA)
+        path = exporter.url.split(str(exporter.port), 1)[1]
+        tls.sendall(('GET %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n'
+                     'Range: bytes=0-%d\r\nConnection: close\r\n\r\n'
+                     % (path, exporter.token, MiB - 1)).encode())
+        data = b''
+        while True:
+            block = tls.recv(1 << 20)
+            if not block:
+                break
+            data += block
+        tls.close()
+        if not data.startswith(b'HTTP/1.1 206 ') or len(data) < MiB:
+            raise RuntimeError(data[:200])
+        results[index] = time.time() - started
+    except Exception as exc:
+        log('crowd client %d failed: %s' % (index, exc))
+        results[index] = None
+
+
+def crowd(exporter, idle, stalled, slowloris):
+    """Open the crowd, time new clients, report the server's state."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held = []
+    slow = []
+    stop = threading.Event()
+    try:
+        for _ in range(idle):
+            held.append(socket.create_connection(('127.0.0.1', exporter.port)))
+        for _ in range(stalled):
+            sock = socket.create_connection(('127.0.0.1', exporter.port))
+            sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')
+            held.append(sock)
+        context = ssl._create_unverified_context()  # noqa: S323 (own CA)
+        for _ in range(slowloris):
+            tls = context.wrap_socket(socket.create_connection(('127.0.0.1', exporter.port)))
+            tls.sendall(b'G')
+            slow.append(tls)
+
+        def drip():
+            head = b'ET / HTTP/1.1\r\nX-Slow: ' + b'a' * 1000
+            position = 0
+            while not stop.wait(5.0):
+                for tls in slow:
+                    try:
+                        tls.sendall(head[position:position + 1])
+                    except (OSError, ssl.SSLError):
+                        pass
+                position += 1
+        dripper = threading.Thread(target=drip)
+        dripper.daemon = True
+        dripper.start()
+        time.sleep(1.0)  # let the server take them all in
+        rss, fds = server_state(exporter.process.pid)
+        alone = [None]
+        read_range(exporter, alone, 0)
+        many = [None] * 16
+        threads = [threading.Thread(target=read_range, args=(exporter, many, i))
+                   for i in range(16)]
+        started = time.time()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        together = time.time() - started
+        return {'alone': alone[0], 'sixteen': together,
+                'failed': sum(1 for r in many if r is None), 'rss_mib': rss, 'fds': fds}
+    finally:
+        stop.set()
+        for sock in held + slow:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--python', action='append', default=None,
+                        help='interpreter for the exporter, PYTHON or PYTHON@SCRIPT; repeat '
+                             'for several [default: python3 and %s]' % bd.PY27)
+    parser.add_argument('--size-mib', type=int, default=1024, help='disk size [1024]')
+    parser.add_argument('--seconds', type=int, default=5, help='per wrk run [5]')
+    parser.add_argument('--ranges', default='4096,65536,1048576', help='range sizes')
+    parser.add_argument('--conns', default='1,8', help='keep-alive connection counts [1,8]')
+    parser.add_argument('--no-new-tls', action='store_true',
+                        help='skip the new-TLS-connection-per-request runs')
+    parser.add_argument('--no-crowd', action='store_true', help='skip the crowd')
+    parser.add_argument('--idle', type=int, default=1000)
+    parser.add_argument('--stalled', type=int, default=200)
+    parser.add_argument('--slowloris', type=int, default=200)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit('run as root (loop mount of an XFS reflink image)')
+    pythons = args.python or ['python3'] + ([bd.PY27] if os.path.exists(bd.PY27) else [])
+    size = args.size_mib * MiB
+    bd.ensure_nginx()
+    for tool in ('wrk', 'mkfs.xfs', 'openssl'):
+        if not shutil.which(tool):
+            sys.exit('needs %s (apt-get install %s)' % (tool, tool))
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt('signal %d' % signum)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    folder = tempfile.mkdtemp(prefix='ovm-bench-requests-')
+    mount = os.path.join(folder, 'xfs')
+    image = os.path.join(folder, 'xfs.img')
+    mounted = False
+    manager = None
+    servers = []
+    try:
+        certs = bd.ox.make_certificates(folder)
+        os.mkdir(mount)
+        with open(image, 'wb') as handle:
+            handle.truncate(max(4 << 30, 2 * size + (2 << 30)))
+        bd.run(['mkfs.xfs', '-q', '-m', 'reflink=1', image])
+        bd.run(['mount', '-o', 'loop', image, mount])
+        mounted = True
+        repositories = [bd.make_repository(mount, 1, size=size)]
+        for index in range(2, len(pythons) + 1):
+            repositories.append(bd.make_repository(mount, index,
+                                                   source=repositories[0]['live']))
+        manager = bd.start_manager(certs)
+        manager_url = 'https://127.0.0.1:%d' % manager.server_address[1]
+        exporters, files = [], []
+        for index, python in enumerate(pythons):
+            exporter = bd.Exporter(os.path.join(folder, 'exporter%d' % index), python, certs,
+                                   manager_url, repositories[index])
+            exporter.start()
+            servers.append(exporter)
+            files.append(exporter.prepare())
+            exporters.append(exporter)
+            log('exporter %s on port %d' % (exporter.interpreter, exporter.port))
+        for path in files:
+            bd.read_through(path)
+        root, name = os.path.split(files[0])
+        nginx = bd.Nginx(os.path.join(folder, 'nginx-1'), '1', certs, root, name)
+        nginx.start()
+        servers.append(nginx)
+        order = [nginx] + exporters
+        runs = []
+        for block in [int(b) for b in args.ranges.split(',')]:
+            for conns in [int(c) for c in args.conns.split(',')]:
+                runs.append((block, conns, False))
+        if not args.no_new_tls:
+            runs += [(65536, conns, True) for conns in [int(c) for c in args.conns.split(',')]]
+        results = {}
+        for block, conns, close in runs:
+            for server in order:
+                rate = wrk(server, folder, size, block, conns, args.seconds, close)
+                results[(id(server), block, conns, close)] = rate
+                log('%s %s: %d B x %d conns%s: %.0f requests/s' % (
+                    server.label, server.interpreter, block, conns,
+                    ' (new TLS each)' if close else '', rate))
+        crowds = {}
+        if not args.no_crowd:
+            for exporter in exporters:
+                crowds[id(exporter)] = crowd(exporter, args.idle, args.stalled, args.slowloris)
+                log('crowd %s: %r' % (exporter.interpreter, crowds[id(exporter)]))
+        print()
+        print('Random aligned ranges over TLS on 127.0.0.1 (wrk, 1 thread, %ds each), '
+              'requests/s; ratio to nginx with 1 worker in the same run' % args.seconds)
+        header = '%-9s %-28s %9s %6s %10s %8s' % ('server', 'interpreter', 'range', 'conns',
+                                                   'req/s', 'ratio')
+        print(header)
+        print('-' * len(header))
+        for block, conns, close in runs:
+            reference = results[(id(nginx), block, conns, close)]
+            for server in order:
+                rate = results[(id(server), block, conns, close)]
+                print('%-9s %-28s %9s %6s %10.0f %8.2f' % (
+                    server.label, server.interpreter,
+                    '%dK%s' % (block // 1024, ' new' if close else ''), conns, rate,
+                    rate / reference))
+        if crowds:
+            print()
+            print('Crowd: %d idle TCP, %d stalled handshakes, %d slowloris heads open; a new '
+                  'client logs in and reads 1 MiB' % (args.idle, args.stalled, args.slowloris))
+            for exporter in exporters:
+                c = crowds[id(exporter)]
+                print('%-28s alone %s s, 16 at once %.2f s (%d failed), server %.0f MiB RSS, '
+                      '%d descriptors' % (exporter.interpreter,
+                                          '%.2f' % c['alone'] if c['alone'] else 'FAILED',
+                                          c['sixteen'], c['failed'], c['rss_mib'], c['fds']))
+        for exporter in exporters:
+            if 'Traceback' in exporter.log():
+                log('exporter %s logged a traceback:\n%s' % (exporter.interpreter,
+                                                             exporter.log()))
+        sys.stdout.flush()
+    finally:
+        for server in servers:
+            try:
+                server.stop()
+            except Exception as exc:  # keep cleaning up
+                log('stopping: %s' % exc)
+        if manager is not None:
+            manager.shutdown()
+        if mounted:
+            subprocess.run(['umount', mount])
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
