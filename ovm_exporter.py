@@ -5199,9 +5199,10 @@ GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
 DECIMAL_RE = re.compile(r'^[0-9]{1,19}\Z')
-CONTROL_BYTES_RE = re.compile(br'[\x00-\x1f\x7f]')
-HTTP_VERSION_RE = re.compile(br'HTTP/([0-9]+)\.([0-9]+)\Z')
-TOKEN_RE = re.compile(br"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
+# The request head parser works on native strings (latin-1 on Python 3).
+HEAD_CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
+HEAD_VERSION_RE = re.compile(r'HTTP/([0-9]+)\.([0-9]+)\Z')
+HEAD_TOKEN_RE = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
 
 HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
                 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
@@ -5387,6 +5388,7 @@ class RequestHead(object):
         self.headers = headers
         self.keep_alive = keep_alive
         self.error = error
+        self.route = None  # (target, urlsplit, route) once ApiApplication has looked
 
 
 def _native_text(raw):
@@ -5394,20 +5396,24 @@ def _native_text(raw):
 
 
 def check_request_line(line):
-    """`METHOD target HTTP/1.x` (bytes, without its line end) -> (method, target, version).
-    Refuses anything else with 400, another HTTP version with 505."""
-    if CONTROL_BYTES_RE.search(line):
-        raise bad_request('the request line holds a control character')
-    words = line.split(b' ')
-    if len(words) != 3 or not all(words):
+    """`METHOD target HTTP/1.x` (native str, without its line end) -> (method, target,
+    version). Refuses anything else with 400, another HTTP version with 505."""
+    words = line.split(' ')
+    if len(words) != 3 or HEAD_CONTROL_RE.search(line):
+        if HEAD_CONTROL_RE.search(line):
+            raise bad_request('the request line holds a control character')
         raise bad_request('the request line must be "METHOD /path HTTP/1.1"')
-    version = HTTP_VERSION_RE.match(words[2])
-    if version is None or not TOKEN_RE.match(words[0]):
+    method, target, version = words
+    if version not in ('HTTP/1.1', 'HTTP/1.0'):
+        match = HEAD_VERSION_RE.match(version)
+        if match is None or not method or not target:
+            raise bad_request('the request line must be "METHOD /path HTTP/1.1"')
+        if match.group(1) != '1' or len(match.group(2)) != 1:
+            raise ApiError(505, 'HTTP Version Not Supported',
+                           'this server speaks HTTP/1.1 and HTTP/1.0')
+    if not target or not HEAD_TOKEN_RE.match(method):
         raise bad_request('the request line must be "METHOD /path HTTP/1.1"')
-    if version.group(1) != b'1' or len(version.group(2)) != 1:
-        raise ApiError(505, 'HTTP Version Not Supported',
-                       'this server speaks HTTP/1.1 and HTTP/1.0')
-    return _native_text(words[0]), _native_text(words[1]), _native_text(words[2])
+    return method, target, version
 
 
 def _strip_line_end(line):
@@ -5422,29 +5428,39 @@ def parse_request_head(data):
     """A whole request head (bytes up to and with the empty line) -> RequestHead. Bounded:
     no line, count or total beyond the limits; malformed heads get a RequestHead with the
     ApiError that answers them. Replaces BaseHTTPRequestHandler's parser (email.parser)."""
-    first, _, rest = data.partition(b'\n')
-    requestline = _native_text(_strip_line_end(first))
+    text = data if PY2 else data.decode('latin-1')
+    if '\r' in text:
+        text = text.replace('\r\n', '\n')
+    lines = text.split('\n')
+    requestline = lines[0]
     try:
-        if len(first) + 1 > REQUEST_LINE_LIMIT:
+        if len(requestline) + 2 > REQUEST_LINE_LIMIT:
             raise ApiError(414, 'URI Too Long', 'the request line is longer than %d bytes'
                            % REQUEST_LINE_LIMIT)
-        method, target, version = check_request_line(_strip_line_end(first))
-        headers = RequestHeaders()
-        lines = rest.split(b'\n')
-        if len(lines) - 2 >= HEADER_COUNT_LIMIT or len(data) > HEADER_BYTES_LIMIT or (
-                max([len(line) for line in lines]) + 1 > HEADER_LINE_LIMIT):
+        method, target, version = check_request_line(requestline)
+        if len(lines) - 3 >= HEADER_COUNT_LIMIT or len(data) > HEADER_BYTES_LIMIT or (
+                len(data) > HEADER_LINE_LIMIT
+                and max([len(line) for line in lines]) + 2 > HEADER_LINE_LIMIT):
             raise ApiError(431, 'Request Header Fields Too Large',
                            'the request headers exceed %d lines or %d bytes'
                            % (HEADER_COUNT_LIMIT, HEADER_BYTES_LIMIT))
-        for line in lines:
-            line = _strip_line_end(line)
+        headers = RequestHeaders()
+        fields, order = headers._fields, headers._order
+        for line in lines[1:]:
             if not line:
                 continue
-            name, colon, value = line.partition(b':')
-            if not colon or not TOKEN_RE.match(name):
-                raise bad_request('malformed header line %r' % _native_text(line[:40]))
-            headers.add(_native_text(name), _native_text(value.strip(b' \t')))
-        connection = headers.get('Connection', '').lower()
+            name, colon, value = line.partition(':')
+            if not colon or not HEAD_TOKEN_RE.match(name):
+                raise bad_request('malformed header line %r' % line[:40])
+            value = value.strip(' \t')
+            key = name.lower()
+            if key in fields:
+                fields[key].append(value)
+            else:
+                fields[key] = [value]
+            order.append((name, value))
+        connection = fields.get('connection')
+        connection = connection[0].lower() if connection else ''
         if version == 'HTTP/1.1':
             keep_alive = 'close' not in connection
         else:
@@ -5823,13 +5839,13 @@ class ExporterServer(object):
                     414, 'URI Too Long', 'the request line is longer than %d bytes'
                     % REQUEST_LINE_LIMIT)
             return None
-        line = _strip_line_end(buffer[:line_end + 1])
+        line = _native_text(_strip_line_end(buffer[:line_end + 1]))
         try:
             check_request_line(line)
         except ApiError as exc:
-            return _native_text(line), exc
+            return line, exc
         if len(buffer) > HEADER_BYTES_LIMIT:
-            return _native_text(line), ApiError(
+            return line, ApiError(
                 431, 'Request Header Fields Too Large',
                 'the request headers exceed %d lines or %d bytes'
                 % (HEADER_COUNT_LIMIT, HEADER_BYTES_LIMIT))
@@ -6080,6 +6096,7 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         self.status_sent = 0
         self.bytes_sent = 0
         self.requestline = head.requestline
+        self.routed = None
         self.command = None
         self.body_done = False
         self.headers = None
@@ -6089,6 +6106,7 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
                 raise head.error
             self.command, self.path = head.method, head.target
             self.request_version = head.version
+            self.routed = head.route
             self.headers = head.headers
             self.close_connection = not head.keep_alive or self.server.stopping
             length = self.headers.get('Content-Length')
@@ -6259,8 +6277,9 @@ class ApiApplication(object):
         if len(segments) > 1 and segments[-1] == '':
             segments = segments[:-1]
         decoded = []
+        quoted = '%' in raw_path
         for segment in segments:
-            value = url_unquote(segment)
+            value = url_unquote(segment) if quoted else segment
             if '/' in value or '\x00' in value or value in ('', '.', '..') \
                     or len(value) > 255:
                 return None
@@ -6293,14 +6312,20 @@ class ApiApplication(object):
         ranges = head.headers.get_all('Range')
         if not ranges or len(ranges) != 1 or quick_range_bytes(ranges[0]) is None:
             return False
-        segments = self.split_path(urlsplit(head.target).path)
+        url = urlsplit(head.target)
+        segments = self.split_path(url.path)
         found = self.route(segments) if segments is not None else None
+        head.route = (head.target, url, found)
         return found is not None and found[0] == 'disk'
 
     def handle(self, request):
-        url = urlsplit(request.path)
-        segments = self.split_path(url.path)
-        found = self.route(segments) if segments is not None else None
+        routed = getattr(request, 'routed', None)  # is_quick's work, for the same target
+        if routed is not None and routed[0] == request.path:
+            url, found = routed[1], routed[2]
+        else:
+            url = urlsplit(request.path)
+            segments = self.split_path(url.path)
+            found = self.route(segments) if segments is not None else None
         if found is None:
             raise not_found('Resource not found')
         name, methods, needs_auth, params = found
@@ -6311,7 +6336,7 @@ class ApiApplication(object):
             request.user = self.authenticator.verify_request(
                 request.headers.get('Authorization'))
             request.read_body()  # no route but login takes a body; read and drop it
-        query = parse_qs(url.query, keep_blank_values=True)
+        query = parse_qs(url.query, keep_blank_values=True) if url.query else {}
         try:
             getattr(self, 'on_%s_%s' % (request.command.lower(), name))(request, params, query)
         except StoreError as exc:
@@ -6668,14 +6693,32 @@ def _write_at(fd, offset, data):
 
 # ---------------------------------------------------------------------- command line ---
 
+class _LogFormatter(logging.Formatter):
+    """'%(asctime)s %(levelname)s %(message)s' with the time formatted once a second."""
+
+    def __init__(self):
+        logging.Formatter.__init__(self, '%(asctime)s %(levelname)s %(message)s')
+        self._second = (None, '')
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime('%Y-%m-%d %H:%M:%S',
+                                                  time.localtime(second)))
+        return '%s,%03d' % (self._second[1], record.msecs)
+
+
 def setup_logging(config, debug=False):
     level = logging.DEBUG if debug else getattr(logging, config.log_level.upper())
+    # One line a request: no caller, thread or process lookups that no line shows.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = 0
     if config.log_file:
         handler = logging.handlers.RotatingFileHandler(
             config.log_file, maxBytes=50 * 1024 * 1024, backupCount=5)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    handler.setFormatter(_LogFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False

@@ -408,7 +408,7 @@ FUTURE = 4102444800  # 2100-01-01
 
 EXPORTER = os.path.join(HERE, 'ovm_exporter.py')
 PYENV_VERSIONS = '/root/.pyenv/versions'
-FULL_SUITE_PYTHONS = ['3', '2.7.18', '2.6.9']  # LOCAL-PY26
+FULL_SUITE_PYTHONS = ['3', '2.7.18']          # every server test runs under these
 SUBSET_PYTHONS = ['3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0']
 ADMIN, ADMIN_PASSWORD = 'admin', 'Welcome1'
 
@@ -417,8 +417,6 @@ def python_path(version):
     """'3' is the interpreter running pytest; others come from pyenv."""
     if version == '3':
         return sys.executable
-    if version == '2.6.9':  # LOCAL-PY26
-        return '/var/cache/py269/bin/python2.6'
     path = os.path.join(PYENV_VERSIONS, version, 'bin', 'python')
     if not os.path.exists(path):
         pytest.skip('interpreter %s is not installed (pyenv install %s)' % (version, version))

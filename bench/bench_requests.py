@@ -179,6 +179,8 @@ def main():
     parser.add_argument('--idle', type=int, default=1000)
     parser.add_argument('--stalled', type=int, default=200)
     parser.add_argument('--slowloris', type=int, default=200)
+    parser.add_argument('--keep', action='store_true',
+                        help='keep the servers up at the end until Enter (for profiling)')
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit('run as root (loop mount of an XFS reflink image)')
@@ -278,6 +280,12 @@ def main():
                 log('exporter %s logged a traceback:\n%s' % (exporter.interpreter,
                                                              exporter.log()))
         sys.stdout.flush()
+        if args.keep:
+            for server in order:
+                print('%s %s pid %d: %s %s' % (server.label, server.interpreter,
+                                               server.process.pid, server.url,
+                                               getattr(server, 'token', '')))
+            input('servers kept up; press Enter to stop and clean up ')
     finally:
         for server in servers:
             try:
