@@ -5294,6 +5294,19 @@ def http_date(timestamp=None):
     return cache[1]
 
 
+_access_time_cache = [None, '']
+
+
+def access_log_time(timestamp):
+    """The access log's time field, formatted once a second."""
+    second = int(timestamp)
+    cache = _access_time_cache
+    if cache[0] != second:
+        cache[1] = time.strftime('%d/%b/%Y:%H:%M:%S +0000', time.gmtime(second))
+        cache[0] = second
+    return cache[1]
+
+
 def set_tcp_nodelay(sock):
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -6177,7 +6190,7 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         request_line = self.requestline.replace('"', '%22')[:1024]
         log.info('%s - %s [%s] "%s" %d %d "%s" "%s" %.3fs',
                  self.client_address[0], self.user,
-                 time.strftime('%d/%b/%Y:%H:%M:%S +0000', time.gmtime(self.started)),
+                 access_log_time(self.started),
                  request_line, self.status_sent, self.bytes_sent,
                  (self.headers.get('Referer', '-') if getattr(self, 'headers', None) else '-'),
                  (self.headers.get('User-Agent', '-') if getattr(self, 'headers', None)
@@ -6250,22 +6263,27 @@ def warning_header(problems):
 class ApiApplication(object):
     """Routes requests to the snapshot service and the authenticator."""
 
-    ROUTES = [
-        (('api', 'v1', 'auth', 'login'), ('POST',), 'login', False),
-        (('api', 'v1', 'vms'), ('GET',), 'vms', True),
-        (('api', 'v1', 'vms', None), ('GET',), 'vm', True),
-        (('api', 'v1', 'vms', None, 'snapshots'), ('GET', 'POST', 'DELETE'), 'snapshots', True),
-        (('api', 'v1', 'vms', None, 'snapshots', None), ('GET', 'DELETE'), 'snapshot', True),
-        (('api', 'v1', 'vms', None, 'snapshots', None, 'disks', None), ('GET', 'HEAD'),
-         'disk', True),
-        (('api', 'v1', 'vms', None, 'snapshots', None, 'disks', None, 'checksum'), ('GET',),
-         'checksum', True),
-    ]
-
     def __init__(self, service, authenticator):
         self.service = service
         self.authenticator = authenticator
         self.local = threading.local()
+        vm, snapshot = ('api', 'v1', 'vms', None), ('snapshots', None)
+        # The route table: path pattern (None: an id), the handler of each method (in the
+        # order of the Allow header), whether a token is needed.
+        self.routes = [
+            (('api', 'v1', 'auth', 'login'), (('POST', self.on_post_login),), False),
+            (('api', 'v1', 'vms'), (('GET', self.on_get_vms),), True),
+            (vm, (('GET', self.on_get_vm),), True),
+            (vm + ('snapshots',), (('GET', self.on_get_snapshots),
+                                   ('POST', self.on_post_snapshots),
+                                   ('DELETE', self.on_delete_snapshots)), True),
+            (vm + snapshot, (('GET', self.on_get_snapshot),
+                             ('DELETE', self.on_delete_snapshot)), True),
+            (vm + snapshot + ('disks', None), (('GET', self.on_get_disk),
+                                               ('HEAD', self.on_get_disk)), True),
+            (vm + snapshot + ('disks', None, 'checksum'), (('GET', self.on_get_checksum),),
+             True),
+        ]
 
     @staticmethod
     def split_path(raw_path):
@@ -6287,8 +6305,8 @@ class ApiApplication(object):
         return decoded
 
     def route(self, segments):
-        """-> (name, methods, needs_auth, parameters) or None."""
-        for pattern, methods, name, needs_auth in self.ROUTES:
+        """-> (handlers: (method, function) pairs, needs_auth, parameters) or None."""
+        for pattern, handlers, needs_auth in self.routes:
             if len(pattern) != len(segments):
                 continue
             params = []
@@ -6300,7 +6318,7 @@ class ApiApplication(object):
                 elif expected != actual:
                     break
             else:
-                return name, methods, needs_auth, params
+                return handlers, needs_auth, params
         return None
 
     def is_quick(self, head):
@@ -6316,7 +6334,7 @@ class ApiApplication(object):
         segments = self.split_path(url.path)
         found = self.route(segments) if segments is not None else None
         head.route = (head.target, url, found)
-        return found is not None and found[0] == 'disk'
+        return found is not None and found[0][0][1] == self.on_get_disk
 
     def handle(self, request):
         routed = getattr(request, 'routed', None)  # is_quick's work, for the same target
@@ -6328,17 +6346,19 @@ class ApiApplication(object):
             found = self.route(segments) if segments is not None else None
         if found is None:
             raise not_found('Resource not found')
-        name, methods, needs_auth, params = found
-        if request.command not in methods:
+        handlers, needs_auth, params = found
+        handler = dict(handlers).get(request.command)
+        if handler is None:
             raise ApiError(405, 'Method Not Allowed', '%s does not support %s'
-                           % (url.path, request.command), {'Allow': ', '.join(methods)})
+                           % (url.path, request.command),
+                           {'Allow': ', '.join([method for method, _ in handlers])})
         if needs_auth:
             request.user = self.authenticator.verify_request(
                 request.headers.get('Authorization'))
             request.read_body()  # no route but login takes a body; read and drop it
         query = parse_qs(url.query, keep_blank_values=True) if url.query else {}
         try:
-            getattr(self, 'on_%s_%s' % (request.command.lower(), name))(request, params, query)
+            handler(request, params, query)
         except StoreError as exc:
             raise store_api_error(exc)
 
@@ -6403,8 +6423,6 @@ class ApiApplication(object):
             self._send_disk(request, handle, size)
         finally:
             handle.close()
-
-    on_head_disk = on_get_disk
 
     def on_get_checksum(self, request, params, query):
         request.send_json(200, self.service.disk_checksum(
