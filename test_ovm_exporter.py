@@ -407,15 +407,27 @@ FUTURE = 4102444800  # 2100-01-01
 
 EXPORTER = os.path.join(HERE, 'ovm_exporter.py')
 PYENV_VERSIONS = '/root/.pyenv/versions'
-FULL_SUITE_PYTHONS = ['3', '2.7.18']          # every server test runs under these
+# '2.6.9' is the dom0's interpreter (2.6.6 there), built by .ci/test from ../shared/py26.
+FULL_SUITE_PYTHONS = ['3', '2.7.18', '2.6.9']  # every server test runs under these
 SUBSET_PYTHONS = ['3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0']
 ADMIN, ADMIN_PASSWORD = 'admin', 'Welcome1'
+PY26_PREFIX = os.environ.get('OVM_EXPORTER_PY26', '/var/cache/py269')
+PY26 = os.path.join(PY26_PREFIX, 'bin', 'python2.6')
+# The interpreter of servers started without one; OVM_EXPORTER_TEST_PYTHON=2.6.9 runs every
+# server test under the dom0's interpreter (a slow, thorough check).
+DEFAULT_SERVER_PYTHON = os.environ.get('OVM_EXPORTER_TEST_PYTHON', '3')
 
 
 def python_path(version):
-    """'3' is the interpreter running pytest; others come from pyenv."""
+    """'3' is the interpreter running pytest; '2.6.9' is the CPython 2.6.9 that .ci/test
+    builds (../shared/py26/build.sh); others come from pyenv."""
     if version == '3':
         return sys.executable
+    if version == '2.6.9':
+        if not os.path.exists(PY26):
+            pytest.skip('CPython 2.6.9 is not built at %s (../shared/py26/build.sh %s)'
+                        % (PY26, PY26_PREFIX))
+        return PY26
     path = os.path.join(PYENV_VERSIONS, version, 'bin', 'python')
     if not os.path.exists(path):
         pytest.skip('interpreter %s is not installed (pyenv install %s)' % (version, version))
@@ -642,7 +654,7 @@ def exporter_factory(tmp_path, certs, manager_for_exporter):
     """Start exporters; every one is stopped (and its log checked for secrets) at teardown."""
     started = []
 
-    def start(python='3', repositories=(), **kwargs):
+    def start(python=DEFAULT_SERVER_PYTHON, repositories=(), **kwargs):
         folder = str(tmp_path / ('exporter%d' % len(started)))
         os.mkdir(folder)
         kwargs.setdefault('manager_url', manager_for_exporter.url)
