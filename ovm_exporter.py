@@ -5244,6 +5244,9 @@ def make_demo_host(folder):
     return repositories
 
 
+DEMO_MANAGER_TIMEOUT = 10.0
+
+
 def start_demo_manager(tls_wrap, username, password):
     """A stand-in OVM Manager answering the one call the exporter makes."""
     expected = 'Basic ' + base64.b64encode(to_bytes('%s:%s' % (username, password))).decode(
@@ -5267,11 +5270,27 @@ def start_demo_manager(tls_wrap, username, password):
             self.end_headers()
             self.wfile.write(body)
 
+        def setup(self):
+            # TLS on the accepted connection (the listening socket cannot be wrapped on 2.6).
+            self.request.settimeout(DEMO_MANAGER_TIMEOUT)
+            self.request = tls_wrap(self.request)
+            http_server.BaseHTTPRequestHandler.setup(self)
+
+        def finish(self):
+            try:
+                http_server.BaseHTTPRequestHandler.finish(self)
+            finally:
+                self.request.close()
+
         def log_message(self, format, *args):
             pass
 
-    httpd = http_server.HTTPServer(('127.0.0.1', 0), DemoManagerHandler)
-    httpd.socket = tls_wrap(httpd.socket)
+    class DemoManagerServer(http_server.HTTPServer):
+        def handle_error(self, request, client_address):
+            log.debug('demo Manager: connection from %s failed: %s', client_address[0],
+                      sys.exc_info()[1])
+
+    httpd = DemoManagerServer(('127.0.0.1', 0), DemoManagerHandler)
     worker = threading.Thread(target=httpd.serve_forever)
     worker.daemon = True
     worker.start()
