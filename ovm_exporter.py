@@ -4828,6 +4828,85 @@ class ClientError(Exception):
         self.status = status
 
 
+# Where Python 2.6 finds trusted CAs when no --cacert is given (it has no load_default_certs):
+# Oracle Linux / RHEL, then Debian / Ubuntu.
+CLIENT_CA_BUNDLES = ('/etc/pki/tls/certs/ca-bundle.crt', '/etc/ssl/certs/ca-certificates.crt')
+
+
+def _ip_address_bytes(text):
+    """The packed address of an IPv4/IPv6 literal, or None for a host name."""
+    for family in (socket.AF_INET, getattr(socket, 'AF_INET6', None)):
+        if family is None:
+            continue
+        try:
+            return socket.inet_pton(family, text.strip('[]'))
+        except (socket.error, ValueError, UnicodeError):
+            pass
+    return None
+
+
+def _dns_name_matches(pattern, host):
+    """RFC 6125 rules: case-insensitive, a wildcard only as the whole left-most label."""
+    pattern, host = pattern.lower().rstrip('.'), host.lower().rstrip('.')
+    if pattern.startswith('*.'):
+        head, _, rest = host.partition('.')
+        return bool(head) and rest == pattern[2:] and '.' in pattern[2:]
+    return pattern == host
+
+
+def certificate_matches_host(cert, host):
+    """True when `cert` (a getpeercert() dict) names `host`: an IP literal must be an IP
+    subjectAltName; a name must match a DNS subjectAltName, or the common name where the
+    certificate has no DNS names. Python 2.6 has no ssl.match_hostname."""
+    alt_names = cert.get('subjectAltName', ())
+    address = _ip_address_bytes(host)
+    if address is not None:
+        return any(kind == 'IP Address' and _ip_address_bytes(value.strip()) == address
+                   for kind, value in alt_names)
+    dns_names = [value for kind, value in alt_names if kind == 'DNS']
+    if not dns_names:
+        for rdn in cert.get('subject', ()):
+            dns_names += [value for key, value in rdn if key == 'commonName']
+    return any(_dns_name_matches(name, host) for name in dns_names)
+
+
+class _VerifiedHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
+    """The client's HTTPS connection: the chain is checked by `context` (SSLContext) or, on
+    Python 2.6, by ssl.wrap_socket against ca_file; the name by certificate_matches_host (2.6
+    has no name check and 2.7's cannot match IP addresses), before any byte is sent.
+    verify False: no check at all (--insecure)."""
+
+    def __init__(self, host, port, timeout, verify, ca_file=None, context=None):
+        http_client.HTTPSConnection.__init__(self, host, port, timeout=timeout)  # novm
+        self._ovm_verify, self._ovm_ca_file, self._ovm_context = verify, ca_file, context
+
+    def _wrap(self, sock):
+        if self._ovm_context is not None:
+            kwargs = {}
+            if getattr(ssl, 'HAS_SNI', False) and _ip_address_bytes(self.host) is None:
+                kwargs['server_hostname'] = self.host
+            return self._ovm_context.wrap_socket(sock, **kwargs)
+        if self._ovm_verify:
+            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=self._ovm_ca_file)
+        else:
+            options = dict(cert_reqs=ssl.CERT_NONE)
+        return legacy_handshake(getattr(ssl, 'wrap_socket')(
+            sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            tls = self._wrap(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if self._ovm_verify and not certificate_matches_host(tls.getpeercert(), self.host):
+            tls.close()
+            raise ssl.SSLError('the certificate of %s:%d does not name %s' % (
+                self.host, self.port, self.host))
+        self.sock = tls
+
+
 class ExporterClient(object):
     def __init__(self, base_url, ca_file=None, insecure=False, timeout=120.0):
         parts = urlsplit(base_url)
@@ -4842,22 +4921,28 @@ class ExporterClient(object):
         self._connection = None
 
     def _connect(self):
+        verify = not self.insecure
         if hasattr(ssl, 'SSLContext'):
             context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-            if self.insecure:
-                context.check_hostname = False  # novm
-                context.verify_mode = ssl.CERT_NONE
-            else:
+            context.check_hostname = False  # novm (the connection checks the name)
+            if verify:
                 context.verify_mode = ssl.CERT_REQUIRED
-                context.check_hostname = True  # novm
                 if self.ca_file:
                     context.load_verify_locations(self.ca_file)
                 else:
                     context.load_default_certs()  # novm
-            return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout,  # novm
-                                               context=context)
-        # Python 2.6 cannot verify the server certificate.
-        return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+            else:
+                context.verify_mode = ssl.CERT_NONE
+            return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify,
+                                            context=context)
+        ca_file = self.ca_file
+        if verify and not ca_file:  # Python 2.6 has no load_default_certs
+            bundles = [path for path in CLIENT_CA_BUNDLES if os.path.isfile(path)]
+            if not bundles:
+                raise ClientError(0, 'no CA bundle at %s: give --cacert (or --insecure)'
+                                  % ' or '.join(CLIENT_CA_BUNDLES))
+            ca_file = bundles[0]
+        return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify, ca_file)
 
     def request(self, method, path, body=None, headers=None):
         """-> (status, headers dict with lower-case names, body bytes)."""

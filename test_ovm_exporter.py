@@ -6230,6 +6230,64 @@ def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_hos
     assert third['vm_id'] == xfs_host.vm and os.path.exists(third['disks'][0]['path'])
 
 
+def run_status(command, env=None):
+    """-> (exit status, stdout text, stderr text)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = process.communicate()
+    return process.returncode, out.decode('utf-8', 'replace'), err.decode('utf-8', 'replace')
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_client_command_verifies_the_exporter_certificate(exporter_factory, manager_for_exporter,
+                                                          certs, tmp_path, python):
+    """The password goes only to an exporter whose certificate chains to --cacert and names
+    the URL's host (Python 2.6 once ignored --cacert and sent it to anyone)."""
+    exporter = exporter_factory()
+    env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
+
+    def client(url, *options):
+        return run_status([python_path(python), EXPORTER, 'client', '--url', url, '--user',
+                           ADMIN] + list(options) + ['vms'], env=env)
+    url = 'https://127.0.0.1:%d' % exporter.port
+    status, out, err = client(url, '--cacert', certs['other_cert'])
+    assert status == 1 and 'certificate' in err.lower(), (status, out, err)
+    assert 'Traceback' not in err and manager_for_exporter.request_count == 0
+    for good in (url, 'https://localhost:%d' % exporter.port):
+        status, out, err = client(good, '--cacert', certs['ca_cert'])
+        assert status == 0, err
+        assert json.loads(out) == []
+    assert manager_for_exporter.request_count == 2
+    # A certificate from the right CA for another name (ovm-manager.invalid).
+    nameless = ExporterProcess(str(tmp_path), dict(certs, server_cert=certs['nameless_cert'],
+                                                   server_key=certs['nameless_key']),
+                               manager_url=manager_for_exporter.url).start()
+    try:
+        url = 'https://127.0.0.1:%d' % nameless.port
+        status, out, err = client(url, '--cacert', certs['ca_cert'])
+        assert status == 1 and ('127.0.0.1' in err or 'match' in err), (status, out, err)
+        assert 'Traceback' not in err and manager_for_exporter.request_count == 2
+        status, out, err = client(url, '--insecure')
+        assert status == 0, err
+    finally:
+        nameless.stop()
+    assert 'Traceback' not in nameless.log()
+
+
+def test_certificate_matches_host_rules():
+    cert = {'subject': ((('commonName', 'ignored.example'),),),
+            'subjectAltName': (('DNS', '*.pool.example'), ('DNS', 'host.example'),
+                               ('IP Address', '127.0.0.1'), ('IP Address', '0:0:0:0:0:0:0:1\n'))}
+    match = ox.certificate_matches_host
+    assert match(cert, 'HOST.example') and match(cert, 'dom0.pool.example')
+    assert match(cert, '127.0.0.1') and match(cert, '::1') and match(cert, '[::1]')
+    assert not match(cert, 'a.b.pool.example') and not match(cert, 'pool.example')
+    assert not match(cert, 'ignored.example') and not match(cert, '127.0.0.2')
+    assert not match({'subjectAltName': (('DNS', '127.0.0.1'),)}, '127.0.0.1')
+    assert match({'subject': ((('commonName', 'dom0'),),)}, 'dom0')
+    assert not match({'subject': ((('commonName', '*.example'),),)}, 'example')
+    assert not match({}, 'dom0')
+
+
 def test_version_and_the_readme_secret_recipe(tmp_path, certs):
     assert run([sys.executable, EXPORTER, '--version']).strip() == \
         'ovm_exporter ' + ox.__version__
