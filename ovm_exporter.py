@@ -1111,6 +1111,8 @@ def validate_config(config, need_tls=True):
             fail('api.tls.ca_certificate', 'is required when require_client_certificate = true')
         try:
             make_server_tls(config)
+        except TlsSetupError as exc:
+            fail(exc.key, str(exc))
         except (ssl.SSLError, IOError, OSError, ValueError) as exc:
             fail('api.tls', 'cannot load certificate/key: %s' % exc)
     return warnings
@@ -4227,12 +4229,118 @@ def set_tcp_nodelay(sock):
         pass
 
 
+class TlsSetupError(ValueError):
+    """The server's certificate or key cannot serve; `key` names the config key to fix."""
+
+    def __init__(self, key, message):
+        ValueError.__init__(self, message)
+        self.key = key
+
+
+def _der_element(data, pos):
+    """-> (tag, start of content, end of content) of the DER element at `pos`."""
+    tag, length = ord(data[pos:pos + 1]), ord(data[pos + 1:pos + 2])
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7f
+        length = int(binascii.hexlify(data[pos:pos + count]) or b'0', 16)
+        pos += count
+    if pos + length > len(data):
+        raise ValueError('truncated DER')
+    return tag, pos, pos + length
+
+
+def certificate_not_after(der):
+    """The end of an X.509 certificate's validity (DER bytes), as a Unix time."""
+    import calendar
+    _, pos, _ = _der_element(der, 0)          # Certificate
+    _, pos, _ = _der_element(der, pos)        # TBSCertificate
+    tag, _, end = _der_element(der, pos)
+    if tag == 0xa0:                           # [0] version
+        pos = end
+    for _ in range(3):                        # serialNumber, signature, issuer
+        pos = _der_element(der, pos)[2]
+    _, pos, _ = _der_element(der, pos)        # validity
+    pos = _der_element(der, pos)[2]           # notBefore
+    tag, start, end = _der_element(der, pos)  # notAfter: UTCTime or GeneralizedTime
+    text = der[start:end].decode('ascii').rstrip('Z')
+    if tag == 0x17:
+        text = ('19' if int(text[:2]) >= 50 else '20') + text
+    return calendar.timegm(time.strptime(text[:14], '%Y%m%d%H%M%S'))
+
+
+def _self_test_client(sock):
+    if hasattr(ssl, 'SSLContext'):
+        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
+        context.check_hostname = False  # novm
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(sock)
+    return legacy_handshake(getattr(ssl, 'wrap_socket')(
+        sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23,
+        do_handshake_on_connect=False))
+
+
+def tls_self_test(config, wrap, timeout=10.0):
+    """A TLS handshake of the server's own `wrap` with a client over a socket pair. Python 2.6
+    loads a key that does not match the certificate without a word (OpenSSL then drops the
+    key and every handshake fails); an expired certificate fails every verifying client.
+    Raises TlsSetupError naming the key to fix."""
+    server_end, client_end = socket.socketpair()
+    if PY2:
+        server_end, client_end = socket.socket(_sock=server_end), socket.socket(_sock=client_end)
+    server_end.settimeout(timeout)
+    client_end.settimeout(timeout)
+    seen = {}
+
+    def client():
+        try:
+            tls = _self_test_client(client_end)
+            seen['der'] = tls.getpeercert(True)
+            tls.close()
+        except Exception as exc:
+            seen['error'] = exc
+    worker = threading.Thread(target=client)
+    worker.daemon = True
+    worker.start()
+    failure = None
+    try:
+        wrap(server_end).close()
+    except (ssl.SSLError, socket.error, socket.timeout, OSError, ValueError) as exc:
+        failure = exc
+    finally:
+        for end in (server_end, client_end):
+            try:
+                end.shutdown(socket.SHUT_RDWR)  # wakes the client if the server failed
+            except (socket.error, OSError, ValueError):
+                pass
+        worker.join(timeout)
+        server_end.close()
+        client_end.close()
+    certificate, key = config.api_tls_certificate, config.api_tls_key
+    if failure is not None or not seen.get('der'):
+        raise TlsSetupError('api.tls.key', '%s does not match the certificate %s: a TLS '
+                            'handshake with them fails (%s)'
+                            % (key, certificate, failure or seen.get('error')))
+    try:
+        not_after = certificate_not_after(seen['der'])
+    except (ValueError, IndexError, TypeError):
+        return
+    if not_after < time.time():
+        raise TlsSetupError('api.tls.certificate', '%s expired on %s' % (
+            certificate, time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(not_after))))
+
+
 def make_server_tls(config):
-    """Return a function that wraps an accepted socket in TLS (doing the handshake)."""
+    """Return a function that wraps an accepted socket in TLS (doing the handshake), after
+    a handshake with itself (tls_self_test). Raises TlsSetupError, ssl.SSLError, IOError."""
+    tls_self_test(config, _server_tls_wrap(config, False))
+    return _server_tls_wrap(config, config.api_tls_require_client_certificate)
+
+
+def _server_tls_wrap(config, require_client):
     certfile, keyfile = config.api_tls_certificate, config.api_tls_key
     cafile = config.api_tls_ca_certificate or None
-    require_client = config.api_tls_require_client_certificate
-    if hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS:
+    if hasattr(ssl, 'SSLContext'):
         context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_SERVER', ssl.PROTOCOL_SSLv23))  # novm
         if hasattr(context, 'minimum_version'):
             context.minimum_version = ssl.TLSVersion.TLSv1_2  # novm
@@ -4240,7 +4348,13 @@ def make_server_tls(config):
             for name in ('OP_NO_SSLv2', 'OP_NO_SSLv3', 'OP_NO_TLSv1', 'OP_NO_TLSv1_1'):
                 context.options |= getattr(ssl, name, 0)
         context.options |= getattr(ssl, 'OP_NO_COMPRESSION', 0)
-        context.load_cert_chain(certfile, keyfile)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except ssl.SSLError as exc:
+            if 'KEY_VALUES_MISMATCH' in str(exc):
+                raise TlsSetupError('api.tls.key', '%s does not match the certificate %s (%s)'
+                                    % (keyfile, certfile, exc))
+            raise
         if require_client:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cafile)
@@ -4249,6 +4363,8 @@ def make_server_tls(config):
             return context.wrap_socket(sock, server_side=True)
     else:
         # Python 2.6: no SSLContext. PROTOCOL_SSLv23 negotiates TLS 1.2 with OpenSSL 1.0.1.
+        # The files are loaded at each wrap: a key that does not match the certificate only
+        # shows in a handshake (tls_self_test).
         options = dict(server_side=True, certfile=certfile, keyfile=keyfile,
                        ssl_version=ssl.PROTOCOL_SSLv23,
                        cert_reqs=ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE,

@@ -5282,6 +5282,70 @@ def test_check_config_rejects_broken_configs(tmp_path, certs, mutation, message)
     assert 'Traceback' not in err
 
 
+def make_expired_certificate(folder, certs):
+    """A certificate for localhost from the test CA, valid in January 2020 only (openssl ca)."""
+    os.mkdir(os.path.join(folder, 'ca'))
+    with open(os.path.join(folder, 'ca', 'index.txt'), 'w'):
+        pass
+    with open(os.path.join(folder, 'ca', 'serial'), 'w') as handle:
+        handle.write('2020\n')
+    with open(os.path.join(folder, 'ca.cnf'), 'w') as handle:
+        handle.write('[ca]\ndefault_ca = d\n[d]\ndatabase = ca/index.txt\nnew_certs_dir = ca\n'
+                     'serial = ca/serial\ndefault_md = sha256\npolicy = p\n'
+                     'unique_subject = no\n[p]\ncommonName = supplied\n')
+    run(['openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'expired.key', '-out',
+         'expired.csr', '-subj', '/CN=localhost'], cwd=folder)
+    run(['openssl', 'ca', '-batch', '-config', 'ca.cnf', '-cert', certs['ca_cert'], '-keyfile',
+         certs['ca_key'], '-in', 'expired.csr', '-out', 'expired.pem', '-startdate',
+         '20200101000000Z', '-enddate', '20200201000000Z'], cwd=folder)
+    return os.path.join(folder, 'expired.pem'), os.path.join(folder, 'expired.key')
+
+
+def serve_briefly(path, python, seconds=30):
+    """`serve` that must refuse to start: -> (exit status or None if it served, stderr)."""
+    process = subprocess.Popen([python_path(python), EXPORTER, 'serve', '--config', path],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = process.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None, process.communicate()[1].decode('utf-8', 'replace')
+    return process.returncode, err.decode('utf-8', 'replace')
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_unusable_server_certificate_or_key_is_refused(tmp_path, certs, python):
+    """A key that does not match the certificate (Python 2.6's ssl loaded it: `serve` said
+    "serving on" and then failed every handshake, logging nothing), an expired and an
+    unreadable certificate: check-config fails and serve refuses to start, on every Python."""
+    folder = str(tmp_path)
+    text = base_config_text(folder, certs, port='0').replace('[api]',
+                                                            '[api]\nbind = "127.0.0.1"')
+    expired_cert, expired_key = make_expired_certificate(folder, certs)
+    garbage = os.path.join(folder, 'garbage.pem')
+    with open(garbage, 'w') as handle:
+        handle.write('-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n')
+    cases = [
+        (text.replace(certs['server_key'], certs['other_key']),
+         ["'api.tls.key'", certs['other_key'], 'does not match the certificate']),
+        (text.replace(certs['server_key'], expired_key).replace(certs['server_cert'],
+                                                                 expired_cert),
+         ["'api.tls.certificate'", expired_cert, 'expired on 2020-02-01']),
+        (text.replace(certs['server_cert'], garbage), ["'api.tls'", 'cannot load']),
+    ]
+    for config_text, expected in cases:
+        path = write_config(folder, config_text)
+        status, out, err = check_config(path, python)
+        assert status == 2 and 'Traceback' not in err, (status, out, err)
+        assert 'is valid' not in out
+        for words in expected:
+            assert words in err, (words, err)
+        status, err = serve_briefly(path, python)
+        assert status == 2 and 'serving on' not in err and 'Traceback' not in err, (status, err)
+        assert expected[0] in err, err
+    assert check_config(write_config(folder, text), python)[0] == 0
+
+
 def test_config_readable_by_others_is_warned_about(tmp_path, certs):
     path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs))
     os.chmod(path, 0o644)
