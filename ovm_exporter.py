@@ -5327,8 +5327,22 @@ def command_vms(options, args):
     if options.json:
         print(json.dumps(vms, indent=2, sort_keys=True))
     else:
-        print(format_vm_table(vms))
+        write_text(sys.stdout, format_vm_table(vms) + u'\n')
     return 0
+
+
+def write_text(stream, text):
+    """Write unicode text to a standard stream in its encoding, UTF-8 where it has none (a
+    pipe on Python 2: print would raise UnicodeEncodeError for a non-ASCII VM name); what
+    the encoding cannot hold becomes '?'."""
+    data = text.encode(getattr(stream, 'encoding', None) or 'utf-8', 'replace')
+    target = getattr(stream, 'buffer', None)  # Python 3: the bytes under the text stream
+    if target is None:
+        target = stream
+    else:
+        stream.flush()
+    target.write(data)
+    target.flush()
 
 
 COMMANDS = ('serve', 'vms', 'check-config', 'demo', 'client')

@@ -6251,19 +6251,28 @@ def test_ranges_past_4_gib(exporter_factory, xfs, python):
 
 # ============================================================ the commands an admin runs ===
 
-def test_vms_command_prints_a_table_and_json(tmp_path, certs):
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_vms_command_prints_a_table_and_json(tmp_path, certs, python):
+    """Also with a non-ASCII VM name and stdout a pipe (cron, a service log): Python 2 once
+    raised UnicodeEncodeError printing the table."""
     host = SampleHost(str(tmp_path / 'host'))
     repo = host.add_repository('0004fb00000300000000000000000001')
     host.add_vm(repo, '0004fb00000600000000000000000009', [('d.img', 1 << 20, [])],
                 friendly='mail-server')
+    host.add_vm(repo, '0004fb0000060000000000000000000a', [('e.img', 1 << 20, [])],
+                friendly=u'caf\u00e9-m\u00fcnchen')
     text = base_config_text(str(tmp_path), certs) + '\n'.join(
         ['[[repository]]', 'id = "%s"' % host.repositories[0]['id'],
          'mount_point = %s' % toml_quote(repo), 'filesystem = "ext4"', ''])
     path = write_config(str(tmp_path), text)
-    table = run([sys.executable, EXPORTER, 'vms', '--config', path])
+    env = dict((k, v) for k, v in os.environ.items() if k != 'PYTHONIOENCODING')
+    table = run([python_path(python), EXPORTER, 'vms', '--config', path], env=env)
     assert 'mail-server' in table and '0004fb00000600000000000000000009' in table
-    listed = json.loads(run([sys.executable, EXPORTER, 'vms', '--config', path, '--json']))
-    assert [vm['friendly_name'] for vm in listed] == ['mail-server']
+    assert u'caf\u00e9-m\u00fcnchen' in table, table
+    listed = json.loads(run([python_path(python), EXPORTER, 'vms', '--config', path, '--json'],
+                            env=env))
+    assert sorted(vm['friendly_name'] for vm in listed) == [u'caf\u00e9-m\u00fcnchen',
+                                                            'mail-server']
     assert listed[0]['disks'][0]['snapshot_compatible'] is False  # tmp is not a cloning fs
 
 
