@@ -102,6 +102,17 @@ def to_bytes(value, encoding='utf-8'):
     return value.encode(encoding)
 
 
+def text_repr(value):
+    """repr() for messages, the same on every Python: no u prefix on Python 2's text."""
+    if isinstance(value, (list, tuple)):
+        inner = ', '.join([text_repr(item) for item in value])
+        return ('[%s]' if isinstance(value, list) else '(%s)') % inner
+    text = repr(value)
+    if PY2 and isinstance(value, text_type) and text.startswith('u'):
+        text = text[1:]
+    return text
+
+
 def json_dumps(obj):
     return json.dumps(obj, separators=(',', ':'), sort_keys=False)
 
@@ -825,7 +836,7 @@ def _go_duration_nanoseconds(text):
         try:
             text = text.decode('utf-8')
         except UnicodeDecodeError:
-            raise ValueError('invalid duration %r: not UTF-8 text' % (text,))
+            raise ValueError('invalid duration %s: not UTF-8 text' % text_repr(text))
     if not isinstance(text, text_type):
         raise ValueError('a duration must be a string such as "168h" or "1h30m", not %s'
                          % type(text).__name__)
@@ -970,11 +981,26 @@ class Config(object):
             value = self.values[key]
             if key in SECRET_KEYS:
                 value = '<hidden, %d bytes>' % len(to_bytes(value))
-            elif key == 'repository':
-                value = [dict((k, r.get(k)) for k in ('id', 'mount_point', 'filesystem'))
-                         for r in (value or [])]
-            lines.append('%s = %s' % (key, json.dumps(value)))
+            if key == 'repository':  # keys in a fixed order (Python 2 dicts have none)
+                text = '[%s]' % ', '.join(['{%s}' % ', '.join([
+                    '"%s": %s' % (k, json.dumps(r.get(k)))
+                    for k in ('id', 'mount_point', 'filesystem')]) for r in (value or [])])
+            elif isinstance(value, float):
+                text = float_text(value)
+            else:
+                text = json.dumps(value)
+            lines.append('%s = %s' % (key, text))
         return lines
+
+
+def float_text(value):
+    """repr() of a float, shortest form also on Python 2.6 (its repr of 0.3 is
+    0.29999999999999999)."""
+    text = repr(value)
+    short = '%.15g' % value
+    if len(short) < len(text) and float(short) == value:
+        text = short if re.search(r'[.e]|inf|nan', short) else short + '.0'
+    return text
 
 
 def _lookup_dotted(document, dotted):
@@ -1012,18 +1038,18 @@ def _unknown_config_keys(document, prefix=''):
 
 def _coerce_config_value(source, key, kind, value):
     def fail(what):
-        raise ConfigError('%s: key %r: %s' % (source, key, what))
+        raise ConfigError('%s: key %s: %s' % (source, text_repr(key), what))
     if kind == 'str':
         if not isinstance(value, string_types):
-            fail('expected a string, found %r' % (value,))
+            fail('expected a string, found %s' % text_repr(value))
         return text_type(value)
     if kind == 'int':
         if isinstance(value, bool) or not isinstance(value, integer_types):
-            fail('expected an integer, found %r' % (value,))
+            fail('expected an integer, found %s' % text_repr(value))
         return int(value)
     if kind == 'bool':
         if not isinstance(value, bool):
-            fail('expected true or false, found %r' % (value,))
+            fail('expected true or false, found %s' % text_repr(value))
         return value
     if kind == 'duration':
         if isinstance(value, bool):
@@ -1049,7 +1075,7 @@ def config_from_document(document, source):
         present, value = _lookup_dotted(document, key)
         values[key] = _coerce_config_value(source, key, kind, value) if present else default
     for key in _unknown_config_keys(document):
-        log.warning('%s: unknown key %r ignored', source, key)
+        log.warning('%s: unknown key %s ignored', source, text_repr(key))
     return Config(values, source)
 
 
@@ -1465,7 +1491,7 @@ def read_ovs_agent_db(path):
         try:
             result[tkey] = safe_unpickle(value)
         except UnsafePickleError as e:
-            log.warning('%s: record %r skipped: %s', path, tkey, e)
+            log.warning('%s: record %s skipped: %s', path, text_repr(tkey), e)
     return result
 
 
@@ -1475,7 +1501,7 @@ def _ovsmeta_entries(mapping, path):
         if isinstance(v, dict):
             res[k] = v
         else:
-            log.debug('%s: entry %r is not an object, ignored', path, k)
+            log.debug('%s: entry %s is not an object, ignored', path, text_repr(k))
     return res
 
 
@@ -1516,7 +1542,7 @@ def sniff_ovsmeta(path):
                 try:
                     res[tkey] = _ovsmeta_decode_value(value)
                 except UnsafePickleError as e:
-                    log.debug('%s: entry %r ignored: %s', path, tkey, e)
+                    log.debug('%s: entry %s ignored: %s', path, text_repr(tkey), e)
             return _ovsmeta_entries(res, path)
         log.debug('%s: neither JSON nor Berkeley DB, ignored', path)
     except Exception as e:
@@ -1758,20 +1784,22 @@ def parse_disk_entry(entry):
     a warning) for a shape we do not understand. `file:///p` and `tap:aio:p` are files; file paths
     are normalised (one leading slash, no `..`). An empty CD-ROM drive gives path ""."""
     if not isinstance(entry, (bytes, text_type)):
-        log.warning('disk entry %r is not a string; ignored', entry)
+        log.warning('disk entry %s is not a string; ignored', text_repr(entry))
         return None
     entry = discovery_text(entry)
     text = entry.strip()
     parts = text.rsplit(',', 2)
     if len(parts) != 3:
-        log.warning('disk entry %r is not "<type>:<path>,<device>,<mode>"; ignored', entry)
+        log.warning('disk entry %s is not "<type>:<path>,<device>,<mode>"; ignored',
+                    text_repr(entry))
         return None
     target, device, mode = parts[0].strip(), parts[1].strip(), parts[2].strip()
     if mode not in DISK_MODES:
-        log.warning('disk entry %r: unknown mode %r; ignored', entry, mode)
+        log.warning('disk entry %s: unknown mode %s; ignored', text_repr(entry), text_repr(mode))
         return None
     if not device or len(device.split()) != 1:
-        log.warning('disk entry %r: bad device name %r; ignored', entry, device)
+        log.warning('disk entry %s: bad device name %s; ignored', text_repr(entry),
+                    text_repr(device))
         return None
     cdrom = device.endswith(':cdrom')
     kind = None
@@ -1789,22 +1817,23 @@ def parse_disk_entry(entry):
         if target == '' and cdrom:
             kind, path = 'file', ''
         else:
-            log.warning('disk entry %r: unsupported disk type; ignored', entry)
+            log.warning('disk entry %s: unsupported disk type; ignored', text_repr(entry))
             return None
     path = path.strip()
     if kind == 'file':
         if path:
             if not path.startswith('/'):
-                log.warning('disk entry %r: file path is not absolute; ignored', entry)
+                log.warning('disk entry %s: file path is not absolute; ignored',
+                            text_repr(entry))
                 return None
             # file:/p, file:///p -> /p; remove "." and ".." so that prefix tests are honest
             path = posixpath.normpath('/' + path.lstrip('/'))
         elif not cdrom:
-            log.warning('disk entry %r: empty path; ignored', entry)
+            log.warning('disk entry %s: empty path; ignored', text_repr(entry))
             return None
     else:
         if not path:
-            log.warning('disk entry %r: empty device path; ignored', entry)
+            log.warning('disk entry %s: empty device path; ignored', text_repr(entry))
             return None
         if not path.startswith('/'):
             path = '/dev/' + path  # xm: phy:sdb1 means /dev/sdb1
@@ -1874,7 +1903,7 @@ def load_repositories(db_reader, db_dir, configured):
     for key in sorted(raw.keys(), key=discovery_text):
         values = raw[key]
         if not isinstance(values, dict):
-            log.warning('%s: record %r is not a dict; ignored', path, key)
+            log.warning('%s: record %s is not a dict; ignored', path, text_repr(key))
             continue
         text_values = {}
         for field, value in values.items():
@@ -2484,17 +2513,17 @@ class CloneError(EnvironmentError):
 
 def _clone_error(err, src_path, dst_path, detail=None):
     if err in _CLONE_UNSUPPORTED_ERRNOS:
-        reason = 'the filesystem of {0!r} cannot clone files (no reflink support)'.format(
-            src_path)
+        reason = 'the filesystem of {0} cannot clone files (no reflink support)'.format(
+            text_repr(src_path))
     elif err == errno.EXDEV:
-        reason = '{0!r} and {1!r} are on different filesystems or mounts'.format(
-            src_path, dst_path)
+        reason = '{0} and {1} are on different filesystems or mounts'.format(
+            text_repr(src_path), text_repr(dst_path))
     elif err == errno.ENOSPC:
         reason = 'no space left on the filesystem'
     elif err == getattr(errno, 'EDQUOT', None):
         reason = 'disk quota exceeded'
     elif err == errno.EEXIST:
-        reason = 'the destination {0!r} already exists'.format(dst_path)
+        reason = 'the destination {0} already exists'.format(text_repr(dst_path))
     elif err == errno.ENOENT:
         reason = 'the source or the destination directory does not exist'
     elif err in (errno.EPERM, errno.EACCES):
@@ -2505,7 +2534,8 @@ def _clone_error(err, src_path, dst_path, detail=None):
         reason = 'the filesystem is read-only'
     else:
         reason = os.strerror(err) if err else 'unknown error'
-    message = 'cannot clone {0!r} to {1!r}: {2}'.format(src_path, dst_path, reason)
+    message = 'cannot clone {0} to {1}: {2}'.format(text_repr(src_path), text_repr(dst_path),
+                                                     reason)
     if detail:
         message = '{0} ({1})'.format(message, detail)
     return CloneError(err, message, src_path, dst_path, err in _CLONE_UNSUPPORTED_ERRNOS)
@@ -2584,7 +2614,7 @@ def clone_file(src_path, dst_path):
 
 # A full repository cannot be probed; a snapshot attempt will then say "no space" (507),
 # which is more useful to the admin than "not snapshot compatible".
-_CLONE_PROBE_FULL = 'cannot probe {0!r} for cloning: no space left; assuming it can clone'
+_CLONE_PROBE_FULL = 'cannot probe {0} for cloning: no space left; assuming it can clone'
 
 
 def clone_supported(directory, create=False):
@@ -2610,14 +2640,14 @@ def clone_supported(directory, create=False):
             dst = src + '-clone'
             method = clone_file(src, dst)
             dst_made = True
-            return True, 'files in {0!r} can be cloned ({1})'.format(directory, method)
+            return True, 'files in {0} can be cloned ({1})'.format(text_repr(directory), method)
         except EnvironmentError as e:
             if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
-                return True, _CLONE_PROBE_FULL.format(directory)
+                return True, _CLONE_PROBE_FULL.format(text_repr(directory))
             if isinstance(e, CloneError):
                 return False, str(e)
-            return False, 'cannot probe {0!r} for cloning: {1}'.format(
-                directory, e.strerror or e)
+            return False, 'cannot probe {0} for cloning: {1}'.format(
+                text_repr(directory), e.strerror or e)
     finally:
         if dst_made:
             _remove_quietly(dst)
@@ -3737,8 +3767,8 @@ def normalize_certificate_fingerprint(text):
         value = value.split('=', 1)[1]
     value = re.sub(r'[\s:]', '', value)
     if not _FINGERPRINT_HEX_RE.match(value):
-        raise ValueError('{0!r} is not a SHA-256 certificate fingerprint '
-                         '(64 hex digits, colons allowed)'.format(text))
+        raise ValueError('{0} is not a SHA-256 certificate fingerprint '
+                         '(64 hex digits, colons allowed)'.format(text_repr(text)))
     value = value.upper()
     return ':'.join([value[i:i + 2] for i in range(0, 64, 2)])
 
@@ -3896,7 +3926,8 @@ class ManagerClient(object):
     def __init__(self, endpoint, timeout=10.0, ca_file=None, fingerprint=None, tofu_path=None):
         endpoint = _auth_native_str(endpoint.strip()).rstrip('/')
         if not endpoint.lower().startswith('https://') or len(endpoint) <= len('https://'):
-            raise ValueError('ovm_endpoint must be an https:// URL, not {0!r}'.format(endpoint))
+            raise ValueError('ovm_endpoint must be an https:// URL, not {0}'.format(
+                text_repr(endpoint)))
         if ca_file is not None and not os.path.isfile(ca_file):
             raise ValueError('CA file {0} does not exist'.format(ca_file))
         self.endpoint = endpoint
@@ -4115,11 +4146,12 @@ class Authenticator(object):
                                     config.fingerprint_file)
             accepted = manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
-            log.error('login of %r from %s: %s', username, address, exc)
+            log.error('login of %s from %s: %s', text_repr(username), address, exc)
             raise ApiError(502, 'Bad Gateway', str(exc))
         if not accepted:
             self.brake.record_failure(address)
-            log.warning('login of %r from %s rejected by the OVM Manager', username, address)
+            log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
+                        address)
             raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
                                                   'and password')
         self.brake.record_success(address)
@@ -4215,7 +4247,7 @@ def parse_go_bool(value, name):
         return True
     if value in GO_FALSE:
         return False
-    raise bad_request('%s must be a boolean (true or false), not %r' % (name, value))
+    raise bad_request('%s must be a boolean (true or false), not %s' % (name, text_repr(value)))
 
 
 def http_date(timestamp=None):

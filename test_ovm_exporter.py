@@ -5346,6 +5346,41 @@ def test_unusable_server_certificate_or_key_is_refused(tmp_path, certs, python):
     assert check_config(write_config(folder, text), python)[0] == 0
 
 
+@pytest.mark.parametrize('python', [p for p in FULL_SUITE_PYTHONS if p != '3'])
+def test_check_config_and_messages_read_the_same_on_python_2(tmp_path, certs, python):
+    """Python 2.6 printed api.handshake_timeout = 0.29999999999999999, repositories with keys
+    in any order, and u'...' in messages (cannot clone u'/...', unknown key u'api.bogus')."""
+    folder = str(tmp_path)
+    text = base_config_text(folder, certs).replace(
+        '[api]', '[api]\nhandshake_timeout = "300ms"\nbogus = 1') + '\n'.join(
+        ['[[repository]]', 'id = "0004fb0000030000000000000000000a"',
+         'mount_point = "/OVS/Repositories/caf\u00e9"', ''])
+    path = write_config(folder, text)
+    want = check_config(path, '3')
+    got = check_config(path, python)
+    assert got == want
+    assert 'api.handshake_timeout = 0.3\n' in got[1]
+    assert '[{"id": "0004fb0000030000000000000000000a", "mount_point": ' in got[1]
+    assert "unknown key 'api.bogus' ignored" in got[2]
+    script = '\n'.join([
+        'import sys; sys.path.insert(0, %r); import ovm_exporter as ox' % HERE,
+        'src, dst = ox.text_type(sys.argv[1]), ox.text_type(sys.argv[2])',
+        'try:',
+        '    ox.clone_file(src, dst)',
+        'except ox.CloneError as exc:',
+        '    print(str(exc))',
+        'print(ox.clone_supported(ox.text_type(sys.argv[3]))[1])',
+        'print(ox.text_repr([ox.text_type("a"), (1, ox.text_type("b"))]))',
+    ])
+    missing = os.path.join(folder, 'nothing-here')
+    out = run([python_path(python), '-c', script, missing + '/a.img', missing + '/b.img',
+               missing])
+    assert "u'" not in out, out
+    assert "cannot clone '%s/a.img' to '%s/b.img'" % (missing, missing) in out
+    assert "cannot probe '%s' for cloning" % missing in out
+    assert "['a', (1, 'b')]" in out
+
+
 def test_config_readable_by_others_is_warned_about(tmp_path, certs):
     path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs))
     os.chmod(path, 0o644)
@@ -5477,6 +5512,9 @@ def test_wrong_password_is_401_with_exactly_one_manager_call(exporter, manager_f
                            body=json.dumps({'username': ADMIN, 'password': 'nope'}))
     assert document['error'] == 'Not Authorized'
     assert manager_for_exporter.request_count == 1
+    # The same log line on every Python (2.6 and 2.7 once wrote login of u'admin').
+    assert wait_for(lambda: "login of 'admin' from 127.0.0.1 rejected" in exporter.log()), \
+        exporter.log()
 
 
 @pytest.mark.parametrize('body', [b'not json', b'[]', b'{"username": "admin"}',
