@@ -4187,6 +4187,7 @@ STREAM_BUFFER_SIZE = 1 << 20
 LOBBY_LIMIT = 1024
 OVERFLOW_THREADS = 8
 SHUTDOWN_GRACE_SECONDS = 30.0
+SHUTDOWN_CUT_SECONDS = 5.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
@@ -4429,6 +4430,7 @@ class ExporterServer(object):
         self._lock = threading.Lock()
         self._connections = {}  # accepted socket -> handler (None until TLS is up)
         self._overflow = 0
+        self._workers = []  # connection threads; serve_forever returns when all have ended
         self._stopping = False
         self._wakeup_r, self._wakeup_w = os.pipe()
         family, socktype, proto, _, address = socket.getaddrinfo(
@@ -4471,7 +4473,7 @@ class ExporterServer(object):
         for sock, _, _ in lobby.values():
             self._close_quietly(sock)
         self.listener.close()
-        self._drain()
+        return self._drain()
 
     def _accept_into(self, lobby, poller):
         for _ in range(64):
@@ -4506,6 +4508,8 @@ class ExporterServer(object):
             return
         worker = threading.Thread(target=target, args=(sock, address))
         worker.daemon = True
+        with self._lock:
+            self._workers = [w for w in self._workers if w.is_alive()] + [worker]
         worker.start()
 
     def _serve_connection(self, sock, address):
@@ -4524,11 +4528,11 @@ class ExporterServer(object):
         except Exception:
             log.error('connection from %s failed: %s', address[0], traceback.format_exc())
         finally:
-            with self._lock:
-                self._connections.pop(sock, None)
             if tls is not None:
                 self._close_quietly(tls)
             self._close_quietly(sock)  # Python 2: the plain socket shares the descriptor
+            with self._lock:
+                self._connections.pop(sock, None)
 
     def _refuse_connection(self, sock, address):
         try:
@@ -4551,9 +4555,9 @@ class ExporterServer(object):
         except Exception as exc:
             log.debug('refusing %s: %s', address[0], exc)
         finally:
+            self._close_quietly(sock)
             with self._lock:
                 self._overflow -= 1
-            self._close_quietly(sock)
 
     def register_handler(self, accepted, handler):
         with self._lock:
@@ -4580,20 +4584,33 @@ class ExporterServer(object):
         return self._stopping
 
     def _drain(self):
+        """Wait for the connection threads: running transfers get SHUTDOWN_GRACE_SECONDS,
+        then every connection is cut and the threads get SHUTDOWN_CUT_SECONDS more to end.
+        The interpreter must not exit under a running thread (Python 2 then prints tracebacks
+        from its teardown). Returns how many threads are still running."""
         deadline = time.time() + SHUTDOWN_GRACE_SECONDS
-        while time.time() < deadline:
+        cut = False
+        while True:
             with self._lock:
-                connections = list(self._connections.items())
-            if not connections:
-                return
-            for _, handler in connections:
-                if handler is not None and not handler.busy:
+                workers = [w for w in self._workers if w.is_alive()]
+                handlers = list(self._connections.values())
+            if not workers:
+                return 0
+            if time.time() > deadline:
+                if cut:
+                    break
+                log.warning('%d connections still open at shutdown: closing them',
+                            len(workers))
+                cut, deadline = True, time.time() + SHUTDOWN_CUT_SECONDS
+            for handler in handlers:
+                if handler is not None and (cut or not handler.busy):
                     try:  # an idle keep-alive connection: wake its reader with an EOF
                         handler.connection.shutdown(socket.SHUT_RDWR)
                     except (socket.error, OSError, ValueError):
                         pass
-            time.sleep(0.1)
-        log.warning('%d connections still open at shutdown', self.active_connections)
+            workers[0].join(0.1)
+        log.warning('%d connection threads did not end', len(workers))
+        return len(workers)
 
 
 class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
@@ -5270,7 +5287,8 @@ def raise_file_limit():
 
 
 def serve(config, pid_file=None, ready=None):
-    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening."""
+    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening.
+    Returns how many connection threads did not end."""
     app, service = build_application(config)
     summary = service.reconcile()
     if any(summary.values()):
@@ -5295,7 +5313,7 @@ def serve(config, pid_file=None, ready=None):
             sys.stderr.flush()
         if ready:
             ready(server)
-        server.serve_forever()
+        running = server.serve_forever()
     finally:
         service.store.close()
         if pid_file:
@@ -5304,6 +5322,7 @@ def serve(config, pid_file=None, ready=None):
             except OSError:
                 pass
     log.info('stopped')
+    return running
 
 
 def fail(message, status=2):
@@ -5325,10 +5344,13 @@ def command_serve(options, args):
         return fail(str(exc))
     setup_logging(config, options.debug)
     try:
-        serve(config, options.pid_file)
+        running = serve(config, options.pid_file)
     except (StoreError, socket.error, OSError) as exc:
         log.error('%s', exc)
         return fail(str(exc), 1)
+    if running:  # stuck connection threads: exit without the interpreter's teardown
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
