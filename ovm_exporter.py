@@ -88,8 +88,9 @@ else:
     string_types = (str,)
     integer_types = (int,)
 
-# A test hook: OVM_EXPORTER_COMPAT=py26 makes Python 2.7/3.x take the code paths that
-# Python 2.6 must take (no SSLContext, no compare_digest, no WAL), so that they are tested.
+# A test hook: OVM_EXPORTER_COMPAT=py26 makes the state database skip WAL, as it must with
+# the dom0's SQLite 3.6.20: the CPython 2.6.9 the tests run links a newer SQLite. The other
+# Python 2.6 paths (no SSLContext, no compare_digest) run for real under that 2.6.9.
 FORCE_PY26_PATHS = os.environ.get('OVM_EXPORTER_COMPAT') == 'py26'
 
 log = logging.getLogger('ovm_exporter')
@@ -3587,11 +3588,11 @@ class SnapshotService(object):
 
 # hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
 # Tests set this to None to force the fallback.
-AUTH_HMAC_COMPARE_DIGEST = None if FORCE_PY26_PATHS else getattr(hmac, 'compare_digest', None)
+AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
 
 # True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
 # Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
-AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS
+AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
 
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}

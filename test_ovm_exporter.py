@@ -718,7 +718,7 @@ except ImportError:  # Python < 3.11
 # ------------------------------------------------------------------------------ fixtures
 MODULE_DIR = os.path.dirname(os.path.abspath(ox.__file__))
 PYENV = '/root/.pyenv/versions'
-OTHER_PYTHONS = ['2.7.18', '3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.11.7',
+OTHER_PYTHONS = ['2.6.9', '2.7.18', '3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.11.7',
                  '3.12.1', '3.13.0']
 
 needs_tomllib = pytest.mark.skipif(tomllib is None, reason='tomllib needs Python 3.11+')
@@ -1520,7 +1520,7 @@ def tag(v):
     if isinstance(v, list):
         return ['list', [tag(x) for x in v]]
     if isinstance(v, float):
-        return ['float', repr(v), math.copysign(1.0, v) > 0]
+        return ['float', v.hex(), math.copysign(1.0, v) > 0]  # exact; 2.6's repr is long
     if isinstance(v, INTS):
         return ['int', str(v)]
     if isinstance(v, TEXT):
@@ -1578,12 +1578,10 @@ def run_checked(argv):
 
 @pytest.mark.parametrize('version', OTHER_PYTHONS)
 def test_same_results_on_every_interpreter(version, interpreter_inputs):
-    """Python 2.7 and 3.6-3.13 give the same values and types as this Python (on 2.7 every
+    """Python 2.6, 2.7 and 3.6-3.13 give the same values and types as this Python (on 2 every
     key and string is unicode), the same error lines and, for ASCII, the same messages;
     where tomllib exists in that interpreter, it agrees on what is valid."""
-    python = os.path.join(PYENV, version, 'bin', 'python')
-    if not os.path.exists(python):
-        pytest.skip('interpreter %s not installed' % python)
+    python = python_path(version)
     script, docs_file, docs, reference = interpreter_inputs
     results = json.loads(run_checked([python, str(script), MODULE_DIR, str(docs_file)]))
     assert len(results) == len(docs) + len(GO_DURATION_CASES)
@@ -1593,7 +1591,8 @@ def test_same_results_on_every_interpreter(version, interpreter_inputs):
             if not [c for c in text if ord(c) > 127]:
                 assert got == want
         else:
-            assert got == ['duration', str(nanoseconds), repr(nanoseconds / 1e9)], text
+            assert got[:2] == ['duration', str(nanoseconds)], text
+            assert float(got[2]) == nanoseconds / 1e9, text  # 2.6's repr is not the shortest
     results = results[len(GO_DURATION_CASES):]
     reference = reference[len(GO_DURATION_CASES):]
     for doc, want, got in zip(docs, reference, results):
@@ -2434,8 +2433,8 @@ def test_retry_rereads_a_file_that_changes(tmp_path, dbs):
 
     def serve(fifo, contents, opened):
         for n, c in enumerate(contents):
-            if n:
-                time.sleep(0.3)   # let the reader close its first descriptor before reopening
+            if n:  # the reader must close its first descriptor before the writer reopens
+                wait_for(lambda: not open_fds_to(os.getpid(), fifo), 20)
             fd = os.open(fifo, os.O_WRONLY)
             opened.append(1)
             try:
@@ -2594,13 +2593,14 @@ def test_truncated_and_garbage_pickles(pickles):
 
 
 def test_huge_lengths_in_pickles():
+    """Timing, generous: the lengths are refused before anything is allocated or read."""
     t0 = time.time()
     for bad in (b'T\xff\xff\xff\x7fabc.', b'\x80\x02X\xff\xff\xff\xffabc.',
                 b'\x80\x02T\xff\xff\xff\xff.', b'\x80\x02\x8a\xff\xff\xff\xff.',
                 b'\x80\x02\x8b\xff\xff\xff\x7f.', b'\x80\x02U\xffab.'):
         with pytest.raises(ox.UnsafePickleError):
             ox.safe_unpickle(bad)
-    assert time.time() - t0 < 2
+    assert time.time() - t0 < 20
 
 
 def test_recursive_and_exponential_pickles():
@@ -2620,7 +2620,7 @@ def test_recursive_and_exponential_pickles():
     with pytest.raises(ox.UnsafePickleError) as e:
         ox.safe_unpickle(p + b'.')
     assert 'too large' in str(e.value)
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 30  # timing, generous: expanding it would never end
     # deep but legitimate nesting is fine
     assert ox.safe_unpickle(b'(((S\'a\'\nlp0\nlp1\nlp2\n.') == [[['a']]]
 
@@ -2750,6 +2750,8 @@ def test_same_results_on_python27_and_every_python3(dbs, deleted_db, tmp_path):
 
 # ------------------------------------------------------------------------------ speed -----
 def test_one_megabyte_reads_fast(tmp_path, tools):
+    """Timing, with a margin for a loaded 2-core machine (about 0.03 s idle): a quadratic
+    reader would take minutes. The figures are measured by bench/bench_discovery.py."""
     pairs = [(('0004fb0000030000%016x' % i).encode('ascii'), (u'v%05d' % i).encode('ascii') * 60)
              for i in range(3000)]
     path = db_load(str(tmp_path / 'big.db'), pairs, ())
@@ -2762,7 +2764,7 @@ def test_one_megabyte_reads_fast(tmp_path, tools):
         dt = time.time() - t0
         best = dt if best is None else min(best, dt)
     assert sorted_pairs(got) == sorted(pairs)
-    assert best < 0.1, 'reading %d bytes took %.3f s' % (size, best)
+    assert best < 2.0, 'reading %d bytes took %.3f s' % (size, best)
 
 
 PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
@@ -3191,6 +3193,7 @@ def test_hostile_files_never_execute(host):
 
 
 def test_bigline_is_refused_quickly(host):
+    """Timing, generous (a loaded machine): refused by size, not parsed."""
     path = os.path.join(host['a'], 'VirtualMachines', 'bigline', 'vm.cfg')
     t0 = time.time()
     with pytest.raises(ox.VmConfigError) as info:
@@ -3202,7 +3205,7 @@ def test_bigline_is_refused_quickly(host):
         ox.parse_vm_cfg(data, path)
     with pytest.raises(ox.VmConfigError):
         ox.parse_vm_cfg(data.decode('ascii'), path)
-    assert time.time() - t0 < 2.0
+    assert time.time() - t0 < 20.0
 
 
 def test_format_vm_table(host):
@@ -3647,7 +3650,7 @@ def test_manager_ip_from_server_db(host, tmp_path, caplog):
 MODULE_FILE = ox.__file__
 PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
 OTHER_PYTHONS = [p for p in
-                 ['/root/.pyenv/versions/2.7.18/bin/python'] +
+                 [PY26, '/root/.pyenv/versions/2.7.18/bin/python'] +
                  ['/root/.pyenv/versions/{0}/bin/python'.format(v) for v in
                   ('3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0')]
                  if os.path.exists(p)]
@@ -4712,7 +4715,7 @@ def test_jwt_length_limit():
     t0 = time.time()
     with pytest.raises(ox.TokenError):
         ox.jwt_decode(huge, SECRET)
-    assert time.time() - t0 < 0.5
+    assert time.time() - t0 < 10  # timing, generous: refused by length before decoding
 
 
 def test_mint_login_token():
@@ -4789,21 +4792,23 @@ def test_login_other_statuses(manager, status):
 
 
 def test_login_manager_down():
+    """Timing: a refused connection fails at once, well within the 30 s time-out."""
     url = closed_port_url()
     t0 = time.time()
     with pytest.raises(ox.ManagerUnavailable) as e:
-        _client(url, timeout=2).check_login('admin', 'Welcome1')
-    assert time.time() - t0 < 2
+        _client(url, timeout=30).check_login('admin', 'Welcome1')
+    assert time.time() - t0 < 15
     assert 'unreachable' in str(e.value) and url in str(e.value)
 
 
 def test_login_manager_slow(manager):
-    manager.delay = 8
+    """Timing: gives up after its 1 s time-out, long before the Manager's 30 s answer."""
+    manager.delay = 30
     t0 = time.time()
     with pytest.raises(ox.ManagerUnavailable) as e:
         _client(manager.url, timeout=1.0).check_login('admin', 'Welcome1')
     elapsed = time.time() - t0
-    assert 0.9 < elapsed < 2.0
+    assert 0.9 < elapsed < 15
     assert 'did not answer within 1 seconds' in str(e.value)
     assert manager.request_count == 1
 
@@ -5034,7 +5039,8 @@ def attempt(name, **kw):
     except ox.ManagerUnavailable:
         out[name] = 'unavailable'
 
-paths = ['sslcontext'] + (hasattr(ssl, 'wrap_socket') and ['wrap_socket'] or [])
+paths = ((hasattr(ssl, 'SSLContext') and ['sslcontext'] or []) +
+         (hasattr(ssl, 'wrap_socket') and ['wrap_socket'] or []))
 out['paths'] = paths
 for path in paths:
     ox.AUTH_TLS_USE_SSLCONTEXT = path == 'sslcontext'
@@ -5071,17 +5077,21 @@ sys.stdout.write(json.dumps(out))
 '''
 
 PYENV = '/root/.pyenv/versions'
-INTERPRETERS = sorted(glob.glob(os.path.join(PYENV, '*', 'bin', 'python')))
+# pyenv's, and the dom0's CPython 2.6.9 (test_required_interpreters_are_present needs it).
+INTERPRETERS = sorted(glob.glob(os.path.join(PYENV, '*', 'bin', 'python'))) + [PY26]
 
 
 def test_required_interpreters_are_present():
     for v in ('2.7.18', '3.12.1', '3.13.0'):
         assert os.path.join(PYENV, v, 'bin', 'python') in INTERPRETERS
+    assert os.path.exists(PY26), 'CPython 2.6.9: ../shared/py26/build.sh %s' % PY26_PREFIX
 
 
-@pytest.mark.parametrize('python', INTERPRETERS,
-                         ids=[p.split(os.sep)[-3] for p in INTERPRETERS])
+@pytest.mark.parametrize('python', INTERPRETERS, ids=[
+    '2.6.9' if p == PY26 else p.split(os.sep)[-3] for p in INTERPRETERS])
 def test_login_under_other_interpreters(python, manager, other_manager, certs, tmp_path):
+    if python == PY26:
+        python_path('2.6.9')  # skips, with how to build it, where it is missing
     script = tmp_path / 'run.py'
     script.write_text(INTERPRETER_SCRIPT)
     cfg = {'url': manager.url, 'other_url': other_manager.url, 'down_url': closed_port_url(),
@@ -5096,9 +5106,10 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode())
     version = tuple(result['version'])
-    expected_paths = ['sslcontext'] + (['wrap_socket'] if version < (3, 12) else [])
+    expected_paths = ((['sslcontext'] if version >= (2, 7) else []) +
+                      (['wrap_socket'] if version < (3, 12) else []))
     assert result['paths'] == expected_paths
-    assert result['has_sslcontext'] is True
+    assert result['has_sslcontext'] is (version >= (2, 7))
     for path in expected_paths:
         assert result[path + ':tofu_first'] is True
         assert result[path + ':tofu_stored'] == certs['server_fp']
@@ -5529,20 +5540,22 @@ def test_oversized_body_is_413(exporter):
 
 
 def test_manager_down_is_502_within_timeout(exporter_factory, tmp_path):
+    """Timing, generous: a refused connection answers 502 at once (ovm_timeout is 3 s)."""
     exporter = exporter_factory(manager_url='https://127.0.0.1:9')
     started = time.time()
     document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
                            body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
-    assert time.time() - started < 4
+    assert time.time() - started < 15
     assert 'Manager' in document['details']
 
 
 def test_manager_slow_is_502_within_timeout(exporter, manager_for_exporter):
-    manager_for_exporter.delay = 10
+    """Timing: 502 after ovm_timeout (3 s), long before the Manager's 40 s answer."""
+    manager_for_exporter.delay = 40
     started = time.time()
     error_of(exporter, 'POST', '/api/v1/auth/login', 502,
              body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
-    assert time.time() - started < 6
+    assert time.time() - started < 25
 
 
 def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
@@ -5558,9 +5571,10 @@ def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
     assert manager_for_exporter.request_count == 5
 
 
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_tofu_pins_manager_certificate_and_refuses_a_changed_one(exporter_factory, certs,
-                                                                 manager_for_exporter):
-    exporter = exporter_factory(manager_trust='tofu')
+                                                                 manager_for_exporter, python):
+    exporter = exporter_factory(python, manager_trust='tofu')
     exporter.login()
     pin_file = os.path.join(exporter.folder, 'ovm-manager.fingerprint')
     assert os.path.exists(pin_file)
@@ -5651,12 +5665,13 @@ def test_oversized_request_line_and_headers(exporter):
 
 
 def test_http10_and_connection_close_end_the_connection(exporter):
+    """Timing: the server closes at once; kept open, the read would wait its 60 s out."""
     for request in (b'GET /nowhere HTTP/1.0\r\nHost: x\r\n\r\n',
                     b'GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'):
         started = time.time()
-        answer = raw_exchange(exporter, request, read_timeout=5)
+        answer = raw_exchange(exporter, request, read_timeout=60)
         assert answer.startswith(b'HTTP/1.1 404 ') and answer.endswith(b'}')
-        assert time.time() - started < 2, 'the server kept the connection open'
+        assert time.time() - started < 30, 'the server kept the connection open'
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(exporter):
@@ -5681,6 +5696,8 @@ def test_plain_http_to_the_tls_port_fails(exporter):
 
 
 def test_idle_connections_and_stalled_handshakes_do_not_block_others(exporter_factory):
+    """Timing: with 220 idle or stalled connections accepted, requests are still served
+    long before the 20 s handshake time-out could free a thread."""
     exporter = exporter_factory(api_extra='max_connections = 32\nhandshake_timeout = "20s"')
     token = exporter.login()
     idle = []
@@ -5690,20 +5707,22 @@ def test_idle_connections_and_stalled_handshakes_do_not_block_others(exporter_fa
         sock = socket.create_connection(('127.0.0.1', exporter.port))
         sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')
         idle.append(sock)
-    time.sleep(0.5)
     try:
+        assert wait_for(lambda: len(socket_fds(exporter.process.pid)) > 220, 15), \
+            'the server did not accept the idle connections'  # 220 and its listener
         for _ in range(3):
             started = time.time()
             status, _, _ = exporter.request('GET', '/api/v1/vms', token=token)
             assert status == 200
-            assert time.time() - started < 1.0
+            assert time.time() - started < 10.0
     finally:
         for sock in idle:
             sock.close()
 
 
-def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory):
-    exporter = exporter_factory(api_extra='max_connections = 4')
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory, python):
+    exporter = exporter_factory(python, api_extra='max_connections = 4')
     token = exporter.login()
     held = [exporter.connection() for _ in range(4)]
     for connection in held:
@@ -5720,8 +5739,9 @@ def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory):
         time.sleep(0.1)
 
 
-def test_sigterm_lets_a_running_download_finish(exporter_factory, xfs_host):
-    exporter = exporter_factory(repositories=xfs_host.repositories)
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_sigterm_lets_a_running_download_finish(exporter_factory, xfs_host, python):
+    exporter = exporter_factory(python, repositories=xfs_host.repositories)
     client = exporter.client()
     snapshot = client.create_snapshot(xfs_host.vm)
     disk = snapshot['disks'][0]['name']
@@ -5807,8 +5827,9 @@ def test_server_returns_only_after_every_connection_thread_ended():
     assert not served.is_alive()
 
 
-def test_client_certificate_can_be_required(exporter_factory, certs):
-    exporter = exporter_factory(tls_extra='require_client_certificate = true')
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_client_certificate_can_be_required(exporter_factory, certs, python):
+    exporter = exporter_factory(python, tls_extra='require_client_certificate = true')
     with pytest.raises((ssl.SSLError, socket.error, http_client.HTTPException)):
         exporter.request('GET', '/nope')
     folder = exporter.folder
@@ -5826,32 +5847,38 @@ def test_client_certificate_can_be_required(exporter_factory, certs):
 
 
 def test_legacy_tls_path_serves_tls12(exporter_factory, manager_for_exporter):
-    """Python 2.7 forced onto Python 2.6's paths: ssl.wrap_socket for the server and the
-    Manager login, no compare_digest, no WAL."""
-    exporter = exporter_factory(python='2.7.18', env={'OVM_EXPORTER_COMPAT': 'py26'})
+    """The dom0's interpreter for real (CPython 2.6.9: ssl.wrap_socket for the server and the
+    Manager login, no compare_digest) and, forced because this 2.6.9 links SQLite 3.40, the
+    dom0's SQLite 3.6.20 path: no WAL."""
+    exporter = exporter_factory(python='2.6.9', env={'OVM_EXPORTER_COMPAT': 'py26'})
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
-    assert tls.version() in ('TLSv1.2', 'TLSv1.3')
+    assert tls.version() == 'TLSv1.2'
     tls.close()
     assert exporter.login()
     assert manager_for_exporter.request_count == 1
     error_of(exporter, 'POST', '/api/v1/auth/login', 401,
              body=json.dumps({'username': ADMIN, 'password': 'wrong'}))
+    assert os.path.exists(os.path.join(exporter.folder, 'exporter.db'))
+    assert not os.path.exists(os.path.join(exporter.folder, 'exporter.db-wal'))
 
 
-@pytest.mark.parametrize('python, env', [('3', {}), ('2.7.18', {'OVM_EXPORTER_COMPAT': 'py26'})])
-def test_stalled_handshake_is_dropped_after_the_timeout(exporter_factory, python, env):
-    exporter = exporter_factory(python, api_extra='handshake_timeout = "1s"', env=env)
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_stalled_handshake_is_dropped_after_the_timeout(exporter_factory, python):
+    """Timing: dropped after the 1 s handshake time-out, long before this read's 60 s."""
+    exporter = exporter_factory(python, api_extra='handshake_timeout = "1s"')
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')  # half a ClientHello
-    sock.settimeout(10)
+    sock.settimeout(60)
     started = time.time()
     try:
         closed = sock.recv(1024) == b''
+    except socket.timeout:
+        closed = False
     except socket.error:  # reset
         closed = True
     sock.close()
-    assert closed and time.time() - started < 5
+    assert closed and time.time() - started < 30
 
 
 def test_readme_curl_commands(exporter, manager_for_exporter):
@@ -6068,7 +6095,7 @@ def test_snapshot_is_consistent_while_the_disk_is_written(exporter_factory, xfs_
     every snapshot must show a prefix of blocks with counter n and the rest with n - 1."""
     live = xfs_host.vm_disks[1]
     blocks = (16 << 20) // 4096
-    stop = threading.Event()
+    stop, writing = threading.Event(), threading.Event()
 
     def writer():
         fd = os.open(live, os.O_WRONLY)
@@ -6077,6 +6104,7 @@ def test_snapshot_is_consistent_while_the_disk_is_written(exporter_factory, xfs_
             while not stop.is_set():
                 for block in range(blocks):
                     os.pwrite(fd, struct.pack('<Q', counter) * 512, block * 4096)
+                writing.set()
                 counter += 1
         finally:
             os.close(fd)
@@ -6085,7 +6113,7 @@ def test_snapshot_is_consistent_while_the_disk_is_written(exporter_factory, xfs_
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        time.sleep(0.2)
+        assert writing.wait(30), 'the writer did not start'
         snapshots = [client.create_snapshot(xfs_host.vm) for _ in range(5)]
     finally:
         stop.set()
@@ -6301,6 +6329,18 @@ def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_pa
         mount.close()
 
 
+def socket_fds(pid):
+    """The descriptors of process `pid` that are sockets."""
+    found = []
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            if os.readlink('/proc/%d/fd/%s' % (pid, fd)).startswith('socket:'):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
 def open_fds_to(pid, path):
     found = []
     for fd in os.listdir('/proc/%d/fd' % pid):
@@ -6326,7 +6366,7 @@ def test_client_that_disconnects_mid_stream_frees_file_and_thread(exporter_facto
         assert tls.recv(65536)
         assert open_fds_to(exporter.process.pid, disk['path'])
         tls.close()
-        deadline = time.time() + 5
+        deadline = time.time() + 30
         while open_fds_to(exporter.process.pid, disk['path']):
             assert time.time() < deadline, 'the server kept the snapshot file open'
             time.sleep(0.05)
@@ -6479,14 +6519,20 @@ def test_version_and_the_readme_secret_recipe(tmp_path, certs):
     assert status == 0 and err == '', err
 
 
-def test_access_log_goes_to_log_file_in_combined_format(exporter_factory, tmp_path):
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_access_log_goes_to_log_file_in_combined_format(exporter_factory, tmp_path, python):
     log_file = str(tmp_path / 'access.log')
-    exporter = exporter_factory(extra='log_file = %s' % toml_quote(log_file))
+    exporter = exporter_factory(python, extra='log_file = %s' % toml_quote(log_file))
     token = exporter.login()
     exporter.request('GET', '/api/v1/vms?x=1', token=token, headers={'User-Agent': 'probe/1'})
     exporter.request('GET', '/missing')
-    with open(log_file) as handle:
-        text = handle.read()
+
+    def logged():  # the access line is written after the response is sent
+        with open(log_file) as handle:
+            return handle.read()
+    assert wait_for(lambda: '"GET /missing HTTP/1.1" 404 ' in logged()
+                    and '/api/v1/vms?x=1' in logged(), 30), logged()
+    text = logged()
     line = [l for l in text.splitlines() if '/api/v1/vms?x=1' in l][0]
     assert re.search(r'127\.0\.0\.1 - admin \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
                      r'"GET /api/v1/vms\?x=1 HTTP/1\.1" 200 \d+ "-" "probe/1" \d+\.\d{3}s$',
