@@ -7066,10 +7066,12 @@ def test_unusable_python_is_refused(src, root, tmp_path):
 
 
 # ------------------------------------------------------------------------------ SysV script ---
-LIFECYCLES = [(['sh'], None), (['bash'], PY27), (['busybox', 'sh'], None)]
+# bash and CPython 2.6.9: the dom0's (Oracle Linux 6) shell and interpreter.
+LIFECYCLES = [(['sh'], None), (['bash'], PY27), (['busybox', 'sh'], None), (['bash'], PY26)]
 
 
-@pytest.mark.parametrize('shell,python', LIFECYCLES, ids=['dash-py3', 'bash-py27', 'busybox-py3'])
+@pytest.mark.parametrize('shell,python', LIFECYCLES,
+                         ids=['dash-py3', 'bash-py27', 'busybox-py3', 'bash-py26'])
 def test_sysv_start_status_stop(src, root, shell, python):
     if not shell_available(shell):
         pytest.skip('%s is not installed' % shell[0])
