@@ -2718,6 +2718,8 @@ def interpreters():
             exe = os.path.join(PYENV_ROOT, v, 'bin', 'python')
             if os.path.exists(exe) and (v.startswith('2.7') or v.startswith('3.')):
                 res.append(exe)
+    if os.path.exists(PY26):  # the dom0's interpreter
+        res.append(PY26)
     return res
 
 
@@ -3247,6 +3249,7 @@ sys.stdout.write(out)
 PYENV_PYTHONS = sorted(
     os.path.join('/root/.pyenv/versions', v, 'bin', 'python')
     for v in (os.listdir('/root/.pyenv/versions') if os.path.isdir('/root/.pyenv/versions') else []))
+PYENV_PYTHONS.append(PY26)  # and the dom0's interpreter (fails, as it must, where it is not built)
 
 
 def run_listing(interpreter, script, args_path, lang):
@@ -3518,11 +3521,13 @@ sys.stdout.write('ok')
 '''
 
 
-def test_python27_deep_expressions_do_not_crash(tmp_path):
+@pytest.mark.parametrize('python', ['2.7.18', '2.6.9'])
+def test_python27_deep_expressions_do_not_crash(tmp_path, python):
     script = str(tmp_path / 'deep.py')
     with open(script, 'w') as f:
         f.write(PY27_DEEP_SCRIPT)
-    proc = subprocess.Popen([PY27, script, HERE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([python_path(python), script, HERE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     out, err = proc.communicate()
     assert proc.returncode == 0, err.decode('utf-8', 'replace')[-2000:]
     assert out == b'ok'
@@ -6424,8 +6429,10 @@ def test_vms_command_prints_a_table_and_json(tmp_path, certs, python):
     assert listed[0]['disks'][0]['snapshot_compatible'] is False  # tmp is not a cloning fs
 
 
-def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_host, tmp_path):
-    exporter = exporter_factory(repositories=xfs_host.repositories)
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_host, tmp_path,
+                                                       python):
+    exporter = exporter_factory(python, repositories=xfs_host.repositories)
     client = exporter.client()
     first = client.create_snapshot(xfs_host.vm)
     with open(xfs_host.vm_disks[0], 'r+b') as handle:
@@ -6434,8 +6441,9 @@ def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_hos
     second = client.create_snapshot(xfs_host.vm)
     image = str(tmp_path / 'disk.img')
     env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
-    base = [sys.executable, EXPORTER, 'client', '--url', 'https://127.0.0.1:%d' % exporter.port,
-            '--cacert', exporter.certs['ca_cert'], '--user', ADMIN]
+    base = [python_path(python), EXPORTER, 'client', '--url',
+            'https://127.0.0.1:%d' % exporter.port, '--cacert', exporter.certs['ca_cert'],
+            '--user', ADMIN]
     disk = first['disks'][0]['name']
     out = run(base + ['download', xfs_host.vm, first['id'], disk, image], env=env)
     assert 'downloaded' in out
