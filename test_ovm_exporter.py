@@ -6238,6 +6238,8 @@ def test_start_up_removes_only_its_own_orphans(exporter_factory, xfs_host):
 
 
 def test_kill_9_during_create_delete_cycles_leaves_nothing_behind(exporter_factory, xfs_host):
+    """Timing-dependent on purpose: about 50 kills land at random moments within the measured
+    time of one create + delete, so that some land inside an operation (checked at the end)."""
     rng = random.Random(99)
     fragmented = [(offset, b'f' * 4096) for offset in range(0, 256 << 20, 64 << 10)]
     xfs_host.add_vm(xfs_host.repo, '0004fb00000600000000000000000003',
