@@ -4336,25 +4336,27 @@ def tls_self_test(config, wrap, timeout=10.0):
     worker = threading.Thread(target=client)
     worker.daemon = True
     worker.start()
-    failure = None
+    failure = server_tls = None
     try:
-        wrap(server_end).close()
+        server_tls = wrap(server_end)
     except (ssl.SSLError, socket.error, socket.timeout, OSError, ValueError) as exc:
         failure = exc
-    finally:
         for end in (server_end, client_end):
             try:
-                end.shutdown(socket.SHUT_RDWR)  # wakes the client if the server failed
+                end.shutdown(socket.SHUT_RDWR)  # the client must not wait for more
             except (socket.error, OSError, ValueError):
                 pass
-        worker.join(timeout)
-        server_end.close()
-        client_end.close()
+    worker.join(timeout)
+    for end in (server_tls, server_end, client_end):
+        if end is not None:
+            end.close()
     certificate, key = config.api_tls_certificate, config.api_tls_key
-    if failure is not None or not seen.get('der'):
+    if failure is not None:
         raise TlsSetupError('api.tls.key', '%s does not match the certificate %s: a TLS '
-                            'handshake with them fails (%s)'
-                            % (key, certificate, failure or seen.get('error')))
+                            'handshake with them fails (%s)' % (key, certificate, failure))
+    if not seen.get('der'):
+        raise TlsSetupError('api.tls', 'a TLS handshake with the certificate %s and the key %s '
+                            'fails (%s)' % (certificate, key, seen.get('error', 'time-out')))
     try:
         not_after = certificate_not_after(seen['der'])
     except (ValueError, IndexError, TypeError):
