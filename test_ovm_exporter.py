@@ -338,8 +338,9 @@ def closed_port_url():
     return 'https://127.0.0.1:{0}'.format(port)
 
 
-def wait_for(predicate, seconds=3.0):
-    """Poll predicate() until true or `seconds` pass (server-side counters lag the client)."""
+def wait_for(predicate, seconds=30.0):
+    """Poll predicate() until true or `seconds` pass (server-side counters lag the client);
+    the deadline only matters when it fails, so it is long enough for a loaded machine."""
     deadline = time.time() + seconds
     while True:
         if predicate():
@@ -4828,7 +4829,7 @@ def test_login_tls_handshake_stalls():
         t0 = time.time()
         with pytest.raises(ox.ManagerUnavailable) as e:
             _client(url, timeout=1.0).check_login('admin', 'Welcome1')
-        assert 0.9 < time.time() - t0 < 2.0
+        assert 0.9 < time.time() - t0 < 15  # timing: the 1 s time-out, generous margin
         assert 'did not answer within' in str(e.value)
     finally:
         s.close()
@@ -4839,8 +4840,8 @@ def test_login_manager_drops_connection(manager, drop, tls_path):
     manager.drop = drop
     t0 = time.time()
     with pytest.raises(ox.ManagerUnavailable) as e:
-        _client(manager.url, timeout=3).check_login('admin', 'Welcome1')
-    assert time.time() - t0 < 2
+        _client(manager.url, timeout=30).check_login('admin', 'Welcome1')
+    assert time.time() - t0 < 15  # timing: a dropped connection fails at once, not at 30 s
     assert manager.url in str(e.value)
     assert manager.connections == 1
     assert manager.request_count == (1 if drop == 'after_request' else 0)
@@ -5639,7 +5640,7 @@ def test_unknown_paths_and_methods(exporter):
     error_of(exporter, 'GET', '/api/v1/vms/a/snapshots/' + str(uuid.uuid4()), 404, token)
 
 
-def raw_exchange(exporter, data, read_timeout=5):
+def raw_exchange(exporter, data, read_timeout=30):
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
     tls.settimeout(read_timeout)
@@ -5738,7 +5739,7 @@ def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory, python):
     assert json.loads(data.decode('utf-8'))['error'] == 'Service Unavailable'
     for connection in held:
         connection.close()
-    deadline = time.time() + 5
+    deadline = time.time() + 30
     while exporter.request('GET', '/api/v1/vms', token=token)[0] != 200:
         assert time.time() < deadline, 'did not recover'
         time.sleep(0.1)
