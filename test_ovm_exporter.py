@@ -378,8 +378,8 @@ TLS_PATHS = ['sslcontext'] + (['wrap_socket'] if hasattr(ssl, 'wrap_socket') els
 @pytest.fixture(params=TLS_PATHS)
 def tls_path(request, monkeypatch):
     """Run a test with SSLContext (2.7.9+/3.x) and, where ssl.wrap_socket still exists
-    (< 3.12), with the Python 2.6 code path forced. The 2.6 path is also run under 2.7 by
-    test_login_under_other_interpreters, whatever Python runs pytest."""
+    (< 3.12), with the Python 2.6 code path forced. The 2.6 path is also run under 2.7 and,
+    for real, under CPython 2.6.9 by test_login_under_other_interpreters."""
     monkeypatch.setattr(ox, 'AUTH_TLS_USE_SSLCONTEXT', request.param == 'sslcontext')
     return request.param
 
@@ -7044,13 +7044,13 @@ def test_host_ips_fallback_to_ol6_ifconfig(src, root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- python ---
-def test_python_choice_reported_and_forced(src, root):
-    if not os.path.exists(PY27):
-        pytest.skip('no Python 2.7 at ' + PY27)
-    p = install_ok(src, root, '--init', 'none', '--python', PY27)
-    assert 'Python: %s (version 2.7.18)' % PY27 in p.stdout
+@pytest.mark.parametrize('version', ['2.7.18', '2.6.9'])
+def test_python_choice_reported_and_forced(src, root, version):
+    python = python_path(version)
+    p = install_ok(src, root, '--init', 'none', '--python', python)
+    assert 'Python: %s (version %s)' % (python, version) in p.stdout
     with open(root + BIN) as f:
-        assert f.readline() == '#!%s\n' % PY27
+        assert f.readline() == '#!%s\n' % python
     # the installed script runs through its #! line
     v = subprocess.run([root + BIN, '--version'], stdout=subprocess.PIPE, universal_newlines=True)
     assert v.returncode == 0 and v.stdout.startswith('ovm_exporter ')
