@@ -89,9 +89,6 @@ else:
     string_types = (str,)
     integer_types = (int,)
 
-# A test hook: OVM_EXPORTER_COMPAT=py26 makes Python 2.7/3.x take the code paths that
-# Python 2.6 must take (no SSLContext, no compare_digest), so that they are tested.
-FORCE_PY26_PATHS = os.environ.get('OVM_EXPORTER_COMPAT') == 'py26'
 
 log = logging.getLogger('ovm_exporter')
 BytesIO = io.BytesIO
@@ -101,6 +98,17 @@ def to_bytes(value, encoding='utf-8'):
     if isinstance(value, bytes):
         return value
     return value.encode(encoding)
+
+
+def text_repr(value):
+    """repr() for messages, the same on every Python: no u prefix on Python 2's text."""
+    if isinstance(value, (list, tuple)):
+        inner = ', '.join([text_repr(item) for item in value])
+        return ('[%s]' if isinstance(value, list) else '(%s)') % inner
+    text = repr(value)
+    if PY2 and isinstance(value, text_type) and text.startswith('u'):
+        text = text[1:]
+    return text
 
 
 def json_dumps(obj):
@@ -826,7 +834,7 @@ def _go_duration_nanoseconds(text):
         try:
             text = text.decode('utf-8')
         except UnicodeDecodeError:
-            raise ValueError('invalid duration %r: not UTF-8 text' % (text,))
+            raise ValueError('invalid duration %s: not UTF-8 text' % text_repr(text))
     if not isinstance(text, text_type):
         raise ValueError('a duration must be a string such as "168h" or "1h30m", not %s'
                          % type(text).__name__)
@@ -975,11 +983,26 @@ class Config(object):
             value = self.values[key]
             if key in SECRET_KEYS:
                 value = '<hidden, %d bytes>' % len(to_bytes(value))
-            elif key == 'repository':
-                value = [dict((k, r.get(k)) for k in ('id', 'mount_point', 'filesystem'))
-                         for r in (value or [])]
-            lines.append('%s = %s' % (key, json.dumps(value)))
+            if key == 'repository':  # keys in a fixed order (Python 2 dicts have none)
+                text = '[%s]' % ', '.join(['{%s}' % ', '.join([
+                    '"%s": %s' % (k, json.dumps(r.get(k)))
+                    for k in ('id', 'mount_point', 'filesystem')]) for r in (value or [])])
+            elif isinstance(value, float):
+                text = float_text(value)
+            else:
+                text = json.dumps(value)
+            lines.append('%s = %s' % (key, text))
         return lines
+
+
+def float_text(value):
+    """repr() of a float, shortest form also on Python 2.6 (its repr of 0.3 is
+    0.29999999999999999)."""
+    text = repr(value)
+    short = '%.15g' % value
+    if len(short) < len(text) and float(short) == value:
+        text = short if re.search(r'[.e]|inf|nan', short) else short + '.0'
+    return text
 
 
 def _lookup_dotted(document, dotted):
@@ -1017,18 +1040,18 @@ def _unknown_config_keys(document, prefix=''):
 
 def _coerce_config_value(source, key, kind, value):
     def fail(what):
-        raise ConfigError('%s: key %r: %s' % (source, key, what))
+        raise ConfigError('%s: key %s: %s' % (source, text_repr(key), what))
     if kind == 'str':
         if not isinstance(value, string_types):
-            fail('expected a string, found %r' % (value,))
+            fail('expected a string, found %s' % text_repr(value))
         return text_type(value)
     if kind == 'int':
         if isinstance(value, bool) or not isinstance(value, integer_types):
-            fail('expected an integer, found %r' % (value,))
+            fail('expected an integer, found %s' % text_repr(value))
         return int(value)
     if kind == 'bool':
         if not isinstance(value, bool):
-            fail('expected true or false, found %r' % (value,))
+            fail('expected true or false, found %s' % text_repr(value))
         return value
     if kind == 'duration':
         if isinstance(value, bool):
@@ -1054,7 +1077,7 @@ def config_from_document(document, source):
         present, value = _lookup_dotted(document, key)
         values[key] = _coerce_config_value(source, key, kind, value) if present else default
     for key in _unknown_config_keys(document):
-        log.warning('%s: unknown key %r ignored', source, key)
+        log.warning('%s: unknown key %s ignored', source, text_repr(key))
     return Config(values, source)
 
 
@@ -1122,6 +1145,8 @@ def validate_config(config, need_tls=True):
             fail('api.tls.ca_certificate', 'is required when require_client_certificate = true')
         try:
             make_server_tls(config)
+        except TlsSetupError as exc:
+            fail(exc.key, str(exc))
         except (ssl.SSLError, IOError, OSError, ValueError) as exc:
             fail('api.tls', 'cannot load certificate/key: %s' % exc)
     return warnings
@@ -1474,7 +1499,7 @@ def read_ovs_agent_db(path):
         try:
             result[tkey] = safe_unpickle(value)
         except UnsafePickleError as e:
-            log.warning('%s: record %r skipped: %s', path, tkey, e)
+            log.warning('%s: record %s skipped: %s', path, text_repr(tkey), e)
     return result
 
 
@@ -1484,7 +1509,7 @@ def _ovsmeta_entries(mapping, path):
         if isinstance(v, dict):
             res[k] = v
         else:
-            log.debug('%s: entry %r is not an object, ignored', path, k)
+            log.debug('%s: entry %s is not an object, ignored', path, text_repr(k))
     return res
 
 
@@ -1525,7 +1550,7 @@ def sniff_ovsmeta(path):
                 try:
                     res[tkey] = _ovsmeta_decode_value(value)
                 except UnsafePickleError as e:
-                    log.debug('%s: entry %r ignored: %s', path, tkey, e)
+                    log.debug('%s: entry %s ignored: %s', path, text_repr(tkey), e)
             return _ovsmeta_entries(res, path)
         log.debug('%s: neither JSON nor Berkeley DB, ignored', path)
     except Exception as e:
@@ -1773,20 +1798,22 @@ def parse_disk_entry(entry):
     a warning) for a shape we do not understand. `file:///p` and `tap:aio:p` are files; file paths
     are normalised (one leading slash, no `..`). An empty CD-ROM drive gives path ""."""
     if not isinstance(entry, (bytes, text_type)):
-        log.warning('disk entry %r is not a string; ignored', entry)
+        log.warning('disk entry %s is not a string; ignored', text_repr(entry))
         return None
     entry = discovery_text(entry)
     text = entry.strip()
     parts = text.rsplit(',', 2)
     if len(parts) != 3:
-        log.warning('disk entry %r is not "<type>:<path>,<device>,<mode>"; ignored', entry)
+        log.warning('disk entry %s is not "<type>:<path>,<device>,<mode>"; ignored',
+                    text_repr(entry))
         return None
     target, device, mode = parts[0].strip(), parts[1].strip(), parts[2].strip()
     if mode not in DISK_MODES:
-        log.warning('disk entry %r: unknown mode %r; ignored', entry, mode)
+        log.warning('disk entry %s: unknown mode %s; ignored', text_repr(entry), text_repr(mode))
         return None
     if not device or len(device.split()) != 1:
-        log.warning('disk entry %r: bad device name %r; ignored', entry, device)
+        log.warning('disk entry %s: bad device name %s; ignored', text_repr(entry),
+                    text_repr(device))
         return None
     cdrom = device.endswith(':cdrom')
     kind = None
@@ -1804,22 +1831,23 @@ def parse_disk_entry(entry):
         if target == '' and cdrom:
             kind, path = 'file', ''
         else:
-            log.warning('disk entry %r: unsupported disk type; ignored', entry)
+            log.warning('disk entry %s: unsupported disk type; ignored', text_repr(entry))
             return None
     path = path.strip()
     if kind == 'file':
         if path:
             if not path.startswith('/'):
-                log.warning('disk entry %r: file path is not absolute; ignored', entry)
+                log.warning('disk entry %s: file path is not absolute; ignored',
+                            text_repr(entry))
                 return None
             # file:/p, file:///p -> /p; remove "." and ".." so that prefix tests are honest
             path = posixpath.normpath('/' + path.lstrip('/'))
         elif not cdrom:
-            log.warning('disk entry %r: empty path; ignored', entry)
+            log.warning('disk entry %s: empty path; ignored', text_repr(entry))
             return None
     else:
         if not path:
-            log.warning('disk entry %r: empty device path; ignored', entry)
+            log.warning('disk entry %s: empty device path; ignored', text_repr(entry))
             return None
         if not path.startswith('/'):
             path = '/dev/' + path  # xm: phy:sdb1 means /dev/sdb1
@@ -1889,7 +1917,7 @@ def load_repositories(db_reader, db_dir, configured):
     for key in sorted(raw.keys(), key=discovery_text):
         values = raw[key]
         if not isinstance(values, dict):
-            log.warning('%s: record %r is not a dict; ignored', path, key)
+            log.warning('%s: record %s is not a dict; ignored', path, text_repr(key))
             continue
         text_values = {}
         for field, value in values.items():
@@ -2742,17 +2770,17 @@ class CloneError(EnvironmentError):
 
 def _clone_error(err, src_path, dst_path, detail=None):
     if err in _CLONE_UNSUPPORTED_ERRNOS:
-        reason = 'the filesystem of {0!r} cannot clone files (no reflink support)'.format(
-            src_path)
+        reason = 'the filesystem of {0} cannot clone files (no reflink support)'.format(
+            text_repr(src_path))
     elif err == errno.EXDEV:
-        reason = '{0!r} and {1!r} are on different filesystems or mounts'.format(
-            src_path, dst_path)
+        reason = '{0} and {1} are on different filesystems or mounts'.format(
+            text_repr(src_path), text_repr(dst_path))
     elif err == errno.ENOSPC:
         reason = 'no space left on the filesystem'
     elif err == getattr(errno, 'EDQUOT', None):
         reason = 'disk quota exceeded'
     elif err == errno.EEXIST:
-        reason = 'the destination {0!r} already exists'.format(dst_path)
+        reason = 'the destination {0} already exists'.format(text_repr(dst_path))
     elif err == errno.ENOENT:
         reason = 'the source or the destination directory does not exist'
     elif err in (errno.EPERM, errno.EACCES):
@@ -2763,7 +2791,8 @@ def _clone_error(err, src_path, dst_path, detail=None):
         reason = 'the filesystem is read-only'
     else:
         reason = os.strerror(err) if err else 'unknown error'
-    message = 'cannot clone {0!r} to {1!r}: {2}'.format(src_path, dst_path, reason)
+    message = 'cannot clone {0} to {1}: {2}'.format(text_repr(src_path), text_repr(dst_path),
+                                                     reason)
     if detail:
         message = '{0} ({1})'.format(message, detail)
     return CloneError(err, message, src_path, dst_path, err in _CLONE_UNSUPPORTED_ERRNOS)
@@ -2855,7 +2884,7 @@ def _clone_file(src_path, dst_path):
 
 # A full repository cannot be probed; a snapshot attempt will then say "no space" (507),
 # which is more useful to the admin than "not snapshot compatible".
-_CLONE_PROBE_FULL = 'cannot probe {0!r} for cloning: no space left; assuming it can clone'
+_CLONE_PROBE_FULL = 'cannot probe {0} for cloning: no space left; assuming it can clone'
 
 
 def clone_supported(directory, create=False):
@@ -2881,14 +2910,14 @@ def clone_supported(directory, create=False):
             dst = src + '-clone'
             method = clone_file(src, dst)
             dst_made = True
-            return True, 'files in {0!r} can be cloned ({1})'.format(directory, method)
+            return True, 'files in {0} can be cloned ({1})'.format(text_repr(directory), method)
         except EnvironmentError as e:
             if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
-                return True, _CLONE_PROBE_FULL.format(directory)
+                return True, _CLONE_PROBE_FULL.format(text_repr(directory))
             if isinstance(e, CloneError):
                 return False, str(e)
-            return False, 'cannot probe {0!r} for cloning: {1}'.format(
-                directory, e.strerror or e)
+            return False, 'cannot probe {0} for cloning: {1}'.format(
+                text_repr(directory), e.strerror or e)
     finally:
         if dst_made:
             _remove_quietly(dst)
@@ -4557,11 +4586,11 @@ class SnapshotService(object):
 
 # hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
 # Tests set this to None to force the fallback.
-AUTH_HMAC_COMPARE_DIGEST = None if FORCE_PY26_PATHS else getattr(hmac, 'compare_digest', None)
+AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
 
 # True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
 # Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
-AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS
+AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
 
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
@@ -4737,8 +4766,8 @@ def normalize_certificate_fingerprint(text):
         value = value.split('=', 1)[1]
     value = re.sub(r'[\s:]', '', value)
     if not _FINGERPRINT_HEX_RE.match(value):
-        raise ValueError('{0!r} is not a SHA-256 certificate fingerprint '
-                         '(64 hex digits, colons allowed)'.format(text))
+        raise ValueError('{0} is not a SHA-256 certificate fingerprint '
+                         '(64 hex digits, colons allowed)'.format(text_repr(text)))
     value = value.upper()
     return ':'.join([value[i:i + 2] for i in range(0, 64, 2)])
 
@@ -4896,7 +4925,8 @@ class ManagerClient(object):
     def __init__(self, endpoint, timeout=10.0, ca_file=None, fingerprint=None, tofu_path=None):
         endpoint = _auth_native_str(endpoint.strip()).rstrip('/')
         if not endpoint.lower().startswith('https://') or len(endpoint) <= len('https://'):
-            raise ValueError('ovm_endpoint must be an https:// URL, not {0!r}'.format(endpoint))
+            raise ValueError('ovm_endpoint must be an https:// URL, not {0}'.format(
+                text_repr(endpoint)))
         if ca_file is not None and not os.path.isfile(ca_file):
             raise ValueError('CA file {0} does not exist'.format(ca_file))
         self.endpoint = endpoint
@@ -5115,11 +5145,12 @@ class Authenticator(object):
                                     config.fingerprint_file)
             accepted = manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
-            log.error('login of %r from %s: %s', username, address, exc)
+            log.error('login of %s from %s: %s', text_repr(username), address, exc)
             raise ApiError(502, 'Bad Gateway', str(exc))
         if not accepted:
             self.brake.record_failure(address)
-            log.warning('login of %r from %s rejected by the OVM Manager', username, address)
+            log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
+                        address)
             raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
                                                   'and password')
         self.brake.record_success(address)
@@ -5155,6 +5186,7 @@ STREAM_BUFFER_SIZE = 1 << 20
 LOBBY_LIMIT = 1024
 OVERFLOW_THREADS = 8
 SHUTDOWN_GRACE_SECONDS = 30.0
+SHUTDOWN_CUT_SECONDS = 5.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
@@ -5216,7 +5248,7 @@ def parse_go_bool(value, name):
         return True
     if value in GO_FALSE:
         return False
-    raise bad_request('%s must be a boolean (true or false), not %r' % (name, value))
+    raise bad_request('%s must be a boolean (true or false), not %s' % (name, text_repr(value)))
 
 
 def http_date(timestamp=None):
@@ -5230,12 +5262,120 @@ def set_tcp_nodelay(sock):
         pass
 
 
+class TlsSetupError(ValueError):
+    """The server's certificate or key cannot serve; `key` names the config key to fix."""
+
+    def __init__(self, key, message):
+        ValueError.__init__(self, message)
+        self.key = key
+
+
+def _der_element(data, pos):
+    """-> (tag, start of content, end of content) of the DER element at `pos`."""
+    tag, length = ord(data[pos:pos + 1]), ord(data[pos + 1:pos + 2])
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7f
+        length = int(binascii.hexlify(data[pos:pos + count]) or b'0', 16)
+        pos += count
+    if pos + length > len(data):
+        raise ValueError('truncated DER')
+    return tag, pos, pos + length
+
+
+def certificate_not_after(der):
+    """The end of an X.509 certificate's validity (DER bytes), as a Unix time."""
+    import calendar
+    _, pos, _ = _der_element(der, 0)          # Certificate
+    _, pos, _ = _der_element(der, pos)        # TBSCertificate
+    tag, _, end = _der_element(der, pos)
+    if tag == 0xa0:                           # [0] version
+        pos = end
+    for _ in range(3):                        # serialNumber, signature, issuer
+        pos = _der_element(der, pos)[2]
+    _, pos, _ = _der_element(der, pos)        # validity
+    pos = _der_element(der, pos)[2]           # notBefore
+    tag, start, end = _der_element(der, pos)  # notAfter: UTCTime or GeneralizedTime
+    text = der[start:end].decode('ascii').rstrip('Z')
+    if tag == 0x17:
+        text = ('19' if int(text[:2]) >= 50 else '20') + text
+    return calendar.timegm(time.strptime(text[:14], '%Y%m%d%H%M%S'))
+
+
+def _self_test_client(sock):
+    if hasattr(ssl, 'SSLContext'):
+        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
+        context.check_hostname = False  # novm
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(sock)
+    return legacy_handshake(getattr(ssl, 'wrap_socket')(
+        sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23,
+        do_handshake_on_connect=False))
+
+
+def tls_self_test(config, wrap, timeout=10.0):
+    """A TLS handshake of the server's own `wrap` with a client over a socket pair. Python 2.6
+    loads a key that does not match the certificate without a word (OpenSSL then drops the
+    key and every handshake fails); an expired certificate fails every verifying client.
+    Raises TlsSetupError naming the key to fix."""
+    server_end, client_end = socket.socketpair()
+    if PY2:
+        server_end, client_end = socket.socket(_sock=server_end), socket.socket(_sock=client_end)
+    server_end.settimeout(timeout)
+    client_end.settimeout(timeout)
+    seen = {}
+
+    def client():
+        try:
+            tls = _self_test_client(client_end)
+            seen['der'] = tls.getpeercert(True)
+            tls.close()
+        except Exception as exc:
+            seen['error'] = exc
+    worker = threading.Thread(target=client)
+    worker.daemon = True
+    worker.start()
+    failure = server_tls = None
+    try:
+        server_tls = wrap(server_end)
+    except (ssl.SSLError, socket.error, socket.timeout, OSError, ValueError) as exc:
+        failure = exc
+        for end in (server_end, client_end):
+            try:
+                end.shutdown(socket.SHUT_RDWR)  # the client must not wait for more
+            except (socket.error, OSError, ValueError):
+                pass
+    worker.join(timeout)
+    for end in (server_tls, server_end, client_end):
+        if end is not None:
+            end.close()
+    certificate, key = config.api_tls_certificate, config.api_tls_key
+    if failure is not None:
+        raise TlsSetupError('api.tls.key', '%s does not match the certificate %s: a TLS '
+                            'handshake with them fails (%s)' % (key, certificate, failure))
+    if not seen.get('der'):
+        raise TlsSetupError('api.tls', 'a TLS handshake with the certificate %s and the key %s '
+                            'fails (%s)' % (certificate, key, seen.get('error', 'time-out')))
+    try:
+        not_after = certificate_not_after(seen['der'])
+    except (ValueError, IndexError, TypeError):
+        return
+    if not_after < time.time():
+        raise TlsSetupError('api.tls.certificate', '%s expired on %s' % (
+            certificate, time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(not_after))))
+
+
 def make_server_tls(config):
-    """Return a function that wraps an accepted socket in TLS (doing the handshake)."""
+    """Return a function that wraps an accepted socket in TLS (doing the handshake), after
+    a handshake with itself (tls_self_test). Raises TlsSetupError, ssl.SSLError, IOError."""
+    tls_self_test(config, _server_tls_wrap(config, False))
+    return _server_tls_wrap(config, config.api_tls_require_client_certificate)
+
+
+def _server_tls_wrap(config, require_client):
     certfile, keyfile = config.api_tls_certificate, config.api_tls_key
     cafile = config.api_tls_ca_certificate or None
-    require_client = config.api_tls_require_client_certificate
-    if hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS:
+    if hasattr(ssl, 'SSLContext'):
         context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_SERVER', ssl.PROTOCOL_SSLv23))  # novm
         if hasattr(context, 'minimum_version'):
             context.minimum_version = ssl.TLSVersion.TLSv1_2  # novm
@@ -5243,7 +5383,13 @@ def make_server_tls(config):
             for name in ('OP_NO_SSLv2', 'OP_NO_SSLv3', 'OP_NO_TLSv1', 'OP_NO_TLSv1_1'):
                 context.options |= getattr(ssl, name, 0)
         context.options |= getattr(ssl, 'OP_NO_COMPRESSION', 0)
-        context.load_cert_chain(certfile, keyfile)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except ssl.SSLError as exc:
+            if 'KEY_VALUES_MISMATCH' in str(exc):
+                raise TlsSetupError('api.tls.key', '%s does not match the certificate %s (%s)'
+                                    % (keyfile, certfile, exc))
+            raise
         if require_client:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cafile)
@@ -5252,6 +5398,8 @@ def make_server_tls(config):
             return context.wrap_socket(sock, server_side=True)
     else:
         # Python 2.6: no SSLContext. PROTOCOL_SSLv23 negotiates TLS 1.2 with OpenSSL 1.0.1.
+        # The files are loaded at each wrap: a key that does not match the certificate only
+        # shows in a handshake (tls_self_test).
         options = dict(server_side=True, certfile=certfile, keyfile=keyfile,
                        ssl_version=ssl.PROTOCOL_SSLv23,
                        cert_reqs=ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE,
@@ -5284,6 +5432,7 @@ class ExporterServer(object):
         self._lock = threading.Lock()
         self._connections = {}  # accepted socket -> handler (None until TLS is up)
         self._overflow = 0
+        self._workers = []  # connection threads; serve_forever returns when all have ended
         self._stopping = False
         self._wakeup_r, self._wakeup_w = os.pipe()
         family, socktype, proto, _, address = socket.getaddrinfo(
@@ -5326,7 +5475,7 @@ class ExporterServer(object):
         for sock, _, _ in lobby.values():
             self._close_quietly(sock)
         self.listener.close()
-        self._drain()
+        return self._drain()
 
     def _accept_into(self, lobby, poller):
         for _ in range(64):
@@ -5361,6 +5510,8 @@ class ExporterServer(object):
             return
         worker = threading.Thread(target=target, args=(sock, address))
         worker.daemon = True
+        with self._lock:
+            self._workers = [w for w in self._workers if w.is_alive()] + [worker]
         worker.start()
 
     def _serve_connection(self, sock, address):
@@ -5379,11 +5530,11 @@ class ExporterServer(object):
         except Exception:
             log.error('connection from %s failed: %s', address[0], traceback.format_exc())
         finally:
-            with self._lock:
-                self._connections.pop(sock, None)
             if tls is not None:
                 self._close_quietly(tls)
             self._close_quietly(sock)  # Python 2: the plain socket shares the descriptor
+            with self._lock:
+                self._connections.pop(sock, None)
 
     def _refuse_connection(self, sock, address):
         try:
@@ -5406,9 +5557,9 @@ class ExporterServer(object):
         except Exception as exc:
             log.debug('refusing %s: %s', address[0], exc)
         finally:
+            self._close_quietly(sock)
             with self._lock:
                 self._overflow -= 1
-            self._close_quietly(sock)
 
     def register_handler(self, accepted, handler):
         with self._lock:
@@ -5435,20 +5586,33 @@ class ExporterServer(object):
         return self._stopping
 
     def _drain(self):
+        """Wait for the connection threads: running transfers get SHUTDOWN_GRACE_SECONDS,
+        then every connection is cut and the threads get SHUTDOWN_CUT_SECONDS more to end.
+        The interpreter must not exit under a running thread (Python 2 then prints tracebacks
+        from its teardown). Returns how many threads are still running."""
         deadline = time.time() + SHUTDOWN_GRACE_SECONDS
-        while time.time() < deadline:
+        cut = False
+        while True:
             with self._lock:
-                connections = list(self._connections.items())
-            if not connections:
-                return
-            for _, handler in connections:
-                if handler is not None and not handler.busy:
+                workers = [w for w in self._workers if w.is_alive()]
+                handlers = list(self._connections.values())
+            if not workers:
+                return 0
+            if time.time() > deadline:
+                if cut:
+                    break
+                log.warning('%d connections still open at shutdown: closing them',
+                            len(workers))
+                cut, deadline = True, time.time() + SHUTDOWN_CUT_SECONDS
+            for handler in handlers:
+                if handler is not None and (cut or not handler.busy):
                     try:  # an idle keep-alive connection: wake its reader with an EOF
                         handler.connection.shutdown(socket.SHUT_RDWR)
                     except (socket.error, OSError, ValueError):
                         pass
-            time.sleep(0.1)
-        log.warning('%d connections still open at shutdown', self.active_connections)
+            workers[0].join(0.1)
+        log.warning('%d connection threads did not end', len(workers))
+        return len(workers)
 
 
 class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
@@ -5875,6 +6039,85 @@ class ClientError(Exception):
         self.status = status
 
 
+# Where Python 2.6 finds trusted CAs when no --cacert is given (it has no load_default_certs):
+# Oracle Linux / RHEL, then Debian / Ubuntu.
+CLIENT_CA_BUNDLES = ('/etc/pki/tls/certs/ca-bundle.crt', '/etc/ssl/certs/ca-certificates.crt')
+
+
+def _ip_address_bytes(text):
+    """The packed address of an IPv4/IPv6 literal, or None for a host name."""
+    for family in (socket.AF_INET, getattr(socket, 'AF_INET6', None)):
+        if family is None:
+            continue
+        try:
+            return socket.inet_pton(family, text.strip('[]'))
+        except (socket.error, ValueError, UnicodeError):
+            pass
+    return None
+
+
+def _dns_name_matches(pattern, host):
+    """RFC 6125 rules: case-insensitive, a wildcard only as the whole left-most label."""
+    pattern, host = pattern.lower().rstrip('.'), host.lower().rstrip('.')
+    if pattern.startswith('*.'):
+        head, _, rest = host.partition('.')
+        return bool(head) and rest == pattern[2:] and '.' in pattern[2:]
+    return pattern == host
+
+
+def certificate_matches_host(cert, host):
+    """True when `cert` (a getpeercert() dict) names `host`: an IP literal must be an IP
+    subjectAltName; a name must match a DNS subjectAltName, or the common name where the
+    certificate has no DNS names. Python 2.6 has no ssl.match_hostname."""
+    alt_names = cert.get('subjectAltName', ())
+    address = _ip_address_bytes(host)
+    if address is not None:
+        return any(kind == 'IP Address' and _ip_address_bytes(value.strip()) == address
+                   for kind, value in alt_names)
+    dns_names = [value for kind, value in alt_names if kind == 'DNS']
+    if not dns_names:
+        for rdn in cert.get('subject', ()):
+            dns_names += [value for key, value in rdn if key == 'commonName']
+    return any(_dns_name_matches(name, host) for name in dns_names)
+
+
+class _VerifiedHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
+    """The client's HTTPS connection: the chain is checked by `context` (SSLContext) or, on
+    Python 2.6, by ssl.wrap_socket against ca_file; the name by certificate_matches_host (2.6
+    has no name check and 2.7's cannot match IP addresses), before any byte is sent.
+    verify False: no check at all (--insecure)."""
+
+    def __init__(self, host, port, timeout, verify, ca_file=None, context=None):
+        http_client.HTTPSConnection.__init__(self, host, port, timeout=timeout)  # novm
+        self._ovm_verify, self._ovm_ca_file, self._ovm_context = verify, ca_file, context
+
+    def _wrap(self, sock):
+        if self._ovm_context is not None:
+            kwargs = {}
+            if getattr(ssl, 'HAS_SNI', False) and _ip_address_bytes(self.host) is None:
+                kwargs['server_hostname'] = self.host
+            return self._ovm_context.wrap_socket(sock, **kwargs)
+        if self._ovm_verify:
+            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=self._ovm_ca_file)
+        else:
+            options = dict(cert_reqs=ssl.CERT_NONE)
+        return legacy_handshake(getattr(ssl, 'wrap_socket')(
+            sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            tls = self._wrap(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if self._ovm_verify and not certificate_matches_host(tls.getpeercert(), self.host):
+            tls.close()
+            raise ssl.SSLError('the certificate of %s:%d does not name %s' % (
+                self.host, self.port, self.host))
+        self.sock = tls
+
+
 class ExporterClient(object):
     def __init__(self, base_url, ca_file=None, insecure=False, timeout=120.0):
         parts = urlsplit(base_url)
@@ -5889,22 +6132,28 @@ class ExporterClient(object):
         self._connection = None
 
     def _connect(self):
+        verify = not self.insecure
         if hasattr(ssl, 'SSLContext'):
             context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-            if self.insecure:
-                context.check_hostname = False  # novm
-                context.verify_mode = ssl.CERT_NONE
-            else:
+            context.check_hostname = False  # novm (the connection checks the name)
+            if verify:
                 context.verify_mode = ssl.CERT_REQUIRED
-                context.check_hostname = True  # novm
                 if self.ca_file:
                     context.load_verify_locations(self.ca_file)
                 else:
                     context.load_default_certs()  # novm
-            return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout,  # novm
-                                               context=context)
-        # Python 2.6 cannot verify the server certificate.
-        return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+            else:
+                context.verify_mode = ssl.CERT_NONE
+            return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify,
+                                            context=context)
+        ca_file = self.ca_file
+        if verify and not ca_file:  # Python 2.6 has no load_default_certs
+            bundles = [path for path in CLIENT_CA_BUNDLES if os.path.isfile(path)]
+            if not bundles:
+                raise ClientError(0, 'no CA bundle at %s: give --cacert (or --insecure)'
+                                  % ' or '.join(CLIENT_CA_BUNDLES))
+            ca_file = bundles[0]
+        return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify, ca_file)
 
     def request(self, method, path, body=None, headers=None):
         """-> (status, headers dict with lower-case names, body bytes)."""
@@ -6147,7 +6396,8 @@ def raise_file_limit():
 
 
 def serve(config, pid_file=None, ready=None):
-    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening."""
+    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening.
+    Returns how many connection threads did not end."""
     app, service = build_application(config)
     service.unpause_leftovers()
     summary = service.reconcile()
@@ -6173,7 +6423,7 @@ def serve(config, pid_file=None, ready=None):
             sys.stderr.flush()
         if ready:
             ready(server)
-        server.serve_forever()
+        running = server.serve_forever()
     finally:
         service.store.close()
         if pid_file:
@@ -6182,6 +6432,7 @@ def serve(config, pid_file=None, ready=None):
             except OSError:
                 pass
     log.info('stopped')
+    return running
 
 
 def fail(message, status=2):
@@ -6203,10 +6454,13 @@ def command_serve(options, args):
         return fail(str(exc))
     setup_logging(config, options.debug)
     try:
-        serve(config, options.pid_file)
+        running = serve(config, options.pid_file)
     except (StoreError, socket.error, OSError) as exc:
         log.error('%s', exc)
         return fail(str(exc), 1)
+    if running:  # stuck connection threads: exit without the interpreter's teardown
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -6237,8 +6491,22 @@ def command_vms(options, args):
     if options.json:
         print(json.dumps(vms, indent=2, sort_keys=True))
     else:
-        print(format_vm_table(vms))
+        write_text(sys.stdout, format_vm_table(vms) + u'\n')
     return 0
+
+
+def write_text(stream, text):
+    """Write unicode text to a standard stream in its encoding, UTF-8 where it has none (a
+    pipe on Python 2: print would raise UnicodeEncodeError for a non-ASCII VM name); what
+    the encoding cannot hold becomes '?'."""
+    data = text.encode(getattr(stream, 'encoding', None) or 'utf-8', 'replace')
+    target = getattr(stream, 'buffer', None)  # Python 3: the bytes under the text stream
+    if target is None:
+        target = stream
+    else:
+        stream.flush()
+    target.write(data)
+    target.flush()
 
 
 COMMANDS = ('serve', 'vms', 'check-config', 'demo', 'client')
@@ -6357,6 +6625,9 @@ def make_demo_host(folder):
     return repositories
 
 
+DEMO_MANAGER_TIMEOUT = 10.0
+
+
 def start_demo_manager(tls_wrap, username, password):
     """A stand-in OVM Manager answering the one call the exporter makes."""
     expected = 'Basic ' + base64.b64encode(to_bytes('%s:%s' % (username, password))).decode(
@@ -6380,11 +6651,27 @@ def start_demo_manager(tls_wrap, username, password):
             self.end_headers()
             self.wfile.write(body)
 
+        def setup(self):
+            # TLS on the accepted connection (the listening socket cannot be wrapped on 2.6).
+            self.request.settimeout(DEMO_MANAGER_TIMEOUT)
+            self.request = tls_wrap(self.request)
+            http_server.BaseHTTPRequestHandler.setup(self)
+
+        def finish(self):
+            try:
+                http_server.BaseHTTPRequestHandler.finish(self)
+            finally:
+                self.request.close()
+
         def log_message(self, format, *args):
             pass
 
-    httpd = http_server.HTTPServer(('127.0.0.1', 0), DemoManagerHandler)
-    httpd.socket = tls_wrap(httpd.socket)
+    class DemoManagerServer(http_server.HTTPServer):
+        def handle_error(self, request, client_address):
+            log.debug('demo Manager: connection from %s failed: %s', client_address[0],
+                      sys.exc_info()[1])
+
+    httpd = DemoManagerServer(('127.0.0.1', 0), DemoManagerHandler)
     worker = threading.Thread(target=httpd.serve_forever)
     worker.daemon = True
     worker.start()
