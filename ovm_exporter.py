@@ -4589,12 +4589,15 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         reset the connection, and the client could lose the answer it has not read yet."""
         deadline = time.time() + LINGER_SECONDS
         budget = LINGER_BYTES
+        # TLS is dropped: what is read is discarded unread. Python 2.6's SSLSocket cannot recv
+        # once its TLS is shut down, so Python 2 uses the plain socket under it.
+        sock = self.connection._sock if PY2 else self.connection
         try:
             self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)  # also drops TLS: the rest is discarded
+            sock.shutdown(socket.SHUT_WR)
             while budget > 0 and time.time() < deadline:
-                self.connection.settimeout(max(0.01, deadline - time.time()))
-                block = self.connection.recv(65536)
+                sock.settimeout(max(0.01, deadline - time.time()))
+                block = sock.recv(65536)
                 if not block:
                     break
                 budget -= len(block)
