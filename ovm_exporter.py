@@ -4263,7 +4263,9 @@ LOG_JWT_RE = re.compile(u'eyJ[A-Za-z0-9_.=%+/-]*')
 
 def _log_escape(match):
     code = ord(match.group(0))
-    return '\\x%02x' % code if code < 256 else '\\u%04x' % code
+    if code < 256:
+        return '\\x%02x' % code
+    return ('\\u%04x' if code < 0x10000 else '\\U%08x') % code
 
 
 def log_field(value, limit):

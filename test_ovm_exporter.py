@@ -6449,8 +6449,12 @@ def test_access_log_goes_to_log_file_in_combined_format(exporter_factory, tmp_pa
     token = exporter.login()
     exporter.request('GET', '/api/v1/vms?x=1', token=token, headers={'User-Agent': 'probe/1'})
     exporter.request('GET', '/missing')
-    with open(log_file) as handle:
-        text = handle.read()
+
+    def read():
+        with open(log_file) as handle:
+            return handle.read()
+    wait_for(lambda: '/api/v1/vms?x=1' in read() and '/missing' in read(), 10)  # after answers
+    text = read()
     line = [l for l in text.splitlines() if '/api/v1/vms?x=1' in l][0]
     assert re.search(r'127\.0\.0\.1 - admin \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
                      r'"GET /api/v1/vms\?x=1 HTTP/1\.1" 200 \d+ "-" "probe/1" \d+\.\d{3}s$',
