@@ -6066,6 +6066,15 @@ def test_etag_last_modified_and_if_range(exporter_factory, xfs_host, python):
         assert status == 200 and int(headers['content-length']) == len(content)
     # A failed If-Range sends the whole file even when the range could not be satisfied.
     assert get(Range='bytes=%d-' % len(content), **{'If-Range': '"other"'})[0] == 200
+    # Python 2 read the last of repeated headers, 3 the first: repeated Range is refused,
+    # repeated If-Range never matches.
+    head = ('GET %s HTTP/1.1\r\nAuthorization: Bearer %s\r\n' % (url, token)).encode('ascii')
+    answer = raw_exchange(exporter, head + b'Range: bytes=0-1\r\nRange: bytes=2-3\r\n'
+                          b'Connection: close\r\n\r\n')
+    assert json_error(answer, 416)['details'] == 'send one Range header'
+    answer = raw_exchange(exporter, head + b'Range: bytes=0-1\r\nIf-Range: ' + etag.encode()
+                          + b'\r\nIf-Range: ' + etag.encode() + b'\r\nConnection: close\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 200 ') and answer.endswith(content[-100:])
     # Another snapshot of the same disk is another file: another ETag.
     other_url, _ = disk_url_and_content(exporter, xfs_host, token)
     assert exporter.request('HEAD', other_url, token=token)[1]['etag'] != etag
