@@ -4640,7 +4640,11 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         except ApiError as exc:
             if not self.body_done:  # the rest of the request is still on the wire
                 self.close_connection = True
-            self.send_api_error(exc)
+            try:
+                self.send_api_error(exc)
+            except (socket.error, ssl.SSLError, IOError, OSError) as error:  # the client left
+                log.debug('connection to %s ended: %s', self.client_address[0], error)
+                self.close_connection = True
         except socket.timeout:
             self.close_connection = True
         except (socket.error, ssl.SSLError, IOError, OSError) as exc:
@@ -4652,6 +4656,14 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             if self.close_connection and self.status_sent >= 400 and not self.body_done:
                 self._lingering_close()
             self.busy = False
+
+    def finish(self):
+        # Python 2.6's wfile keeps what a failed write could not send and flushes it again here
+        # (2.7 and 3 catch that): a client that left is not an error.
+        try:
+            http_server.BaseHTTPRequestHandler.finish(self)
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
 
     # -- writing a response
     def send_head(self, status, headers, length):

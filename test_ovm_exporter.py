@@ -5595,6 +5595,20 @@ def test_error_answers_reach_clients_that_are_still_sending(exporter):
     assert exporter.request('GET', '/nope')[0] == 404
 
 
+def test_client_that_leaves_before_its_body_is_complete_leaves_no_traceback(exporter):
+    """The 400 for a short body could not be sent to a client that had closed, and that
+    error escaped the handler as a traceback."""
+    for _ in range(3):
+        sock = socket.create_connection(('127.0.0.1', exporter.port))
+        tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
+        tls.sendall(login_request([b'100'], b'{"user'))
+        tls.close()
+    assert wait_for(lambda: exporter.log().count('"POST /api/v1/auth/login HTTP/1.1" ') >= 3,
+                    10)
+    assert exporter.request('GET', '/nope')[0] == 404
+    assert 'Traceback' not in exporter.log()
+
+
 def test_request_line_versions_are_answered_at_once(exporter):
     """A bad version or a line without one is answered (505 / 400, JSON) without waiting for
     headers that will never come; before, `GET /` waited for the idle time-out."""
