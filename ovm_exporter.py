@@ -4156,6 +4156,7 @@ LINGER_BYTES = 1 << 20
 DECIMAL_RE = re.compile(r'[0-9]{1,20}\Z')
 CONTROL_BYTES_RE = re.compile(br'[\x00-\x1f\x7f]')
 HTTP_VERSION_RE = re.compile(br'HTTP/([0-9]+)\.([0-9]+)\Z')
+FIELD_NAME_RE = re.compile(br"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
 STREAM_BUFFER_SIZE = 1 << 20
 LOBBY_LIMIT = 1024
 OVERFLOW_THREADS = 8
@@ -4549,6 +4550,11 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             lines.append(header)
             if header in (b'\r\n', b'\n'):
                 return lines
+            # A line that is no `name:` field (nor the continuation of one) would end the
+            # parsers' headers early: what follows, Content-Length too, would be lost.
+            if not FIELD_NAME_RE.match(header) and not (
+                    header[:1] in (b' ', b'\t') and len(lines) > 2):
+                raise bad_request('a header line is not "Name: value"')
 
     def _check_request_line(self, line):
         """Refuse at once, before waiting for headers, a request line that is not
@@ -4830,7 +4836,7 @@ class ApiApplication(object):
         body = request.read_body()
         try:
             document = json.loads(body.decode('utf-8'))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RuntimeError):  # RuntimeError: nested too deep
             raise bad_request('the body must be JSON: {"username": "...", "password": "..."}')
         if not isinstance(document, dict):
             raise bad_request('the body must be a JSON object with username and password')

@@ -5595,6 +5595,29 @@ def test_error_answers_reach_clients_that_are_still_sending(exporter):
     assert exporter.request('GET', '/nope')[0] == 404
 
 
+def test_malformed_header_lines_are_400(exporter):
+    """A line without a colon ended the parsers' headers early: a Content-Length after it was
+    dropped and the body read as the next request (request smuggling)."""
+    token = valid_token(exporter).encode('ascii')
+    for bad in (b'Foo\r\n', b'Content-Length : 5\r\n', b': empty\r\n', b' folded: first\r\n',
+                b'X\xe9: y\r\n', b'X\x00: y\r\n'):
+        smuggled = (b'POST /api/v1/vms/0004fb00000600000000000000000009/snapshots HTTP/1.1\r\n'
+                    b'Authorization: Bearer ' + token + b'\r\n')
+        answer = raw_exchange(exporter, b'GET /api/v1/vms HTTP/1.1\r\n' + bad
+                              + b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled)
+        assert json_error(answer, 400)['details'] == 'a header line is not "Name: value"', bad
+        assert answer.count(b'HTTP/1.1 ') == 1, answer
+    answer = raw_exchange(exporter, b'GET /nope HTTP/1.1\r\nX-A: 1\r\n continued\r\n'
+                          b'\tagain\r\nConnection: close\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 404 ')
+
+
+def test_deeply_nested_login_body_is_400(exporter):
+    """json.loads raised RecursionError (a traceback and no answer) for 4,000 brackets."""
+    error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=b'[' * 4000)
+    error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=b'{"a":' * 4000)
+
+
 def test_client_that_leaves_before_its_body_is_complete_leaves_no_traceback(exporter):
     """The 400 for a short body could not be sent to a client that had closed, and that
     error escaped the handler as a traceback."""
@@ -7720,3 +7743,4 @@ def test_ocfs2_full_volume_refuses_snapshots_with_507_and_leaves_nothing(exporte
         for path in glob.glob(os.path.join(small, 'filler-*')):
             os.unlink(path)
         shutil.rmtree(base, ignore_errors=True)
+
