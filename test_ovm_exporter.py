@@ -7743,4 +7743,3 @@ def test_ocfs2_full_volume_refuses_snapshots_with_507_and_leaves_nothing(exporte
         for path in glob.glob(os.path.join(small, 'filler-*')):
             os.unlink(path)
         shutil.rmtree(base, ignore_errors=True)
-
