@@ -5182,6 +5182,14 @@ HEADER_COUNT_LIMIT = 100
 HEADER_BYTES_LIMIT = 65536
 BODY_LIMIT = 65536
 MAX_RANGES = 1000
+LINGER_SECONDS = 3.0
+LINGER_BYTES = 1 << 20
+# Plain decimal numbers: ASCII digits only (str.isdigit() takes Unicode digits such as
+# u'\xb2' that int() refuses), and few enough that int() is cheap and allowed everywhere.
+DECIMAL_RE = re.compile(r'[0-9]{1,19}\Z')
+CONTROL_BYTES_RE = re.compile(br'[\x00-\x1f\x7f]')
+HTTP_VERSION_RE = re.compile(br'HTTP/([0-9]+)\.([0-9]+)\Z')
+FIELD_NAME_RE = re.compile(br"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
 STREAM_BUFFER_SIZE = 1 << 20
 LOBBY_LIMIT = 1024
 OVERFLOW_THREADS = 8
@@ -5190,7 +5198,6 @@ SHUTDOWN_CUT_SECONDS = 5.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
-DECIMAL_RE = re.compile(r'^[0-9]{1,19}\Z')
 
 HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
                 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
@@ -5206,41 +5213,59 @@ class RangeNotSatisfiable(Exception):
     pass
 
 
+def _decimal(text):
+    """A plain non-negative decimal number -> int, anything else -> None."""
+    return int(text) if DECIMAL_RE.match(text) else None
+
+
 def parse_range_header(value, size):
     """`Range` header -> list of (first, last) inclusive byte positions, clamped to `size`.
 
     Raises RangeNotSatisfiable for malformed headers and for ranges that all start at or past
-    the end (HTTP answers both with 416 and `Content-Range: bytes */size`)."""
-    value = value.strip()
+    the end (HTTP answers both with 416 and `Content-Range: bytes */size`). Ranges that overlap
+    or touch are merged and sorted (RFC 9110 14.2), so that an answer never holds more bytes
+    than the file; disjoint ranges keep the order they were asked in."""
+    value = value.strip(' \t')
     if not value.startswith('bytes='):
         raise RangeNotSatisfiable('only byte ranges are supported')
-    specs = [s.strip() for s in value[len('bytes='):].split(',')]
+    specs = [s.strip(' \t') for s in value[len('bytes='):].split(',')]
     specs = [s for s in specs if s]
     if not specs or len(specs) > MAX_RANGES:
         raise RangeNotSatisfiable('between 1 and %d ranges are allowed' % MAX_RANGES)
     ranges = []
     for spec in specs:
         first, dash, last = spec.partition('-')
-        first, last = first.strip(), last.strip()
-        if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) \
-                or not (first or last):
-            raise RangeNotSatisfiable('malformed range %r' % spec)
-        if not first:  # suffix: the last N bytes
-            length = min(int(last), size)
+        first, last = first.strip(' \t'), last.strip(' \t')
+        start = _decimal(first) if first else None
+        end = _decimal(last) if last else None
+        if not dash or (first and start is None) or (last and end is None) \
+                or not (first or last) or (end is not None and start is not None
+                                           and end < start):
+            raise RangeNotSatisfiable('malformed range %r' % spec[:40])
+        if start is None:  # suffix: the last N bytes
+            length = min(end, size)
             if length == 0:
                 continue
             ranges.append((size - length, size - 1))
             continue
-        start = int(first)
-        if last and int(last) < start:
-            raise RangeNotSatisfiable('malformed range %r' % spec)
         if start >= size:
             continue
-        end = size - 1 if not last else min(int(last), size - 1)
-        ranges.append((start, end))
+        ranges.append((start, size - 1 if end is None else min(end, size - 1)))
     if not ranges:
         raise RangeNotSatisfiable('no range overlaps the %d-byte file' % size)
-    return ranges
+    return coalesce_ranges(ranges)
+
+
+def coalesce_ranges(ranges):
+    """Merge overlapping and adjacent (first, last) ranges; unchanged if none do."""
+    ordered = sorted(ranges)
+    merged = [ordered[0]]
+    for first, last in ordered[1:]:
+        if first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return ranges if len(merged) == len(ranges) else merged
 
 
 def parse_go_bool(value, name):
@@ -5253,6 +5278,40 @@ def parse_go_bool(value, name):
 
 def http_date(timestamp=None):
     return time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime(timestamp))
+
+
+def header_values(headers, name):
+    """Every value of a repeated header (Python 2's get() returns the last, 3's the first)."""
+    if hasattr(headers, 'get_all'):
+        return headers.get_all(name) or []
+    return headers.getheaders(name)  # novm (Python 2's mimetools.Message)
+
+
+# An access-log field is one run of printable ASCII without quotes or backslashes: anything
+# else becomes \xNN, so that one request is one log line whatever its headers hold.
+LOG_UNSAFE_RE = re.compile(u'[^\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]')
+LOG_SECRET_PARAMETER_RE = re.compile(
+    u'([?&;][^=&;#\\s]*(?:token|jwt|passw|secret|auth|key)[^=&;#\\s]*=)[^&;#\\s]*',
+    re.IGNORECASE)
+LOG_JWT_RE = re.compile(u'eyJ[A-Za-z0-9_.=%+/-]*')
+
+
+def _log_escape(match):
+    code = ord(match.group(0))
+    if code < 256:
+        return '\\x%02x' % code
+    return ('\\u%04x' if code < 0x10000 else '\\U%08x') % code
+
+
+def log_field(value, limit):
+    """A request field for the access log: cut to `limit`, secrets redacted, escaped."""
+    if value is None:
+        return '-'
+    if isinstance(value, bytes):
+        value = value.decode('latin-1')
+    value = LOG_SECRET_PARAMETER_RE.sub(u'\\1[redacted]', value[:limit])
+    value = LOG_JWT_RE.sub(u'[redacted]', value)
+    return str(LOG_UNSAFE_RE.sub(_log_escape, value))
 
 
 def set_tcp_nodelay(sock):
@@ -5641,6 +5700,7 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         if len(line) > REQUEST_LINE_LIMIT:
             raise ApiError(414, 'URI Too Long', 'the request line is longer than %d bytes'
                            % REQUEST_LINE_LIMIT)
+        self._check_request_line(line)
         lines = [line]
         total = len(line)
         while True:
@@ -5656,6 +5716,67 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             lines.append(header)
             if header in (b'\r\n', b'\n'):
                 return lines
+            # A line that is no `name:` field (nor the continuation of one) would end the
+            # parsers' headers early: what follows, Content-Length too, would be lost.
+            if not FIELD_NAME_RE.match(header) and not (
+                    header[:1] in (b' ', b'\t') and len(lines) > 2):
+                raise bad_request('a header line is not "Name: value"')
+
+    def _check_request_line(self, line):
+        """Refuse at once, before waiting for headers, a request line that is not
+        `METHOD target HTTP/1.x` (400) or that names another version (505)."""
+        if line.endswith(b'\n'):
+            line = line[:-1]
+        if line.endswith(b'\r'):
+            line = line[:-1]
+        self.requestline = line.decode('latin-1')  # logged (escaped) if refused
+        if CONTROL_BYTES_RE.search(line):
+            raise bad_request('the request line holds a control character')
+        words = line.split(b' ')
+        if len(words) != 3 or not all(words):
+            raise bad_request('the request line must be "METHOD /path HTTP/1.1"')
+        version = HTTP_VERSION_RE.match(words[2])
+        if version is None:
+            raise bad_request('the request line does not end with an HTTP version')
+        if version.group(1) != b'1' or len(version.group(2)) != 1:
+            raise ApiError(505, 'HTTP Version Not Supported',
+                           'this server speaks HTTP/1.1 and HTTP/1.0')
+
+    def _content_length(self):
+        """The body's length (0 without Content-Length). Every value, of repeated headers and
+        comma lists, must be the same plain decimal number: else 400 (RFC 9112 6.3)."""
+        values = []
+        for value in header_values(self.headers, 'Content-Length'):
+            values.extend(part.strip(' \t') for part in value.split(','))
+        if not values:
+            return 0
+        lengths = set(_decimal(value) for value in values)
+        if None in lengths:
+            raise bad_request('Content-Length must be a plain decimal number of bytes')
+        if len(lengths) > 1:
+            raise bad_request('the request has conflicting Content-Length values')
+        return lengths.pop()
+
+    def _lingering_close(self):
+        """After an error answer that leaves input unread: half-close, then read and drop what
+        the client still sends (bounded in bytes and time). Closing with unread input would
+        reset the connection, and the client could lose the answer it has not read yet."""
+        deadline = time.time() + LINGER_SECONDS
+        budget = LINGER_BYTES
+        # TLS is dropped: what is read is discarded unread. Python 2.6's SSLSocket cannot recv
+        # once its TLS is shut down, so Python 2 uses the plain socket under it.
+        sock = self.connection._sock if PY2 else self.connection
+        try:
+            self.wfile.flush()
+            sock.shutdown(socket.SHUT_WR)
+            while budget > 0 and time.time() < deadline:
+                sock.settimeout(max(0.01, deadline - time.time()))
+                block = sock.recv(65536)
+                if not block:
+                    break
+                budget -= len(block)
+        except (socket.error, socket.timeout, ssl.SSLError, IOError, OSError, ValueError):
+            pass
 
     def handle_one_request(self):
         self.started = time.time()
@@ -5666,6 +5787,8 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         self.command = None
         self.busy = False
         self.body_done = False
+        self.headers = None
+        self.content_length = 0
         try:
             lines = self._read_head()
             if lines is None:
@@ -5680,16 +5803,20 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
                 self.rfile = real_rfile
             if not parsed:
                 return
-            length = self.headers.get('Content-Length')
-            self.body_done = not self.headers.get('Transfer-Encoding') and \
-                (length is None or length.strip() == '0')
+            self.content_length = self._content_length()
+            self.body_done = (not self.headers.get('Transfer-Encoding')
+                              and self.content_length == 0)
             if self.server.stopping:
                 self.close_connection = True
             self.server.app.handle(self)
         except ApiError as exc:
             if not self.body_done:  # the rest of the request is still on the wire
                 self.close_connection = True
-            self.send_api_error(exc)
+            try:
+                self.send_api_error(exc)
+            except (socket.error, ssl.SSLError, IOError, OSError) as error:  # the client left
+                log.debug('connection to %s ended: %s', self.client_address[0], error)
+                self.close_connection = True
         except socket.timeout:
             self.close_connection = True
         except (socket.error, ssl.SSLError, IOError, OSError) as exc:
@@ -5698,7 +5825,17 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         finally:
             if self.command is not None or self.status_sent:
                 self.log_access()
+            if self.close_connection and self.status_sent >= 400 and not self.body_done:
+                self._lingering_close()
             self.busy = False
+
+    def finish(self):
+        # Python 2.6's wfile keeps what a failed write could not send and flushes it again here
+        # (2.7 and 3 catch that): a client that left is not an error.
+        try:
+            http_server.BaseHTTPRequestHandler.finish(self)
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
 
     # -- writing a response
     def send_head(self, status, headers, length):
@@ -5738,24 +5875,21 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         pass  # replaced by log_access
 
     def log_access(self):
-        """Combined log format plus the duration; the request line never holds secrets."""
-        request_line = self.requestline.replace('"', '%22')[:1024]
+        """Combined log format plus the duration. Request fields are escaped (log_field), and
+        tokens in them redacted: one request is one line, and no secret reaches the log."""
+        headers = getattr(self, 'headers', None)
         log.info('%s - %s [%s] "%s" %d %d "%s" "%s" %.3fs',
-                 self.client_address[0], self.user,
+                 self.client_address[0], log_field(self.user, 256),
                  time.strftime('%d/%b/%Y:%H:%M:%S +0000', time.gmtime(self.started)),
-                 request_line, self.status_sent, self.bytes_sent,
-                 (self.headers.get('Referer', '-') if getattr(self, 'headers', None) else '-'),
-                 (self.headers.get('User-Agent', '-') if getattr(self, 'headers', None)
-                  else '-').replace('"', '%22')[:256],
+                 log_field(self.requestline, 1024), self.status_sent, self.bytes_sent,
+                 log_field(headers.get('Referer') if headers else None, 1024),
+                 log_field(headers.get('User-Agent') if headers else None, 256),
                  time.time() - self.started)
 
     def read_body(self, limit=BODY_LIMIT):
         if self.headers.get('Transfer-Encoding'):
             raise ApiError(411, 'Length Required', 'send the request body with Content-Length')
-        length = self.headers.get('Content-Length', '0').strip() or '0'
-        if not length.isdigit():
-            raise bad_request('Content-Length is not a number')
-        length = int(length)
+        length = self.content_length
         if length > limit:
             self.close_connection = True
             if length <= 16 * limit:  # drain it, so that the client reads our answer
@@ -5892,7 +6026,7 @@ class ApiApplication(object):
         body = request.read_body()
         try:
             document = json.loads(body.decode('utf-8'))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RuntimeError):  # RuntimeError: nested too deep
             raise bad_request('the body must be JSON: {"username": "...", "password": "..."}')
         if not isinstance(document, dict):
             raise bad_request('the body must be a JSON object with username and password')
@@ -5965,16 +6099,31 @@ class ApiApplication(object):
             raise bad_request('%s must be a plain decimal number (at most 19 digits), not %r'
                               % (name, values[-1][:40]))
         return int(values[-1])
+    @staticmethod
+    def _if_range_holds(values, etag, last_modified):
+        """RFC 9110 13.1.5: an entity tag matches only when strong and equal, a date only
+        when equal to Last-Modified; a weak tag (or a repeated If-Range) never matches."""
+        if not values:
+            return True
+        value = values[0].strip(' \t')
+        return len(values) == 1 and value == (etag if value.startswith('"') else last_modified)
 
     def _send_disk(self, request, handle, size):
+        # Snapshot files never change: inode, size and mtime make a strong validator.
+        status = os.fstat(handle.fileno())
+        last_modified = http_date(status.st_mtime)
+        etag = '"%x-%x-%x"' % (status.st_ino, size, int(status.st_mtime * 1000000))
         headers = [('Content-Type', 'application/octet-stream'), ('Accept-Ranges', 'bytes'),
-                   ('Last-Modified', http_date(os.fstat(handle.fileno()).st_mtime))]
-        range_header = request.headers.get('Range')
-        if range_header is None:
-            ranges = None
+                   ('Last-Modified', last_modified), ('ETag', etag)]
+        range_headers = header_values(request.headers, 'Range')
+        if not range_headers or not self._if_range_holds(
+                header_values(request.headers, 'If-Range'), etag, last_modified):
+            ranges = None  # a failed If-Range means: the whole file (RFC 9110 13.2.2)
         else:
             try:
-                ranges = parse_range_header(range_header, size)
+                if len(range_headers) > 1:
+                    raise RangeNotSatisfiable('send one Range header')
+                ranges = parse_range_header(range_headers[0], size)
             except RangeNotSatisfiable as exc:
                 raise ApiError(416, 'Range Not Satisfiable', str(exc),
                                {'Content-Range': 'bytes */%d' % size})
