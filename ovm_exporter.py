@@ -89,9 +89,6 @@ else:
     string_types = (str,)
     integer_types = (int,)
 
-# A test hook: OVM_EXPORTER_COMPAT=py26 makes Python 2.7/3.x take the code paths that
-# Python 2.6 must take (no SSLContext, no compare_digest), so that they are tested.
-FORCE_PY26_PATHS = os.environ.get('OVM_EXPORTER_COMPAT') == 'py26'
 
 log = logging.getLogger('ovm_exporter')
 BytesIO = io.BytesIO
@@ -101,6 +98,17 @@ def to_bytes(value, encoding='utf-8'):
     if isinstance(value, bytes):
         return value
     return value.encode(encoding)
+
+
+def text_repr(value):
+    """repr() for messages, the same on every Python: no u prefix on Python 2's text."""
+    if isinstance(value, (list, tuple)):
+        inner = ', '.join([text_repr(item) for item in value])
+        return ('[%s]' if isinstance(value, list) else '(%s)') % inner
+    text = repr(value)
+    if PY2 and isinstance(value, text_type) and text.startswith('u'):
+        text = text[1:]
+    return text
 
 
 def json_dumps(obj):
@@ -826,7 +834,7 @@ def _go_duration_nanoseconds(text):
         try:
             text = text.decode('utf-8')
         except UnicodeDecodeError:
-            raise ValueError('invalid duration %r: not UTF-8 text' % (text,))
+            raise ValueError('invalid duration %s: not UTF-8 text' % text_repr(text))
     if not isinstance(text, text_type):
         raise ValueError('a duration must be a string such as "168h" or "1h30m", not %s'
                          % type(text).__name__)
@@ -975,11 +983,26 @@ class Config(object):
             value = self.values[key]
             if key in SECRET_KEYS:
                 value = '<hidden, %d bytes>' % len(to_bytes(value))
-            elif key == 'repository':
-                value = [dict((k, r.get(k)) for k in ('id', 'mount_point', 'filesystem'))
-                         for r in (value or [])]
-            lines.append('%s = %s' % (key, json.dumps(value)))
+            if key == 'repository':  # keys in a fixed order (Python 2 dicts have none)
+                text = '[%s]' % ', '.join(['{%s}' % ', '.join([
+                    '"%s": %s' % (k, json.dumps(r.get(k)))
+                    for k in ('id', 'mount_point', 'filesystem')]) for r in (value or [])])
+            elif isinstance(value, float):
+                text = float_text(value)
+            else:
+                text = json.dumps(value)
+            lines.append('%s = %s' % (key, text))
         return lines
+
+
+def float_text(value):
+    """repr() of a float, shortest form also on Python 2.6 (its repr of 0.3 is
+    0.29999999999999999)."""
+    text = repr(value)
+    short = '%.15g' % value
+    if len(short) < len(text) and float(short) == value:
+        text = short if re.search(r'[.e]|inf|nan', short) else short + '.0'
+    return text
 
 
 def _lookup_dotted(document, dotted):
@@ -1017,18 +1040,18 @@ def _unknown_config_keys(document, prefix=''):
 
 def _coerce_config_value(source, key, kind, value):
     def fail(what):
-        raise ConfigError('%s: key %r: %s' % (source, key, what))
+        raise ConfigError('%s: key %s: %s' % (source, text_repr(key), what))
     if kind == 'str':
         if not isinstance(value, string_types):
-            fail('expected a string, found %r' % (value,))
+            fail('expected a string, found %s' % text_repr(value))
         return text_type(value)
     if kind == 'int':
         if isinstance(value, bool) or not isinstance(value, integer_types):
-            fail('expected an integer, found %r' % (value,))
+            fail('expected an integer, found %s' % text_repr(value))
         return int(value)
     if kind == 'bool':
         if not isinstance(value, bool):
-            fail('expected true or false, found %r' % (value,))
+            fail('expected true or false, found %s' % text_repr(value))
         return value
     if kind == 'duration':
         if isinstance(value, bool):
@@ -1054,7 +1077,7 @@ def config_from_document(document, source):
         present, value = _lookup_dotted(document, key)
         values[key] = _coerce_config_value(source, key, kind, value) if present else default
     for key in _unknown_config_keys(document):
-        log.warning('%s: unknown key %r ignored', source, key)
+        log.warning('%s: unknown key %s ignored', source, text_repr(key))
     return Config(values, source)
 
 
@@ -1122,6 +1145,8 @@ def validate_config(config, need_tls=True):
             fail('api.tls.ca_certificate', 'is required when require_client_certificate = true')
         try:
             make_server_tls(config)
+        except TlsSetupError as exc:
+            fail(exc.key, str(exc))
         except (ssl.SSLError, IOError, OSError, ValueError) as exc:
             fail('api.tls', 'cannot load certificate/key: %s' % exc)
     return warnings
@@ -1474,7 +1499,7 @@ def read_ovs_agent_db(path):
         try:
             result[tkey] = safe_unpickle(value)
         except UnsafePickleError as e:
-            log.warning('%s: record %r skipped: %s', path, tkey, e)
+            log.warning('%s: record %s skipped: %s', path, text_repr(tkey), e)
     return result
 
 
@@ -1484,7 +1509,7 @@ def _ovsmeta_entries(mapping, path):
         if isinstance(v, dict):
             res[k] = v
         else:
-            log.debug('%s: entry %r is not an object, ignored', path, k)
+            log.debug('%s: entry %s is not an object, ignored', path, text_repr(k))
     return res
 
 
@@ -1525,7 +1550,7 @@ def sniff_ovsmeta(path):
                 try:
                     res[tkey] = _ovsmeta_decode_value(value)
                 except UnsafePickleError as e:
-                    log.debug('%s: entry %r ignored: %s', path, tkey, e)
+                    log.debug('%s: entry %s ignored: %s', path, text_repr(tkey), e)
             return _ovsmeta_entries(res, path)
         log.debug('%s: neither JSON nor Berkeley DB, ignored', path)
     except Exception as e:
@@ -1773,20 +1798,22 @@ def parse_disk_entry(entry):
     a warning) for a shape we do not understand. `file:///p` and `tap:aio:p` are files; file paths
     are normalised (one leading slash, no `..`). An empty CD-ROM drive gives path ""."""
     if not isinstance(entry, (bytes, text_type)):
-        log.warning('disk entry %r is not a string; ignored', entry)
+        log.warning('disk entry %s is not a string; ignored', text_repr(entry))
         return None
     entry = discovery_text(entry)
     text = entry.strip()
     parts = text.rsplit(',', 2)
     if len(parts) != 3:
-        log.warning('disk entry %r is not "<type>:<path>,<device>,<mode>"; ignored', entry)
+        log.warning('disk entry %s is not "<type>:<path>,<device>,<mode>"; ignored',
+                    text_repr(entry))
         return None
     target, device, mode = parts[0].strip(), parts[1].strip(), parts[2].strip()
     if mode not in DISK_MODES:
-        log.warning('disk entry %r: unknown mode %r; ignored', entry, mode)
+        log.warning('disk entry %s: unknown mode %s; ignored', text_repr(entry), text_repr(mode))
         return None
     if not device or len(device.split()) != 1:
-        log.warning('disk entry %r: bad device name %r; ignored', entry, device)
+        log.warning('disk entry %s: bad device name %s; ignored', text_repr(entry),
+                    text_repr(device))
         return None
     cdrom = device.endswith(':cdrom')
     kind = None
@@ -1804,22 +1831,23 @@ def parse_disk_entry(entry):
         if target == '' and cdrom:
             kind, path = 'file', ''
         else:
-            log.warning('disk entry %r: unsupported disk type; ignored', entry)
+            log.warning('disk entry %s: unsupported disk type; ignored', text_repr(entry))
             return None
     path = path.strip()
     if kind == 'file':
         if path:
             if not path.startswith('/'):
-                log.warning('disk entry %r: file path is not absolute; ignored', entry)
+                log.warning('disk entry %s: file path is not absolute; ignored',
+                            text_repr(entry))
                 return None
             # file:/p, file:///p -> /p; remove "." and ".." so that prefix tests are honest
             path = posixpath.normpath('/' + path.lstrip('/'))
         elif not cdrom:
-            log.warning('disk entry %r: empty path; ignored', entry)
+            log.warning('disk entry %s: empty path; ignored', text_repr(entry))
             return None
     else:
         if not path:
-            log.warning('disk entry %r: empty device path; ignored', entry)
+            log.warning('disk entry %s: empty device path; ignored', text_repr(entry))
             return None
         if not path.startswith('/'):
             path = '/dev/' + path  # xm: phy:sdb1 means /dev/sdb1
@@ -1889,7 +1917,7 @@ def load_repositories(db_reader, db_dir, configured):
     for key in sorted(raw.keys(), key=discovery_text):
         values = raw[key]
         if not isinstance(values, dict):
-            log.warning('%s: record %r is not a dict; ignored', path, key)
+            log.warning('%s: record %s is not a dict; ignored', path, text_repr(key))
             continue
         text_values = {}
         for field, value in values.items():
@@ -2742,17 +2770,17 @@ class CloneError(EnvironmentError):
 
 def _clone_error(err, src_path, dst_path, detail=None):
     if err in _CLONE_UNSUPPORTED_ERRNOS:
-        reason = 'the filesystem of {0!r} cannot clone files (no reflink support)'.format(
-            src_path)
+        reason = 'the filesystem of {0} cannot clone files (no reflink support)'.format(
+            text_repr(src_path))
     elif err == errno.EXDEV:
-        reason = '{0!r} and {1!r} are on different filesystems or mounts'.format(
-            src_path, dst_path)
+        reason = '{0} and {1} are on different filesystems or mounts'.format(
+            text_repr(src_path), text_repr(dst_path))
     elif err == errno.ENOSPC:
         reason = 'no space left on the filesystem'
     elif err == getattr(errno, 'EDQUOT', None):
         reason = 'disk quota exceeded'
     elif err == errno.EEXIST:
-        reason = 'the destination {0!r} already exists'.format(dst_path)
+        reason = 'the destination {0} already exists'.format(text_repr(dst_path))
     elif err == errno.ENOENT:
         reason = 'the source or the destination directory does not exist'
     elif err in (errno.EPERM, errno.EACCES):
@@ -2763,7 +2791,8 @@ def _clone_error(err, src_path, dst_path, detail=None):
         reason = 'the filesystem is read-only'
     else:
         reason = os.strerror(err) if err else 'unknown error'
-    message = 'cannot clone {0!r} to {1!r}: {2}'.format(src_path, dst_path, reason)
+    message = 'cannot clone {0} to {1}: {2}'.format(text_repr(src_path), text_repr(dst_path),
+                                                     reason)
     if detail:
         message = '{0} ({1})'.format(message, detail)
     return CloneError(err, message, src_path, dst_path, err in _CLONE_UNSUPPORTED_ERRNOS)
@@ -2855,7 +2884,7 @@ def _clone_file(src_path, dst_path):
 
 # A full repository cannot be probed; a snapshot attempt will then say "no space" (507),
 # which is more useful to the admin than "not snapshot compatible".
-_CLONE_PROBE_FULL = 'cannot probe {0!r} for cloning: no space left; assuming it can clone'
+_CLONE_PROBE_FULL = 'cannot probe {0} for cloning: no space left; assuming it can clone'
 
 
 def clone_supported(directory, create=False):
@@ -2881,14 +2910,14 @@ def clone_supported(directory, create=False):
             dst = src + '-clone'
             method = clone_file(src, dst)
             dst_made = True
-            return True, 'files in {0!r} can be cloned ({1})'.format(directory, method)
+            return True, 'files in {0} can be cloned ({1})'.format(text_repr(directory), method)
         except EnvironmentError as e:
             if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
-                return True, _CLONE_PROBE_FULL.format(directory)
+                return True, _CLONE_PROBE_FULL.format(text_repr(directory))
             if isinstance(e, CloneError):
                 return False, str(e)
-            return False, 'cannot probe {0!r} for cloning: {1}'.format(
-                directory, e.strerror or e)
+            return False, 'cannot probe {0} for cloning: {1}'.format(
+                text_repr(directory), e.strerror or e)
     finally:
         if dst_made:
             _remove_quietly(dst)
@@ -4583,11 +4612,11 @@ class SnapshotService(object):
 
 # hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
 # Tests set this to None to force the fallback.
-AUTH_HMAC_COMPARE_DIGEST = None if FORCE_PY26_PATHS else getattr(hmac, 'compare_digest', None)
+AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
 
 # True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
 # Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
-AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS
+AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
 
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
@@ -4763,8 +4792,8 @@ def normalize_certificate_fingerprint(text):
         value = value.split('=', 1)[1]
     value = re.sub(r'[\s:]', '', value)
     if not _FINGERPRINT_HEX_RE.match(value):
-        raise ValueError('{0!r} is not a SHA-256 certificate fingerprint '
-                         '(64 hex digits, colons allowed)'.format(text))
+        raise ValueError('{0} is not a SHA-256 certificate fingerprint '
+                         '(64 hex digits, colons allowed)'.format(text_repr(text)))
     value = value.upper()
     return ':'.join([value[i:i + 2] for i in range(0, 64, 2)])
 
@@ -4922,7 +4951,8 @@ class ManagerClient(object):
     def __init__(self, endpoint, timeout=10.0, ca_file=None, fingerprint=None, tofu_path=None):
         endpoint = _auth_native_str(endpoint.strip()).rstrip('/')
         if not endpoint.lower().startswith('https://') or len(endpoint) <= len('https://'):
-            raise ValueError('ovm_endpoint must be an https:// URL, not {0!r}'.format(endpoint))
+            raise ValueError('ovm_endpoint must be an https:// URL, not {0}'.format(
+                text_repr(endpoint)))
         if ca_file is not None and not os.path.isfile(ca_file):
             raise ValueError('CA file {0} does not exist'.format(ca_file))
         self.endpoint = endpoint
@@ -5145,11 +5175,12 @@ class Authenticator(object):
                                     config.fingerprint_file)
             accepted = manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
-            log.error('login of %r from %s: %s', username, address, exc)
+            log.error('login of %s from %s: %s', text_repr(username), address, exc)
             raise ApiError(502, 'Bad Gateway', str(exc))
         if not accepted:
             self.brake.record_failure(address)
-            log.warning('login of %r from %s rejected by the OVM Manager', username, address)
+            log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
+                        address)
             raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
                                                   'and password')
         self.brake.record_success(address)
@@ -5190,15 +5221,20 @@ HEADER_COUNT_LIMIT = 100
 HEADER_BYTES_LIMIT = 65536
 BODY_LIMIT = 65536
 MAX_RANGES = 1000
+LINGER_SECONDS = 3.0
+LINGER_BYTES = 1 << 20
+# Plain decimal numbers: ASCII digits only (str.isdigit() takes Unicode digits such as
+# u'\xb2' that int() refuses), and few enough that int() is cheap and allowed everywhere.
+DECIMAL_RE = re.compile(r'[0-9]{1,19}\Z')
 STREAM_BUFFER_SIZE = 1 << 20
 QUEUE_WAIT_SECONDS = 2.0
 QUICK_RANGE_LIMIT = 256 << 10  # a range up to this size is answered by the front end itself
 SEND_CHUNK = 256 << 10
 SHUTDOWN_GRACE_SECONDS = 30.0
+SHUTDOWN_CUT_SECONDS = 5.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
-DECIMAL_RE = re.compile(r'^[0-9]{1,19}\Z')
 # The request head parser works on native strings (latin-1 on Python 3).
 HEAD_CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
 HEAD_VERSION_RE = re.compile(r'HTTP/([0-9]+)\.([0-9]+)\Z')
@@ -5218,41 +5254,59 @@ class RangeNotSatisfiable(Exception):
     pass
 
 
+def _decimal(text):
+    """A plain non-negative decimal number -> int, anything else -> None."""
+    return int(text) if DECIMAL_RE.match(text) else None
+
+
 def parse_range_header(value, size):
     """`Range` header -> list of (first, last) inclusive byte positions, clamped to `size`.
 
     Raises RangeNotSatisfiable for malformed headers and for ranges that all start at or past
-    the end (HTTP answers both with 416 and `Content-Range: bytes */size`)."""
-    value = value.strip()
+    the end (HTTP answers both with 416 and `Content-Range: bytes */size`). Ranges that overlap
+    or touch are merged and sorted (RFC 9110 14.2), so that an answer never holds more bytes
+    than the file; disjoint ranges keep the order they were asked in."""
+    value = value.strip(' \t')
     if not value.startswith('bytes='):
         raise RangeNotSatisfiable('only byte ranges are supported')
-    specs = [s.strip() for s in value[len('bytes='):].split(',')]
+    specs = [s.strip(' \t') for s in value[len('bytes='):].split(',')]
     specs = [s for s in specs if s]
     if not specs or len(specs) > MAX_RANGES:
         raise RangeNotSatisfiable('between 1 and %d ranges are allowed' % MAX_RANGES)
     ranges = []
     for spec in specs:
         first, dash, last = spec.partition('-')
-        first, last = first.strip(), last.strip()
-        if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) \
-                or not (first or last):
-            raise RangeNotSatisfiable('malformed range %r' % spec)
-        if not first:  # suffix: the last N bytes
-            length = min(int(last), size)
+        first, last = first.strip(' \t'), last.strip(' \t')
+        start = _decimal(first) if first else None
+        end = _decimal(last) if last else None
+        if not dash or (first and start is None) or (last and end is None) \
+                or not (first or last) or (end is not None and start is not None
+                                           and end < start):
+            raise RangeNotSatisfiable('malformed range %r' % spec[:40])
+        if start is None:  # suffix: the last N bytes
+            length = min(end, size)
             if length == 0:
                 continue
             ranges.append((size - length, size - 1))
             continue
-        start = int(first)
-        if last and int(last) < start:
-            raise RangeNotSatisfiable('malformed range %r' % spec)
         if start >= size:
             continue
-        end = size - 1 if not last else min(int(last), size - 1)
-        ranges.append((start, end))
+        ranges.append((start, size - 1 if end is None else min(end, size - 1)))
     if not ranges:
         raise RangeNotSatisfiable('no range overlaps the %d-byte file' % size)
-    return ranges
+    return coalesce_ranges(ranges)
+
+
+def coalesce_ranges(ranges):
+    """Merge overlapping and adjacent (first, last) ranges; unchanged if none do."""
+    ordered = sorted(ranges)
+    merged = [ordered[0]]
+    for first, last in ordered[1:]:
+        if first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return ranges if len(merged) == len(ranges) else merged
 
 
 def quick_range_bytes(value):
@@ -5277,7 +5331,7 @@ def parse_go_bool(value, name):
         return True
     if value in GO_FALSE:
         return False
-    raise bad_request('%s must be a boolean (true or false), not %r' % (name, value))
+    raise bad_request('%s must be a boolean (true or false), not %s' % (name, text_repr(value)))
 
 
 _http_date_cache = [None, '']
@@ -5307,6 +5361,40 @@ def access_log_time(timestamp):
     return cache[1]
 
 
+def header_values(headers, name):
+    """Every value of a repeated header (Python 2's get() returns the last, 3's the first)."""
+    if hasattr(headers, 'get_all'):
+        return headers.get_all(name) or []
+    return headers.getheaders(name)  # novm (Python 2's mimetools.Message)
+
+
+# An access-log field is one run of printable ASCII without quotes or backslashes: anything
+# else becomes \xNN, so that one request is one log line whatever its headers hold.
+LOG_UNSAFE_RE = re.compile(u'[^\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]')
+LOG_SECRET_PARAMETER_RE = re.compile(
+    u'([?&;][^=&;#\\s]*(?:token|jwt|passw|secret|auth|key)[^=&;#\\s]*=)[^&;#\\s]*',
+    re.IGNORECASE)
+LOG_JWT_RE = re.compile(u'eyJ[A-Za-z0-9_.=%+/-]*')
+
+
+def _log_escape(match):
+    code = ord(match.group(0))
+    if code < 256:
+        return '\\x%02x' % code
+    return ('\\u%04x' if code < 0x10000 else '\\U%08x') % code
+
+
+def log_field(value, limit):
+    """A request field for the access log: cut to `limit`, secrets redacted, escaped."""
+    if value is None:
+        return '-'
+    if isinstance(value, bytes):
+        value = value.decode('latin-1')
+    value = LOG_SECRET_PARAMETER_RE.sub(u'\\1[redacted]', value[:limit])
+    value = LOG_JWT_RE.sub(u'[redacted]', value)
+    return str(LOG_UNSAFE_RE.sub(_log_escape, value))
+
+
 def set_tcp_nodelay(sock):
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -5314,13 +5402,121 @@ def set_tcp_nodelay(sock):
         pass
 
 
+class TlsSetupError(ValueError):
+    """The server's certificate or key cannot serve; `key` names the config key to fix."""
+
+    def __init__(self, key, message):
+        ValueError.__init__(self, message)
+        self.key = key
+
+
+def _der_element(data, pos):
+    """-> (tag, start of content, end of content) of the DER element at `pos`."""
+    tag, length = ord(data[pos:pos + 1]), ord(data[pos + 1:pos + 2])
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7f
+        length = int(binascii.hexlify(data[pos:pos + count]) or b'0', 16)
+        pos += count
+    if pos + length > len(data):
+        raise ValueError('truncated DER')
+    return tag, pos, pos + length
+
+
+def certificate_not_after(der):
+    """The end of an X.509 certificate's validity (DER bytes), as a Unix time."""
+    import calendar
+    _, pos, _ = _der_element(der, 0)          # Certificate
+    _, pos, _ = _der_element(der, pos)        # TBSCertificate
+    tag, _, end = _der_element(der, pos)
+    if tag == 0xa0:                           # [0] version
+        pos = end
+    for _ in range(3):                        # serialNumber, signature, issuer
+        pos = _der_element(der, pos)[2]
+    _, pos, _ = _der_element(der, pos)        # validity
+    pos = _der_element(der, pos)[2]           # notBefore
+    tag, start, end = _der_element(der, pos)  # notAfter: UTCTime or GeneralizedTime
+    text = der[start:end].decode('ascii').rstrip('Z')
+    if tag == 0x17:
+        text = ('19' if int(text[:2]) >= 50 else '20') + text
+    return calendar.timegm(time.strptime(text[:14], '%Y%m%d%H%M%S'))
+
+
+def _self_test_client(sock):
+    if hasattr(ssl, 'SSLContext'):
+        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
+        context.check_hostname = False  # novm
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(sock)
+    return legacy_handshake(getattr(ssl, 'wrap_socket')(
+        sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23,
+        do_handshake_on_connect=False))
+
+
+def tls_self_test(config, wrap, timeout=10.0):
+    """A TLS handshake of the server's own `wrap` with a client over a socket pair. Python 2.6
+    loads a key that does not match the certificate without a word (OpenSSL then drops the
+    key and every handshake fails); an expired certificate fails every verifying client.
+    Raises TlsSetupError naming the key to fix."""
+    server_end, client_end = socket.socketpair()
+    if PY2:
+        server_end, client_end = socket.socket(_sock=server_end), socket.socket(_sock=client_end)
+    server_end.settimeout(timeout)
+    client_end.settimeout(timeout)
+    seen = {}
+
+    def client():
+        try:
+            tls = _self_test_client(client_end)
+            seen['der'] = tls.getpeercert(True)
+            tls.close()
+        except Exception as exc:
+            seen['error'] = exc
+    worker = threading.Thread(target=client)
+    worker.daemon = True
+    worker.start()
+    failure = server_tls = None
+    try:
+        server_tls = wrap(server_end)
+    except (ssl.SSLError, socket.error, socket.timeout, OSError, ValueError) as exc:
+        failure = exc
+        for end in (server_end, client_end):
+            try:
+                end.shutdown(socket.SHUT_RDWR)  # the client must not wait for more
+            except (socket.error, OSError, ValueError):
+                pass
+    worker.join(timeout)
+    for end in (server_tls, server_end, client_end):
+        if end is not None:
+            end.close()
+    certificate, key = config.api_tls_certificate, config.api_tls_key
+    if failure is not None:
+        raise TlsSetupError('api.tls.key', '%s does not match the certificate %s: a TLS '
+                            'handshake with them fails (%s)' % (key, certificate, failure))
+    if not seen.get('der'):
+        raise TlsSetupError('api.tls', 'a TLS handshake with the certificate %s and the key %s '
+                            'fails (%s)' % (certificate, key, seen.get('error', 'time-out')))
+    try:
+        not_after = certificate_not_after(seen['der'])
+    except (ValueError, IndexError, TypeError):
+        return
+    if not_after < time.time():
+        raise TlsSetupError('api.tls.certificate', '%s expired on %s' % (
+            certificate, time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(not_after))))
+
+
 def make_server_tls(config):
     """Return a function that wraps an accepted socket in TLS (doing the handshake unless
-    told not to: the front end runs it without blocking)."""
+    told not to: the front end runs it without blocking), after a handshake with itself
+    (tls_self_test). Raises TlsSetupError, ssl.SSLError, IOError."""
+    tls_self_test(config, _server_tls_wrap(config, False))
+    return _server_tls_wrap(config, config.api_tls_require_client_certificate)
+
+
+def _server_tls_wrap(config, require_client):
     certfile, keyfile = config.api_tls_certificate, config.api_tls_key
     cafile = config.api_tls_ca_certificate or None
-    require_client = config.api_tls_require_client_certificate
-    if hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS:
+    if hasattr(ssl, 'SSLContext'):
         context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_SERVER', ssl.PROTOCOL_SSLv23))  # novm
         if hasattr(context, 'minimum_version'):
             context.minimum_version = ssl.TLSVersion.TLSv1_2  # novm
@@ -5328,7 +5524,13 @@ def make_server_tls(config):
             for name in ('OP_NO_SSLv2', 'OP_NO_SSLv3', 'OP_NO_TLSv1', 'OP_NO_TLSv1_1'):
                 context.options |= getattr(ssl, name, 0)
         context.options |= getattr(ssl, 'OP_NO_COMPRESSION', 0)
-        context.load_cert_chain(certfile, keyfile)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except ssl.SSLError as exc:
+            if 'KEY_VALUES_MISMATCH' in str(exc):
+                raise TlsSetupError('api.tls.key', '%s does not match the certificate %s (%s)'
+                                    % (keyfile, certfile, exc))
+            raise
         if require_client:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cafile)
@@ -5338,6 +5540,8 @@ def make_server_tls(config):
                                        do_handshake_on_connect=handshake)
     else:
         # Python 2.6: no SSLContext. PROTOCOL_SSLv23 negotiates TLS 1.2 with OpenSSL 1.0.1.
+        # The files are loaded at each wrap: a key that does not match the certificate only
+        # shows in a handshake (tls_self_test).
         options = dict(server_side=True, certfile=certfile, keyfile=keyfile,
                        ssl_version=ssl.PROTOCOL_SSLv23,
                        cert_reqs=ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE,
@@ -5462,9 +5666,17 @@ def parse_request_head(data):
         for line in lines[1:]:
             if not line:
                 continue
+            if line[0] in ' \t' and order:  # obs-fold: the field goes on (RFC 9112 5.2)
+                name, value = order.pop()
+                value = value + '\n' + line.rstrip(' \t')
+                fields[name.lower()][-1] = value
+                order.append((name, value))
+                continue
+            # A line that is no `name:` field would end other parsers' headers early: what
+            # follows, Content-Length too, would be lost (request smuggling).
             name, colon, value = line.partition(':')
             if not colon or not HEAD_TOKEN_RE.match(name):
-                raise bad_request('malformed header line %r' % line[:40])
+                raise bad_request('a header line is not "Name: value"')
             value = value.strip(' \t')
             key = name.lower()
             if key in fields:
@@ -5567,6 +5779,7 @@ class ExporterServer(object):
         self._busy = {}           # client address -> requests being worked on
         self._working = 0
         self._workers = 0
+        self._threads = []        # the workers' threads, joined at shutdown
         self._idle_workers = 0
         self._signalled = False
         self._stopping = False
@@ -5639,7 +5852,7 @@ class ExporterServer(object):
             if now >= next_sweep:
                 next_sweep = now + 0.25
                 self._sweep(now)
-        self._shut_down()
+        return self._shut_down()
 
     def _accept(self):
         for _ in range(256):
@@ -5731,6 +5944,7 @@ class ExporterServer(object):
         """Read what the client sent; pass each request on once its head (and small body)
         is in."""
         while True:
+            ended = False
             try:
                 while len(connection.buffer) < (HEADER_BYTES_LIMIT + REQUEST_LINE_LIMIT
                                                 + BODY_LIMIT):
@@ -5738,14 +5952,21 @@ class ExporterServer(object):
                     if block is None:
                         break
                     if not block:
-                        self._close(connection)
-                        return
+                        ended = True
+                        break
                     connection.buffer += block
             except (ssl.SSLError, socket.error, OSError, ValueError) as exc:
+                # an end without TLS close_notify (OpenSSL 3 without the option to ignore it)
                 log.debug('connection to %s ended: %s', connection.address[0], exc)
-                self._close(connection)
-                return
+                ended = True
             self._examine(connection)
+            if ended and connection.state == _WAITING:
+                if connection.head is not None:  # its body ended early: a worker says so
+                    connection.body = 0
+                    self._queue(connection, connection.head, time.time())
+                else:
+                    self._close(connection)
+                return
             if connection.state != _WAITING or not connection.tls.pending():
                 return
 
@@ -5878,8 +6099,9 @@ class ExporterServer(object):
             if self._workers >= self.max_workers:
                 return
             self._workers += 1
-        worker = threading.Thread(target=self._worker)
-        worker.daemon = True
+            worker = threading.Thread(target=self._worker)
+            worker.daemon = True
+            self._threads = [t for t in self._threads if t.is_alive()] + [worker]
         worker.start()
 
     def _sweep(self, now):
@@ -6017,27 +6239,43 @@ class ExporterServer(object):
             self._wake()
 
     def _shut_down(self):
+        """Close what waits; running requests get SHUTDOWN_GRACE_SECONDS to finish, then their
+        connections are cut and the workers get SHUTDOWN_CUT_SECONDS more to end. The
+        interpreter must not exit under a running thread (Python 2 then prints tracebacks
+        from its teardown). Returns how many workers are still running."""
         self.listener.close()
         for connection in list(self._connections.values()):
             if connection.state <= _SENDING:
                 self._close(connection)
         deadline = time.time() + SHUTDOWN_GRACE_SECONDS
+        cut = False
         with self._lock:
-            self._work.notify_all()
-            while (self._working or self._ready) and time.time() < deadline:
-                self._work.wait(0.25)
-            busy = self._working
-            self._work.notify_all()
+            while self._workers:
+                self._work.notify_all()
+                if time.time() > deadline:
+                    if cut:
+                        break
+                    log.warning('%d requests still running at shutdown: closing their '
+                                'connections', self._working)
+                    for connection in list(self._connections.values()):
+                        if connection.state == _WORKING:
+                            try:
+                                connection.tls.shutdown(socket.SHUT_RDWR)
+                            except (socket.error, ssl.SSLError, OSError, ValueError):
+                                pass
+                    cut, deadline = True, time.time() + SHUTDOWN_CUT_SECONDS
+                self._work.wait(0.05)
+            running = self._workers
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(0.5 if not running else 0.01)
         self._take_back()
         for connection in list(self._connections.values()):
-            self._close(connection)
-        with self._lock:  # idle workers leave their loop (no thread runs on at exit)
-            deadline = time.time() + 2.0
-            while self._workers and time.time() < deadline:
-                self._work.notify_all()
-                self._work.wait(0.05)
-        if busy:
-            log.warning('%d requests still running at shutdown', busy)
+            if connection.state <= _SENDING:
+                self._close(connection)
+        if running:
+            log.warning('%d worker threads did not end', running)
+        return running
 
 
 def _open_descriptor_count():
@@ -6102,6 +6340,42 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         self.wfile = _SocketWriter(connection.tls)
         self.close_connection = False
 
+    def _content_length(self):
+        """The body's length (0 without Content-Length). Every value, of repeated headers and
+        comma lists, must be the same plain decimal number: else 400 (RFC 9112 6.3)."""
+        values = []
+        for value in header_values(self.headers, 'Content-Length'):
+            values.extend(part.strip(' \t') for part in value.split(','))
+        if not values:
+            return 0
+        lengths = set(_decimal(value) for value in values)
+        if None in lengths:
+            raise bad_request('Content-Length must be a plain decimal number of bytes')
+        if len(lengths) > 1:
+            raise bad_request('the request has conflicting Content-Length values')
+        return lengths.pop()
+
+    def _lingering_close(self):
+        """After an error answer that leaves input unread: half-close, then read and drop what
+        the client still sends (bounded in bytes and time). Closing with unread input would
+        reset the connection, and the client could lose the answer it has not read yet."""
+        deadline = time.time() + LINGER_SECONDS
+        budget = LINGER_BYTES
+        # TLS is dropped: what is read is discarded unread. Python 2.6's SSLSocket cannot recv
+        # once its TLS is shut down, so Python 2 uses the plain socket under it.
+        sock = self.connection._sock if PY2 else self.connection
+        try:
+            self.wfile.flush()
+            sock.shutdown(socket.SHUT_WR)
+            while budget > 0 and time.time() < deadline:
+                sock.settimeout(max(0.01, deadline - time.time()))
+                block = sock.recv(65536)
+                if not block:
+                    break
+                budget -= len(block)
+        except (socket.error, socket.timeout, ssl.SSLError, IOError, OSError, ValueError):
+            pass
+
     def serve_request(self, head):
         """Answer one request; True if the connection stays open for the next."""
         self.started = time.time()
@@ -6114,6 +6388,7 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         self.body_done = False
         self.headers = None
         self.close_connection = True
+        self.content_length = 0
         try:
             if head.error is not None:
                 raise head.error
@@ -6122,16 +6397,20 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             self.routed = head.route
             self.headers = head.headers
             self.close_connection = not head.keep_alive or self.server.stopping
-            length = self.headers.get('Content-Length')
-            self.body_done = not self.headers.get('Transfer-Encoding') and \
-                (length is None or length.strip() == '0')
+            self.content_length = self._content_length()
+            self.body_done = (not self.headers.get('Transfer-Encoding')
+                              and self.content_length == 0)
             self.server.app.handle(self)
         except ApiError as exc:
             if not self.body_done:  # the rest of the request is still on the wire
                 self.close_connection = True
             if self.command is None:
                 self.command = '-'
-            self.send_api_error(exc)
+            try:
+                self.send_api_error(exc)
+            except (socket.error, ssl.SSLError, IOError, OSError) as error:  # the client left
+                log.debug('connection to %s ended: %s', self.client_address[0], error)
+                self.close_connection = True
         except socket.timeout:
             self.close_connection = True
         except (socket.error, ssl.SSLError, IOError, OSError) as exc:
@@ -6140,7 +6419,17 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         finally:
             if self.command is not None or self.status_sent:
                 self.log_access()
+            if self.close_connection and self.status_sent >= 400 and not self.body_done:
+                self._lingering_close()
         return not self.close_connection
+
+    def finish(self):
+        # Python 2.6's wfile keeps what a failed write could not send and flushes it again here
+        # (2.7 and 3 catch that): a client that left is not an error.
+        try:
+            http_server.BaseHTTPRequestHandler.finish(self)
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
 
     # -- writing a response
     def head_bytes(self, status, headers, length):
@@ -6186,24 +6475,21 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         pass  # replaced by log_access
 
     def log_access(self):
-        """Combined log format plus the duration; the request line never holds secrets."""
-        request_line = self.requestline.replace('"', '%22')[:1024]
+        """Combined log format plus the duration. Request fields are escaped (log_field), and
+        tokens in them redacted: one request is one line, and no secret reaches the log."""
+        headers = getattr(self, 'headers', None)
         log.info('%s - %s [%s] "%s" %d %d "%s" "%s" %.3fs',
-                 self.client_address[0], self.user,
+                 self.client_address[0], log_field(self.user, 256),
                  access_log_time(self.started),
-                 request_line, self.status_sent, self.bytes_sent,
-                 (self.headers.get('Referer', '-') if getattr(self, 'headers', None) else '-'),
-                 (self.headers.get('User-Agent', '-') if getattr(self, 'headers', None)
-                  else '-').replace('"', '%22')[:256],
+                 log_field(self.requestline, 1024), self.status_sent, self.bytes_sent,
+                 log_field(headers.get('Referer') if headers else None, 1024),
+                 log_field(headers.get('User-Agent') if headers else None, 256),
                  time.time() - self.started)
 
     def read_body(self, limit=BODY_LIMIT):
         if self.headers.get('Transfer-Encoding'):
             raise ApiError(411, 'Length Required', 'send the request body with Content-Length')
-        length = self.headers.get('Content-Length', '0').strip() or '0'
-        if not length.isdigit():
-            raise bad_request('Content-Length is not a number')
-        length = int(length)
+        length = self.content_length
         if length > limit:
             self.close_connection = True
             if length <= 16 * limit:  # drain it, so that the client reads our answer
@@ -6367,7 +6653,7 @@ class ApiApplication(object):
         body = request.read_body()
         try:
             document = json.loads(body.decode('utf-8'))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RuntimeError):  # RuntimeError: nested too deep
             raise bad_request('the body must be JSON: {"username": "...", "password": "..."}')
         if not isinstance(document, dict):
             raise bad_request('the body must be a JSON object with username and password')
@@ -6438,16 +6724,31 @@ class ApiApplication(object):
             raise bad_request('%s must be a plain decimal number (at most 19 digits), not %r'
                               % (name, values[-1][:40]))
         return int(values[-1])
+    @staticmethod
+    def _if_range_holds(values, etag, last_modified):
+        """RFC 9110 13.1.5: an entity tag matches only when strong and equal, a date only
+        when equal to Last-Modified; a weak tag (or a repeated If-Range) never matches."""
+        if not values:
+            return True
+        value = values[0].strip(' \t')
+        return len(values) == 1 and value == (etag if value.startswith('"') else last_modified)
 
     def _send_disk(self, request, handle, size):
+        # Snapshot files never change: inode, size and mtime make a strong validator.
+        status = os.fstat(handle.fileno())
+        last_modified = http_date(status.st_mtime)
+        etag = '"%x-%x-%x"' % (status.st_ino, size, int(status.st_mtime * 1000000))
         headers = [('Content-Type', 'application/octet-stream'), ('Accept-Ranges', 'bytes'),
-                   ('Last-Modified', http_date(os.fstat(handle.fileno()).st_mtime))]
-        range_header = request.headers.get('Range')
-        if range_header is None:
-            ranges = None
+                   ('Last-Modified', last_modified), ('ETag', etag)]
+        range_headers = header_values(request.headers, 'Range')
+        if not range_headers or not self._if_range_holds(
+                header_values(request.headers, 'If-Range'), etag, last_modified):
+            ranges = None  # a failed If-Range means: the whole file (RFC 9110 13.2.2)
         else:
             try:
-                ranges = parse_range_header(range_header, size)
+                if len(range_headers) > 1:
+                    raise RangeNotSatisfiable('send one Range header')
+                ranges = parse_range_header(range_headers[0], size)
             except RangeNotSatisfiable as exc:
                 raise ApiError(416, 'Range Not Satisfiable', str(exc),
                                {'Content-Range': 'bytes */%d' % size})
@@ -6511,6 +6812,85 @@ class ClientError(Exception):
         self.status = status
 
 
+# Where Python 2.6 finds trusted CAs when no --cacert is given (it has no load_default_certs):
+# Oracle Linux / RHEL, then Debian / Ubuntu.
+CLIENT_CA_BUNDLES = ('/etc/pki/tls/certs/ca-bundle.crt', '/etc/ssl/certs/ca-certificates.crt')
+
+
+def _ip_address_bytes(text):
+    """The packed address of an IPv4/IPv6 literal, or None for a host name."""
+    for family in (socket.AF_INET, getattr(socket, 'AF_INET6', None)):
+        if family is None:
+            continue
+        try:
+            return socket.inet_pton(family, text.strip('[]'))
+        except (socket.error, ValueError, UnicodeError):
+            pass
+    return None
+
+
+def _dns_name_matches(pattern, host):
+    """RFC 6125 rules: case-insensitive, a wildcard only as the whole left-most label."""
+    pattern, host = pattern.lower().rstrip('.'), host.lower().rstrip('.')
+    if pattern.startswith('*.'):
+        head, _, rest = host.partition('.')
+        return bool(head) and rest == pattern[2:] and '.' in pattern[2:]
+    return pattern == host
+
+
+def certificate_matches_host(cert, host):
+    """True when `cert` (a getpeercert() dict) names `host`: an IP literal must be an IP
+    subjectAltName; a name must match a DNS subjectAltName, or the common name where the
+    certificate has no DNS names. Python 2.6 has no ssl.match_hostname."""
+    alt_names = cert.get('subjectAltName', ())
+    address = _ip_address_bytes(host)
+    if address is not None:
+        return any(kind == 'IP Address' and _ip_address_bytes(value.strip()) == address
+                   for kind, value in alt_names)
+    dns_names = [value for kind, value in alt_names if kind == 'DNS']
+    if not dns_names:
+        for rdn in cert.get('subject', ()):
+            dns_names += [value for key, value in rdn if key == 'commonName']
+    return any(_dns_name_matches(name, host) for name in dns_names)
+
+
+class _VerifiedHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
+    """The client's HTTPS connection: the chain is checked by `context` (SSLContext) or, on
+    Python 2.6, by ssl.wrap_socket against ca_file; the name by certificate_matches_host (2.6
+    has no name check and 2.7's cannot match IP addresses), before any byte is sent.
+    verify False: no check at all (--insecure)."""
+
+    def __init__(self, host, port, timeout, verify, ca_file=None, context=None):
+        http_client.HTTPSConnection.__init__(self, host, port, timeout=timeout)  # novm
+        self._ovm_verify, self._ovm_ca_file, self._ovm_context = verify, ca_file, context
+
+    def _wrap(self, sock):
+        if self._ovm_context is not None:
+            kwargs = {}
+            if getattr(ssl, 'HAS_SNI', False) and _ip_address_bytes(self.host) is None:
+                kwargs['server_hostname'] = self.host
+            return self._ovm_context.wrap_socket(sock, **kwargs)
+        if self._ovm_verify:
+            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=self._ovm_ca_file)
+        else:
+            options = dict(cert_reqs=ssl.CERT_NONE)
+        return legacy_handshake(getattr(ssl, 'wrap_socket')(
+            sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            tls = self._wrap(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if self._ovm_verify and not certificate_matches_host(tls.getpeercert(), self.host):
+            tls.close()
+            raise ssl.SSLError('the certificate of %s:%d does not name %s' % (
+                self.host, self.port, self.host))
+        self.sock = tls
+
+
 class ExporterClient(object):
     def __init__(self, base_url, ca_file=None, insecure=False, timeout=120.0):
         parts = urlsplit(base_url)
@@ -6525,22 +6905,28 @@ class ExporterClient(object):
         self._connection = None
 
     def _connect(self):
+        verify = not self.insecure
         if hasattr(ssl, 'SSLContext'):
             context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-            if self.insecure:
-                context.check_hostname = False  # novm
-                context.verify_mode = ssl.CERT_NONE
-            else:
+            context.check_hostname = False  # novm (the connection checks the name)
+            if verify:
                 context.verify_mode = ssl.CERT_REQUIRED
-                context.check_hostname = True  # novm
                 if self.ca_file:
                     context.load_verify_locations(self.ca_file)
                 else:
                     context.load_default_certs()  # novm
-            return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout,  # novm
-                                               context=context)
-        # Python 2.6 cannot verify the server certificate.
-        return http_client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+            else:
+                context.verify_mode = ssl.CERT_NONE
+            return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify,
+                                            context=context)
+        ca_file = self.ca_file
+        if verify and not ca_file:  # Python 2.6 has no load_default_certs
+            bundles = [path for path in CLIENT_CA_BUNDLES if os.path.isfile(path)]
+            if not bundles:
+                raise ClientError(0, 'no CA bundle at %s: give --cacert (or --insecure)'
+                                  % ' or '.join(CLIENT_CA_BUNDLES))
+            ca_file = bundles[0]
+        return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify, ca_file)
 
     def request(self, method, path, body=None, headers=None):
         """-> (status, headers dict with lower-case names, body bytes)."""
@@ -6801,7 +7187,8 @@ def raise_file_limit():
 
 
 def serve(config, pid_file=None, ready=None):
-    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening."""
+    """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening.
+    Returns how many connection threads did not end."""
     app, service = build_application(config)
     service.unpause_leftovers()
     summary = service.reconcile()
@@ -6827,7 +7214,7 @@ def serve(config, pid_file=None, ready=None):
             sys.stderr.flush()
         if ready:
             ready(server)
-        server.serve_forever()
+        running = server.serve_forever()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):  # stopping already: a repeated signal
             signal.signal(signum, signal.SIG_IGN)       # must not kill the exit half-way
@@ -6838,6 +7225,7 @@ def serve(config, pid_file=None, ready=None):
             except OSError:
                 pass
     log.info('stopped')
+    return running
 
 
 def fail(message, status=2):
@@ -6859,10 +7247,13 @@ def command_serve(options, args):
         return fail(str(exc))
     setup_logging(config, options.debug)
     try:
-        serve(config, options.pid_file)
+        running = serve(config, options.pid_file)
     except (StoreError, socket.error, OSError) as exc:
         log.error('%s', exc)
         return fail(str(exc), 1)
+    if running:  # stuck connection threads: exit without the interpreter's teardown
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -6893,8 +7284,22 @@ def command_vms(options, args):
     if options.json:
         print(json.dumps(vms, indent=2, sort_keys=True))
     else:
-        print(format_vm_table(vms))
+        write_text(sys.stdout, format_vm_table(vms) + u'\n')
     return 0
+
+
+def write_text(stream, text):
+    """Write unicode text to a standard stream in its encoding, UTF-8 where it has none (a
+    pipe on Python 2: print would raise UnicodeEncodeError for a non-ASCII VM name); what
+    the encoding cannot hold becomes '?'."""
+    data = text.encode(getattr(stream, 'encoding', None) or 'utf-8', 'replace')
+    target = getattr(stream, 'buffer', None)  # Python 3: the bytes under the text stream
+    if target is None:
+        target = stream
+    else:
+        stream.flush()
+    target.write(data)
+    target.flush()
 
 
 COMMANDS = ('serve', 'vms', 'check-config', 'demo', 'client')
@@ -7013,6 +7418,9 @@ def make_demo_host(folder):
     return repositories
 
 
+DEMO_MANAGER_TIMEOUT = 10.0
+
+
 def start_demo_manager(tls_wrap, username, password):
     """A stand-in OVM Manager answering the one call the exporter makes."""
     expected = 'Basic ' + base64.b64encode(to_bytes('%s:%s' % (username, password))).decode(
@@ -7036,11 +7444,27 @@ def start_demo_manager(tls_wrap, username, password):
             self.end_headers()
             self.wfile.write(body)
 
+        def setup(self):
+            # TLS on the accepted connection (the listening socket cannot be wrapped on 2.6).
+            self.request.settimeout(DEMO_MANAGER_TIMEOUT)
+            self.request = tls_wrap(self.request)
+            http_server.BaseHTTPRequestHandler.setup(self)
+
+        def finish(self):
+            try:
+                http_server.BaseHTTPRequestHandler.finish(self)
+            finally:
+                self.request.close()
+
         def log_message(self, format, *args):
             pass
 
-    httpd = http_server.HTTPServer(('127.0.0.1', 0), DemoManagerHandler)
-    httpd.socket = tls_wrap(httpd.socket)
+    class DemoManagerServer(http_server.HTTPServer):
+        def handle_error(self, request, client_address):
+            log.debug('demo Manager: connection from %s failed: %s', client_address[0],
+                      sys.exc_info()[1])
+
+    httpd = DemoManagerServer(('127.0.0.1', 0), DemoManagerHandler)
     worker = threading.Thread(target=httpd.serve_forever)
     worker.daemon = True
     worker.start()

@@ -339,8 +339,9 @@ def closed_port_url():
     return 'https://127.0.0.1:{0}'.format(port)
 
 
-def wait_for(predicate, seconds=3.0):
-    """Poll predicate() until true or `seconds` pass (server-side counters lag the client)."""
+def wait_for(predicate, seconds=30.0):
+    """Poll predicate() until true or `seconds` pass (server-side counters lag the client);
+    the deadline only matters when it fails, so it is long enough for a loaded machine."""
     deadline = time.time() + seconds
     while True:
         if predicate():
@@ -378,8 +379,8 @@ TLS_PATHS = ['sslcontext'] + (['wrap_socket'] if hasattr(ssl, 'wrap_socket') els
 @pytest.fixture(params=TLS_PATHS)
 def tls_path(request, monkeypatch):
     """Run a test with SSLContext (2.7.9+/3.x) and, where ssl.wrap_socket still exists
-    (< 3.12), with the Python 2.6 code path forced. The 2.6 path is also run under 2.7 by
-    test_login_under_other_interpreters, whatever Python runs pytest."""
+    (< 3.12), with the Python 2.6 code path forced. The 2.6 path is also run under 2.7 and,
+    for real, under CPython 2.6.9 by test_login_under_other_interpreters."""
     monkeypatch.setattr(ox, 'AUTH_TLS_USE_SSLCONTEXT', request.param == 'sslcontext')
     return request.param
 
@@ -408,15 +409,27 @@ FUTURE = 4102444800  # 2100-01-01
 
 EXPORTER = os.path.join(HERE, 'ovm_exporter.py')
 PYENV_VERSIONS = '/root/.pyenv/versions'
-FULL_SUITE_PYTHONS = ['3', '2.7.18']          # every server test runs under these
+# '2.6.9' is the dom0's interpreter (2.6.6 there), built by .ci/test from ../shared/py26.
+FULL_SUITE_PYTHONS = ['3', '2.7.18', '2.6.9']  # every server test runs under these
 SUBSET_PYTHONS = ['3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0']
 ADMIN, ADMIN_PASSWORD = 'admin', 'Welcome1'
+PY26_PREFIX = os.environ.get('OVM_EXPORTER_PY26', '/var/cache/py269')
+PY26 = os.path.join(PY26_PREFIX, 'bin', 'python2.6')
+# The interpreter of servers started without one; OVM_EXPORTER_TEST_PYTHON=2.6.9 runs every
+# server test under the dom0's interpreter (a slow, thorough check).
+DEFAULT_SERVER_PYTHON = os.environ.get('OVM_EXPORTER_TEST_PYTHON', '3')
 
 
 def python_path(version):
-    """'3' is the interpreter running pytest; others come from pyenv."""
+    """'3' is the interpreter running pytest; '2.6.9' is the CPython 2.6.9 that .ci/test
+    builds (../shared/py26/build.sh); others come from pyenv."""
     if version == '3':
         return sys.executable
+    if version == '2.6.9':
+        if not os.path.exists(PY26):
+            pytest.skip('CPython 2.6.9 is not built at %s (../shared/py26/build.sh %s)'
+                        % (PY26, PY26_PREFIX))
+        return PY26
     path = os.path.join(PYENV_VERSIONS, version, 'bin', 'python')
     if not os.path.exists(path):
         pytest.skip('interpreter %s is not installed (pyenv install %s)' % (version, version))
@@ -651,7 +664,7 @@ def exporter_factory(tmp_path, certs, manager_for_exporter):
     """Start exporters; every one is stopped (and its log checked for secrets) at teardown."""
     started = []
 
-    def start(python='3', repositories=(), **kwargs):
+    def start(python=DEFAULT_SERVER_PYTHON, repositories=(), **kwargs):
         folder = str(tmp_path / ('exporter%d' % len(started)))
         os.mkdir(folder)
         kwargs.setdefault('manager_url', manager_for_exporter.url)
@@ -715,7 +728,7 @@ except ImportError:  # Python < 3.11
 # ------------------------------------------------------------------------------ fixtures
 MODULE_DIR = os.path.dirname(os.path.abspath(ox.__file__))
 PYENV = '/root/.pyenv/versions'
-OTHER_PYTHONS = ['2.7.18', '3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.11.7',
+OTHER_PYTHONS = ['2.6.9', '2.7.18', '3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.11.7',
                  '3.12.1', '3.13.0']
 
 needs_tomllib = pytest.mark.skipif(tomllib is None, reason='tomllib needs Python 3.11+')
@@ -1517,7 +1530,7 @@ def tag(v):
     if isinstance(v, list):
         return ['list', [tag(x) for x in v]]
     if isinstance(v, float):
-        return ['float', repr(v), math.copysign(1.0, v) > 0]
+        return ['float', v.hex(), math.copysign(1.0, v) > 0]  # exact; 2.6's repr is long
     if isinstance(v, INTS):
         return ['int', str(v)]
     if isinstance(v, TEXT):
@@ -1575,12 +1588,10 @@ def run_checked(argv):
 
 @pytest.mark.parametrize('version', OTHER_PYTHONS)
 def test_same_results_on_every_interpreter(version, interpreter_inputs):
-    """Python 2.7 and 3.6-3.13 give the same values and types as this Python (on 2.7 every
+    """Python 2.6, 2.7 and 3.6-3.13 give the same values and types as this Python (on 2 every
     key and string is unicode), the same error lines and, for ASCII, the same messages;
     where tomllib exists in that interpreter, it agrees on what is valid."""
-    python = os.path.join(PYENV, version, 'bin', 'python')
-    if not os.path.exists(python):
-        pytest.skip('interpreter %s not installed' % python)
+    python = python_path(version)
     script, docs_file, docs, reference = interpreter_inputs
     results = json.loads(run_checked([python, str(script), MODULE_DIR, str(docs_file)]))
     assert len(results) == len(docs) + len(GO_DURATION_CASES)
@@ -1590,7 +1601,8 @@ def test_same_results_on_every_interpreter(version, interpreter_inputs):
             if not [c for c in text if ord(c) > 127]:
                 assert got == want
         else:
-            assert got == ['duration', str(nanoseconds), repr(nanoseconds / 1e9)], text
+            assert got[:2] == ['duration', str(nanoseconds)], text
+            assert float(got[2]) == nanoseconds / 1e9, text  # 2.6's repr is not the shortest
     results = results[len(GO_DURATION_CASES):]
     reference = reference[len(GO_DURATION_CASES):]
     for doc, want, got in zip(docs, reference, results):
@@ -2431,8 +2443,8 @@ def test_retry_rereads_a_file_that_changes(tmp_path, dbs):
 
     def serve(fifo, contents, opened):
         for n, c in enumerate(contents):
-            if n:
-                time.sleep(0.3)   # let the reader close its first descriptor before reopening
+            if n:  # the reader must close its first descriptor before the writer reopens
+                wait_for(lambda: not open_fds_to(os.getpid(), fifo), 20)
             fd = os.open(fifo, os.O_WRONLY)
             opened.append(1)
             try:
@@ -2591,13 +2603,14 @@ def test_truncated_and_garbage_pickles(pickles):
 
 
 def test_huge_lengths_in_pickles():
+    """Timing, generous: the lengths are refused before anything is allocated or read."""
     t0 = time.time()
     for bad in (b'T\xff\xff\xff\x7fabc.', b'\x80\x02X\xff\xff\xff\xffabc.',
                 b'\x80\x02T\xff\xff\xff\xff.', b'\x80\x02\x8a\xff\xff\xff\xff.',
                 b'\x80\x02\x8b\xff\xff\xff\x7f.', b'\x80\x02U\xffab.'):
         with pytest.raises(ox.UnsafePickleError):
             ox.safe_unpickle(bad)
-    assert time.time() - t0 < 2
+    assert time.time() - t0 < 20
 
 
 def test_recursive_and_exponential_pickles():
@@ -2617,7 +2630,7 @@ def test_recursive_and_exponential_pickles():
     with pytest.raises(ox.UnsafePickleError) as e:
         ox.safe_unpickle(p + b'.')
     assert 'too large' in str(e.value)
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 30  # timing, generous: expanding it would never end
     # deep but legitimate nesting is fine
     assert ox.safe_unpickle(b'(((S\'a\'\nlp0\nlp1\nlp2\n.') == [[['a']]]
 
@@ -2715,6 +2728,8 @@ def interpreters():
             exe = os.path.join(PYENV_ROOT, v, 'bin', 'python')
             if os.path.exists(exe) and (v.startswith('2.7') or v.startswith('3.')):
                 res.append(exe)
+    if os.path.exists(PY26):  # the dom0's interpreter
+        res.append(PY26)
     return res
 
 
@@ -2747,6 +2762,8 @@ def test_same_results_on_python27_and_every_python3(dbs, deleted_db, tmp_path):
 
 # ------------------------------------------------------------------------------ speed -----
 def test_one_megabyte_reads_fast(tmp_path, tools):
+    """Timing, with a margin for a loaded 2-core machine (about 0.03 s idle): a quadratic
+    reader would take minutes. The figures are measured by bench/bench_discovery.py."""
     pairs = [(('0004fb0000030000%016x' % i).encode('ascii'), (u'v%05d' % i).encode('ascii') * 60)
              for i in range(3000)]
     path = db_load(str(tmp_path / 'big.db'), pairs, ())
@@ -2759,7 +2776,7 @@ def test_one_megabyte_reads_fast(tmp_path, tools):
         dt = time.time() - t0
         best = dt if best is None else min(best, dt)
     assert sorted_pairs(got) == sorted(pairs)
-    assert best < 0.1, 'reading %d bytes took %.3f s' % (size, best)
+    assert best < 2.0, 'reading %d bytes took %.3f s' % (size, best)
 
 
 PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
@@ -3189,6 +3206,7 @@ def test_hostile_files_never_execute(host):
 
 
 def test_bigline_is_refused_quickly(host):
+    """Timing, generous (a loaded machine): refused by size, not parsed."""
     path = os.path.join(host['a'], 'VirtualMachines', 'bigline', 'vm.cfg')
     t0 = time.time()
     with pytest.raises(ox.VmConfigError) as info:
@@ -3200,7 +3218,7 @@ def test_bigline_is_refused_quickly(host):
         ox.parse_vm_cfg(data, path)
     with pytest.raises(ox.VmConfigError):
         ox.parse_vm_cfg(data.decode('ascii'), path)
-    assert time.time() - t0 < 2.0
+    assert time.time() - t0 < 20.0
 
 
 def test_format_vm_table(host):
@@ -3242,6 +3260,7 @@ sys.stdout.write(out)
 PYENV_PYTHONS = sorted(
     os.path.join('/root/.pyenv/versions', v, 'bin', 'python')
     for v in (os.listdir('/root/.pyenv/versions') if os.path.isdir('/root/.pyenv/versions') else []))
+PYENV_PYTHONS.append(PY26)  # and the dom0's interpreter (fails, as it must, where it is not built)
 
 
 def run_listing(interpreter, script, args_path, lang):
@@ -3516,11 +3535,13 @@ sys.stdout.write('ok')
 '''
 
 
-def test_python27_deep_expressions_do_not_crash(tmp_path):
+@pytest.mark.parametrize('python', ['2.7.18', '2.6.9'])
+def test_python27_deep_expressions_do_not_crash(tmp_path, python):
     script = str(tmp_path / 'deep.py')
     with open(script, 'w') as f:
         f.write(PY27_DEEP_SCRIPT)
-    proc = subprocess.Popen([PY27, script, HERE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([python_path(python), script, HERE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     out, err = proc.communicate()
     assert proc.returncode == 0, err.decode('utf-8', 'replace')[-2000:]
     assert out == b'ok'
@@ -3648,7 +3669,7 @@ def test_manager_ip_from_server_db(host, tmp_path, caplog):
 MODULE_FILE = ox.__file__
 PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
 OTHER_PYTHONS = [p for p in
-                 ['/root/.pyenv/versions/2.7.18/bin/python'] +
+                 [PY26, '/root/.pyenv/versions/2.7.18/bin/python'] +
                  ['/root/.pyenv/versions/{0}/bin/python'.format(v) for v in
                   ('3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0')]
                  if os.path.exists(p)]
@@ -4713,7 +4734,7 @@ def test_jwt_length_limit():
     t0 = time.time()
     with pytest.raises(ox.TokenError):
         ox.jwt_decode(huge, SECRET)
-    assert time.time() - t0 < 0.5
+    assert time.time() - t0 < 10  # timing, generous: refused by length before decoding
 
 
 def test_mint_login_token():
@@ -4790,21 +4811,23 @@ def test_login_other_statuses(manager, status):
 
 
 def test_login_manager_down():
+    """Timing: a refused connection fails at once, well within the 30 s time-out."""
     url = closed_port_url()
     t0 = time.time()
     with pytest.raises(ox.ManagerUnavailable) as e:
-        _client(url, timeout=2).check_login('admin', 'Welcome1')
-    assert time.time() - t0 < 2
+        _client(url, timeout=30).check_login('admin', 'Welcome1')
+    assert time.time() - t0 < 15
     assert 'unreachable' in str(e.value) and url in str(e.value)
 
 
 def test_login_manager_slow(manager):
-    manager.delay = 8
+    """Timing: gives up after its 1 s time-out, long before the Manager's 30 s answer."""
+    manager.delay = 30
     t0 = time.time()
     with pytest.raises(ox.ManagerUnavailable) as e:
         _client(manager.url, timeout=1.0).check_login('admin', 'Welcome1')
     elapsed = time.time() - t0
-    assert 0.9 < elapsed < 2.0
+    assert 0.9 < elapsed < 15
     assert 'did not answer within 1 seconds' in str(e.value)
     assert manager.request_count == 1
 
@@ -4819,7 +4842,7 @@ def test_login_tls_handshake_stalls():
         t0 = time.time()
         with pytest.raises(ox.ManagerUnavailable) as e:
             _client(url, timeout=1.0).check_login('admin', 'Welcome1')
-        assert 0.9 < time.time() - t0 < 2.0
+        assert 0.9 < time.time() - t0 < 15  # timing: the 1 s time-out, generous margin
         assert 'did not answer within' in str(e.value)
     finally:
         s.close()
@@ -4830,8 +4853,8 @@ def test_login_manager_drops_connection(manager, drop, tls_path):
     manager.drop = drop
     t0 = time.time()
     with pytest.raises(ox.ManagerUnavailable) as e:
-        _client(manager.url, timeout=3).check_login('admin', 'Welcome1')
-    assert time.time() - t0 < 2
+        _client(manager.url, timeout=30).check_login('admin', 'Welcome1')
+    assert time.time() - t0 < 15  # timing: a dropped connection fails at once, not at 30 s
     assert manager.url in str(e.value)
     assert manager.connections == 1
     assert manager.request_count == (1 if drop == 'after_request' else 0)
@@ -5035,7 +5058,8 @@ def attempt(name, **kw):
     except ox.ManagerUnavailable:
         out[name] = 'unavailable'
 
-paths = ['sslcontext'] + (hasattr(ssl, 'wrap_socket') and ['wrap_socket'] or [])
+paths = ((hasattr(ssl, 'SSLContext') and ['sslcontext'] or []) +
+         (hasattr(ssl, 'wrap_socket') and ['wrap_socket'] or []))
 out['paths'] = paths
 for path in paths:
     ox.AUTH_TLS_USE_SSLCONTEXT = path == 'sslcontext'
@@ -5072,17 +5096,21 @@ sys.stdout.write(json.dumps(out))
 '''
 
 PYENV = '/root/.pyenv/versions'
-INTERPRETERS = sorted(glob.glob(os.path.join(PYENV, '*', 'bin', 'python')))
+# pyenv's, and the dom0's CPython 2.6.9 (test_required_interpreters_are_present needs it).
+INTERPRETERS = sorted(glob.glob(os.path.join(PYENV, '*', 'bin', 'python'))) + [PY26]
 
 
 def test_required_interpreters_are_present():
     for v in ('2.7.18', '3.12.1', '3.13.0'):
         assert os.path.join(PYENV, v, 'bin', 'python') in INTERPRETERS
+    assert os.path.exists(PY26), 'CPython 2.6.9: ../shared/py26/build.sh %s' % PY26_PREFIX
 
 
-@pytest.mark.parametrize('python', INTERPRETERS,
-                         ids=[p.split(os.sep)[-3] for p in INTERPRETERS])
+@pytest.mark.parametrize('python', INTERPRETERS, ids=[
+    '2.6.9' if p == PY26 else p.split(os.sep)[-3] for p in INTERPRETERS])
 def test_login_under_other_interpreters(python, manager, other_manager, certs, tmp_path):
+    if python == PY26:
+        python_path('2.6.9')  # skips, with how to build it, where it is missing
     script = tmp_path / 'run.py'
     script.write_text(INTERPRETER_SCRIPT)
     cfg = {'url': manager.url, 'other_url': other_manager.url, 'down_url': closed_port_url(),
@@ -5097,9 +5125,10 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode())
     version = tuple(result['version'])
-    expected_paths = ['sslcontext'] + (['wrap_socket'] if version < (3, 12) else [])
+    expected_paths = ((['sslcontext'] if version >= (2, 7) else []) +
+                      (['wrap_socket'] if version < (3, 12) else []))
     assert result['paths'] == expected_paths
-    assert result['has_sslcontext'] is True
+    assert result['has_sslcontext'] is (version >= (2, 7))
     for path in expected_paths:
         assert result[path + ':tofu_first'] is True
         assert result[path + ':tofu_stored'] == certs['server_fp']
@@ -5286,6 +5315,105 @@ def test_check_config_rejects_broken_configs(tmp_path, certs, mutation, message)
     assert 'Traceback' not in err
 
 
+def make_expired_certificate(folder, certs):
+    """A certificate for localhost from the test CA, valid in January 2020 only (openssl ca)."""
+    os.mkdir(os.path.join(folder, 'ca'))
+    with open(os.path.join(folder, 'ca', 'index.txt'), 'w'):
+        pass
+    with open(os.path.join(folder, 'ca', 'serial'), 'w') as handle:
+        handle.write('2020\n')
+    with open(os.path.join(folder, 'ca.cnf'), 'w') as handle:
+        handle.write('[ca]\ndefault_ca = d\n[d]\ndatabase = ca/index.txt\nnew_certs_dir = ca\n'
+                     'serial = ca/serial\ndefault_md = sha256\npolicy = p\n'
+                     'unique_subject = no\n[p]\ncommonName = supplied\n')
+    run(['openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'expired.key', '-out',
+         'expired.csr', '-subj', '/CN=localhost'], cwd=folder)
+    run(['openssl', 'ca', '-batch', '-config', 'ca.cnf', '-cert', certs['ca_cert'], '-keyfile',
+         certs['ca_key'], '-in', 'expired.csr', '-out', 'expired.pem', '-startdate',
+         '20200101000000Z', '-enddate', '20200201000000Z'], cwd=folder)
+    return os.path.join(folder, 'expired.pem'), os.path.join(folder, 'expired.key')
+
+
+def serve_briefly(path, python, seconds=30):
+    """`serve` that must refuse to start: -> (exit status or None if it served, stderr)."""
+    process = subprocess.Popen([python_path(python), EXPORTER, 'serve', '--config', path],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        err = process.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None, process.communicate()[1].decode('utf-8', 'replace')
+    return process.returncode, err.decode('utf-8', 'replace')
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_unusable_server_certificate_or_key_is_refused(tmp_path, certs, python):
+    """A key that does not match the certificate (Python 2.6's ssl loaded it: `serve` said
+    "serving on" and then failed every handshake, logging nothing), an expired and an
+    unreadable certificate: check-config fails and serve refuses to start, on every Python."""
+    folder = str(tmp_path)
+    text = base_config_text(folder, certs, port='0').replace('[api]',
+                                                            '[api]\nbind = "127.0.0.1"')
+    expired_cert, expired_key = make_expired_certificate(folder, certs)
+    garbage = os.path.join(folder, 'garbage.pem')
+    with open(garbage, 'w') as handle:
+        handle.write('-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n')
+    cases = [
+        (text.replace(certs['server_key'], certs['other_key']),
+         ["'api.tls.key'", certs['other_key'], 'does not match the certificate']),
+        (text.replace(certs['server_key'], expired_key).replace(certs['server_cert'],
+                                                                 expired_cert),
+         ["'api.tls.certificate'", expired_cert, 'expired on 2020-02-01']),
+        (text.replace(certs['server_cert'], garbage), ["'api.tls'", 'cannot load']),
+    ]
+    for config_text, expected in cases:
+        path = write_config(folder, config_text)
+        status, out, err = check_config(path, python)
+        assert status == 2 and 'Traceback' not in err, (status, out, err)
+        assert 'is valid' not in out
+        for words in expected:
+            assert words in err, (words, err)
+        status, err = serve_briefly(path, python)
+        assert status == 2 and 'serving on' not in err and 'Traceback' not in err, (status, err)
+        assert expected[0] in err, err
+    assert check_config(write_config(folder, text), python)[0] == 0
+
+
+@pytest.mark.parametrize('python', [p for p in FULL_SUITE_PYTHONS if p != '3'])
+def test_check_config_and_messages_read_the_same_on_python_2(tmp_path, certs, python):
+    """Python 2.6 printed api.handshake_timeout = 0.29999999999999999, repositories with keys
+    in any order, and u'...' in messages (cannot clone u'/...', unknown key u'api.bogus')."""
+    folder = str(tmp_path)
+    text = base_config_text(folder, certs).replace(
+        '[api]', '[api]\nhandshake_timeout = "300ms"\nbogus = 1') + '\n'.join(
+        ['[[repository]]', 'id = "0004fb0000030000000000000000000a"',
+         'mount_point = "/OVS/Repositories/caf\u00e9"', ''])
+    path = write_config(folder, text)
+    want = check_config(path, '3')
+    got = check_config(path, python)
+    assert got == want
+    assert 'api.handshake_timeout = 0.3\n' in got[1]
+    assert '[{"id": "0004fb0000030000000000000000000a", "mount_point": ' in got[1]
+    assert "unknown key 'api.bogus' ignored" in got[2]
+    script = '\n'.join([
+        'import sys; sys.path.insert(0, %r); import ovm_exporter as ox' % HERE,
+        'src, dst = ox.text_type(sys.argv[1]), ox.text_type(sys.argv[2])',
+        'try:',
+        '    ox.clone_file(src, dst)',
+        'except ox.CloneError as exc:',
+        '    print(str(exc))',
+        'print(ox.clone_supported(ox.text_type(sys.argv[3]))[1])',
+        'print(ox.text_repr([ox.text_type("a"), (1, ox.text_type("b"))]))',
+    ])
+    missing = os.path.join(folder, 'nothing-here')
+    out = run([python_path(python), '-c', script, missing + '/a.img', missing + '/b.img',
+               missing])
+    assert "u'" not in out, out
+    assert "cannot clone '%s/a.img' to '%s/b.img'" % (missing, missing) in out
+    assert "cannot probe '%s' for cloning" % missing in out
+    assert "['a', (1, 'b')]" in out
+
+
 def test_config_readable_by_others_is_warned_about(tmp_path, certs):
     path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs))
     os.chmod(path, 0o644)
@@ -5302,19 +5430,6 @@ def test_state_database_that_is_not_sqlite_is_refused_and_untouched(tmp_path):
         ox.SnapshotStore(path)
     assert 'not an SQLite database' in str(caught.value)
     assert sha256_file(path) == before
-
-
-def test_store_without_wal_works_like_sqlite_3_6(tmp_path, monkeypatch):
-    monkeypatch.setattr(ox, 'FORCE_PY26_PATHS', True)
-    store = ox.SnapshotStore(str(tmp_path / 'state.db'))
-    snapshot_id = str(uuid.uuid4())
-    store.record_intent(snapshot_id, 'vm1', [{'name': 'd.img', 'parent_path': '/p',
-                                              'path': '/s', 'repo_mountpoint': '/r'}])
-    store.mark_ready(snapshot_id, {'d.img': (10, 10, 1, 'ficlone')})
-    journal = store._query('PRAGMA journal_mode')[0][0]
-    assert journal != 'wal'
-    assert store.get(snapshot_id)['disks'][0]['size'] == 10
-    assert store.ready_ids_by_vm() == {'vm1': [snapshot_id]}
 
 
 def test_store_turns_a_wal_database_back_to_a_rollback_journal(tmp_path):
@@ -5339,7 +5454,11 @@ def test_store_turns_a_wal_database_back_to_a_rollback_journal(tmp_path):
     ('bytes=-1000', 100, [(0, 99)]),
     ('bytes=50-1000', 100, [(50, 99)]),
     ('bytes=0-1, 5-6', 100, [(0, 1), (5, 6)]),
-    ('bytes=0-10,5-20', 100, [(0, 10), (5, 20)]),
+    ('bytes=0-10,5-20', 100, [(0, 20)]),
+    ('bytes=50-59,0-9', 100, [(50, 59), (0, 9)]),
+    ('bytes=50-59,0-9,10-19', 100, [(0, 19), (50, 59)]),
+    ('bytes=' + ','.join(['0-'] * 1000), 100, [(0, 99)]),
+    ('bytes=0-' + '9' * 20, 100, [(0, 99)]),
     ('bytes=100-200, 0-0', 100, [(0, 0)]),
     ('bytes= 1-2 ,', 100, [(1, 2)]),
     ('bytes=%d-%d' % (5 << 30, (5 << 30) + 9), 6 << 30, [(5 << 30, (5 << 30) + 9)]),
@@ -5351,6 +5470,8 @@ def test_parse_range_header(header, size, expected):
 @pytest.mark.parametrize('header', [
     'bytes=100-', 'bytes=-0', 'bytes=5-4', 'bytes=a-b', 'bytes=--1', 'items=0-1', 'bytes=',
     'bytes=1', 'bytes=0-1-2', 'bytes=0x10-20', ','.join(['bytes=0-0'] + ['1-1'] * 1000),
+    u'bytes=\xb2-5', u'bytes=0-\xb9\xb2\xb3', 'bytes=' + '1' * 5000 + '-', 'bytes=0-' + '9' * 21,
+    'bytes=+1-2',
 ])
 def test_parse_range_header_rejects(header):
     with pytest.raises(ox.RangeNotSatisfiable):
@@ -5429,6 +5550,9 @@ def test_wrong_password_is_401_with_exactly_one_manager_call(exporter, manager_f
                            body=json.dumps({'username': ADMIN, 'password': 'nope'}))
     assert document['error'] == 'Not Authorized'
     assert manager_for_exporter.request_count == 1
+    # The same log line on every Python (2.6 and 2.7 once wrote login of u'admin').
+    assert wait_for(lambda: "login of 'admin' from 127.0.0.1 rejected" in exporter.log()), \
+        exporter.log()
 
 
 @pytest.mark.parametrize('body', [b'not json', b'[]', b'{"username": "admin"}',
@@ -5443,20 +5567,22 @@ def test_oversized_body_is_413(exporter):
 
 
 def test_manager_down_is_502_within_timeout(exporter_factory, tmp_path):
+    """Timing, generous: a refused connection answers 502 at once (ovm_timeout is 3 s)."""
     exporter = exporter_factory(manager_url='https://127.0.0.1:9')
     started = time.time()
     document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
                            body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
-    assert time.time() - started < 4
+    assert time.time() - started < 15
     assert 'Manager' in document['details']
 
 
 def test_manager_slow_is_502_within_timeout(exporter, manager_for_exporter):
-    manager_for_exporter.delay = 10
+    """Timing: 502 after ovm_timeout (3 s), long before the Manager's 40 s answer."""
+    manager_for_exporter.delay = 40
     started = time.time()
     error_of(exporter, 'POST', '/api/v1/auth/login', 502,
              body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
-    assert time.time() - started < 6
+    assert time.time() - started < 25
 
 
 def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
@@ -5472,9 +5598,10 @@ def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
     assert manager_for_exporter.request_count == 5
 
 
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_tofu_pins_manager_certificate_and_refuses_a_changed_one(exporter_factory, certs,
-                                                                 manager_for_exporter):
-    exporter = exporter_factory(manager_trust='tofu')
+                                                                 manager_for_exporter, python):
+    exporter = exporter_factory(python, manager_trust='tofu')
     exporter.login()
     pin_file = os.path.join(exporter.folder, 'ovm-manager.fingerprint')
     assert os.path.exists(pin_file)
@@ -5534,7 +5661,7 @@ def test_unknown_paths_and_methods(exporter):
     error_of(exporter, 'GET', '/api/v1/vms/a/snapshots/' + str(uuid.uuid4()), 404, token)
 
 
-def raw_exchange(exporter, data, read_timeout=5):
+def raw_exchange(exporter, data, read_timeout=30):
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
     tls.settimeout(read_timeout)
@@ -5564,13 +5691,162 @@ def test_oversized_request_line_and_headers(exporter):
     assert exporter.request('GET', '/nope')[0] == 404  # still serving
 
 
+def login_request(content_lengths, body):
+    return (b'POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\n'
+            + b''.join(b'Content-Length: ' + value + b'\r\n' for value in content_lengths)
+            + b'\r\n' + body)
+
+
+def json_error(answer, status):
+    """A raw HTTP answer -> its JSON error document, checking the status and the body."""
+    assert answer.startswith(b'HTTP/1.1 %d ' % status), answer[:300]
+    head, _, body = answer.partition(b'\r\n\r\n')
+    assert b'\r\ncontent-type: application/json\r\n' in head.lower() + b'\r\n', head
+    document = json.loads(body.decode('utf-8'))
+    assert set(document) == set(['error', 'details']), document
+    return document
+
+
+def test_conflicting_content_lengths_are_400(exporter, manager_for_exporter):
+    """Python 2.7 read the last of two Content-Length headers, 3.11 the first: refuse both."""
+    body = json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}).encode('ascii')
+    size = str(len(body)).encode('ascii')
+    for lengths in ([size, b'2'], [b'2', size], [size + b', 3'], [size, size + b', 1']):
+        answer = raw_exchange(exporter, login_request(lengths, body + b'x' * 40))
+        assert 'Content-Length' in json_error(answer, 400)['details']
+    assert manager_for_exporter.request_count == 0
+    # Identical values (repeated or as a list) are one length, as RFC 9112 6.3 allows.
+    for lengths in ([size, size], [size + b', ' + size]):
+        answer = raw_exchange(exporter, login_request(lengths, body))
+        assert answer.startswith(b'HTTP/1.1 200 '), answer[:300]
+    assert manager_for_exporter.request_count == 2
+
+
+def test_content_length_must_be_plain_ascii_digits(exporter):
+    """Unicode digits passed str.isdigit() and crashed int(); 5,000 digits hit 3.11's limit."""
+    for value in (b'\xb2', b'\xb9\xb2\xb3', b'1' * 5000, b'-1', b'+2', b'0x10', b'', b'1 2'):
+        answer = raw_exchange(exporter, login_request([value], b'{}'))
+        assert 'Content-Length' in json_error(answer, 400)['details'], value[:20]
+    assert exporter.request('GET', '/nope')[0] == 404  # still serving
+
+
+def test_error_answers_reach_clients_that_are_still_sending(exporter):
+    """Lingering close: the server used to close with the rest of a 100 KB header unread, so
+    the kernel reset the connection and the client often lost the 431 (3 times in 5)."""
+    token = b'Bearer ' + b'a' * 100000
+    for _ in range(10):
+        answer = raw_exchange(exporter, b'GET /api/v1/vms HTTP/1.1\r\nHost: x\r\n'
+                              b'Authorization: ' + token + b'\r\n\r\n')
+        json_error(answer, 431)
+    for _ in range(5):  # a refused request with its 300 KB body still on the wire
+        answer = raw_exchange(exporter, login_request([b'300000', b'2'], b'x' * 300000))
+        json_error(answer, 400)
+    assert exporter.request('GET', '/nope')[0] == 404
+
+
+def test_malformed_header_lines_are_400(exporter):
+    """A line without a colon ended the parsers' headers early: a Content-Length after it was
+    dropped and the body read as the next request (request smuggling)."""
+    token = valid_token(exporter).encode('ascii')
+    for bad in (b'Foo\r\n', b'Content-Length : 5\r\n', b': empty\r\n', b' folded: first\r\n',
+                b'X\xe9: y\r\n', b'X\x00: y\r\n'):
+        smuggled = (b'POST /api/v1/vms/0004fb00000600000000000000000009/snapshots HTTP/1.1\r\n'
+                    b'Authorization: Bearer ' + token + b'\r\n')
+        answer = raw_exchange(exporter, b'GET /api/v1/vms HTTP/1.1\r\n' + bad
+                              + b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled)
+        assert json_error(answer, 400)['details'] == 'a header line is not "Name: value"', bad
+        assert answer.count(b'HTTP/1.1 ') == 1, answer
+    answer = raw_exchange(exporter, b'GET /nope HTTP/1.1\r\nX-A: 1\r\n continued\r\n'
+                          b'\tagain\r\nConnection: close\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 404 ')
+
+
+def test_deeply_nested_login_body_is_400(exporter):
+    """json.loads raised RecursionError (a traceback and no answer) for 4,000 brackets."""
+    error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=b'[' * 4000)
+    error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=b'{"a":' * 4000)
+
+
+def test_client_that_leaves_before_its_body_is_complete_leaves_no_traceback(exporter):
+    """The 400 for a short body could not be sent to a client that had closed, and that
+    error escaped the handler as a traceback."""
+    for _ in range(3):
+        sock = socket.create_connection(('127.0.0.1', exporter.port))
+        tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
+        tls.sendall(login_request([b'100'], b'{"user'))
+        tls.close()
+    assert wait_for(lambda: exporter.log().count('"POST /api/v1/auth/login HTTP/1.1" ') >= 3,
+                    10)
+    assert exporter.request('GET', '/nope')[0] == 404
+    assert 'Traceback' not in exporter.log()
+
+
+def test_request_line_versions_are_answered_at_once(exporter):
+    """A bad version or a line without one is answered (505 / 400, JSON) without waiting for
+    headers that will never come; before, `GET /` waited for the idle time-out."""
+    cases = [(b'GET / HTTP/1.1000000\r\nHost: x\r\n\r\n', 505),
+             (b'GET / HTTP/2.0\r\n', 505), (b'GET / HTTP/0.9\r\n', 505),
+             (b'GET / HTTP/11.1\r\n', 505), (b'GET /\r\n', 400), (b'GET\r\n', 400),
+             (b'GET / HTP/1.1\r\n', 400), (b'GET / HTTP/1.1 x\r\n', 400),
+             (b'GET  / HTTP/1.1\r\n', 400), (b'GET /a\rb HTTP/1.1\r\n', 400),
+             (b'GET / HTTP/\xb9.\xb2\r\n', 400), (b'GET /\x00 HTTP/1.1\r\n', 400)]
+    for request, status in cases:
+        started = time.time()
+        json_error(raw_exchange(exporter, request, read_timeout=10), status)
+        assert time.time() - started < 5, request
+    assert raw_exchange(exporter, b'GET /nope HTTP/1.0\r\n\r\n').startswith(
+        b'HTTP/1.1 404 ')
+
+
+def access_log_lines(exporter, marker, count=1):
+    """The access-log lines that hold `marker`, once `count` of them have been written."""
+    def lines():
+        return [l for l in exporter.log().split('\n') if marker in l]
+    wait_for(lambda: len(lines()) >= count, 10)
+    return lines()
+
+
+def test_access_log_holds_one_escaped_line_per_request_and_no_token(exporter):
+    """Non-ASCII (lost the line on 2.7), obs-fold lines, bare CRs and quotes in request fields
+    are escaped; tokens in the query string are redacted."""
+    token = exporter.login().encode('ascii')
+    answer = raw_exchange(exporter, b'GET /api/v1/vms?n=1 HTTP/1.1\r\nHost: x\r\n'
+                          b'Authorization: Bearer ' + token + b'\r\n'
+                          b'Referer: https://h/caf\xe9?a="b"\\\r\n'
+                          b'User-Agent: probe/1\r\n second line\r\n\tthird\r\n'
+                          b'Connection: close\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 200 ')
+    [line] = access_log_lines(exporter, '?n=1 ')
+    assert re.search(r' - admin \[[^]]+\] "GET /api/v1/vms\?n=1 HTTP/1\.1" 200 \d+ '
+                     r'"https://h/caf\\xe9\?a=\\x22b\\x22\\x5c" '
+                     r'"probe/1(?:\\x0d)?\\x0a second line(?:\\x0d)?\\x0a(?:\\x09| )third" '
+                     r'\d+\.\d{3}s$', line), line  # Python 2 unfolds with LF and a space
+    secrets = [b'?n=2&token=' + token, b'?n=3&access_token=hush-1', b'?n=4;jwt=hush-2&x=1',
+               b'?n=5&x=' + token, b'?n=6&AUTH_TOKEN=hush-3']
+    for query in secrets:
+        answer = raw_exchange(exporter, b'GET /api/v1/vms' + query + b' HTTP/1.1\r\n'
+                              b'Referer: https://h/' + query + b'\r\nConnection: close\r\n\r\n')
+        assert answer.startswith(b'HTTP/1.1 401 ')
+    answer = raw_exchange(exporter, b'GET /x\rInjected: n=7 HTTP/1.1\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 400 ')
+    [line] = access_log_lines(exporter, 'n=7')
+    assert '"GET /x\\x0dInjected: n=7 HTTP/1.1" 400 ' in line, line
+    text = exporter.log()
+    for n in range(2, 7):
+        [line] = access_log_lines(exporter, '?n=%d' % n)
+        assert line.count('[redacted]') == 2, line
+    assert 'hush' not in text and token.decode('ascii') not in text and 'eyJ' not in text
+    assert '\r' not in text
+
+
 def test_http10_and_connection_close_end_the_connection(exporter):
+    """Timing: the server closes at once; kept open, the read would wait its 60 s out."""
     for request in (b'GET /nowhere HTTP/1.0\r\nHost: x\r\n\r\n',
                     b'GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'):
         started = time.time()
-        answer = raw_exchange(exporter, request, read_timeout=5)
+        answer = raw_exchange(exporter, request, read_timeout=60)
         assert answer.startswith(b'HTTP/1.1 404 ') and answer.endswith(b'}')
-        assert time.time() - started < 2, 'the server kept the connection open'
+        assert time.time() - started < 30, 'the server kept the connection open'
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(exporter):
@@ -5595,6 +5871,8 @@ def test_plain_http_to_the_tls_port_fails(exporter):
 
 
 def test_idle_connections_and_stalled_handshakes_do_not_block_others(exporter_factory):
+    """Timing: with 220 idle or stalled connections accepted, requests are still served
+    long before the 20 s handshake time-out could free a thread."""
     exporter = exporter_factory(api_extra='max_connections = 32\nhandshake_timeout = "20s"')
     token = exporter.login()
     idle = []
@@ -5604,13 +5882,14 @@ def test_idle_connections_and_stalled_handshakes_do_not_block_others(exporter_fa
         sock = socket.create_connection(('127.0.0.1', exporter.port))
         sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')
         idle.append(sock)
-    time.sleep(0.5)
     try:
+        assert wait_for(lambda: len(socket_fds(exporter.process.pid)) > 220, 15), \
+            'the server did not accept the idle connections'  # 220 and its listener
         for _ in range(3):
             started = time.time()
             status, _, _ = exporter.request('GET', '/api/v1/vms', token=token)
             assert status == 200
-            assert time.time() - started < 1.0
+            assert time.time() - started < 10.0
     finally:
         for sock in idle:
             sock.close()
@@ -5638,11 +5917,12 @@ def request_from(exporter, source, method, path, token=None, timeout=30):
     return exporter.request(method, path, token=token, connection=connection)
 
 
-def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory, xfs_host):
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory, xfs_host, python):
     """max_connections bounds the requests being worked on, not the connections: idle
     keep-alive connections do not count; a request that finds every worker busy waits a
     moment, then gets 503 with Retry-After, and the service recovers."""
-    exporter = exporter_factory(repositories=xfs_host.repositories,
+    exporter = exporter_factory(python, repositories=xfs_host.repositories,
                                 api_extra='max_connections = 4')
     token = exporter.login()
     held = [exporter.connection() for _ in range(6)]
@@ -5660,7 +5940,7 @@ def test_connection_cap_refuses_cleanly_and_recovers(exporter_factory, xfs_host)
         connection.close()
     for tls in stalled:
         tls.close()
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while exporter.request('GET', '/api/v1/vms', token=token)[0] != 200:
         assert time.time() < deadline, 'did not recover'
         time.sleep(0.1)
@@ -5777,8 +6057,9 @@ def test_out_of_descriptors_closes_the_oldest_idle_connections(exporter_factory,
             sock.close()
 
 
-def test_sigterm_lets_a_running_download_finish(exporter_factory, xfs_host):
-    exporter = exporter_factory(repositories=xfs_host.repositories)
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_sigterm_lets_a_running_download_finish(exporter_factory, xfs_host, python):
+    exporter = exporter_factory(python, repositories=xfs_host.repositories)
     client = exporter.client()
     snapshot = client.create_snapshot(xfs_host.vm)
     disk = snapshot['disks'][0]['name']
@@ -5794,8 +6075,83 @@ def test_sigterm_lets_a_running_download_finish(exporter_factory, xfs_host):
     assert 'stopped' in exporter.log()
 
 
-def test_client_certificate_can_be_required(exporter_factory, certs):
-    exporter = exporter_factory(tls_extra='require_client_certificate = true')
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_sigterm_while_connections_end_leaves_no_traceback(exporter_factory, python):
+    """Timing-dependent by nature (no fixed waits): SIGTERM arrives while connection threads
+    are closing their sockets, handshaking or idle. A 2.7 server once exited under a running
+    connection thread and logged a traceback from interpreter shutdown."""
+    for round_number in range(3):
+        exporter = exporter_factory(python)
+        token = exporter.login()
+        held, threads = [], []
+
+        def one_request():
+            try:
+                connection = exporter.connection(timeout=10)
+                exporter.request('GET', '/api/v1/vms', token=token, connection=connection)
+                held.append(connection)
+            except (socket.error, ssl.SSLError, http_client.HTTPException):
+                pass  # the server may stop first
+        for _ in range(12):
+            threads.append(threading.Thread(target=one_request))
+            threads[-1].start()
+        half_open = [socket.create_connection(('127.0.0.1', exporter.port)) for _ in range(4)]
+        for thread in threads:
+            thread.join(30)
+        keep = held[:round_number % 3]  # idle keep-alive connections the server must end
+        for connection in held[len(keep):]:
+            connection.close()  # their threads are ending while the signal arrives
+        assert exporter.stop(timeout=60) == 0, exporter.log()
+        for connection in keep:
+            connection.close()
+        for sock in half_open:
+            sock.close()
+        text = exporter.log()
+        assert 'Traceback' not in text and 'Exception in thread' not in text, text
+        assert text.rstrip().endswith('stopped'), text[-2000:]
+
+
+def test_server_returns_only_after_every_connection_thread_ended():
+    """Waits for events, with one bounded negative wait: serve_forever must not return while
+    a connection thread is still closing its socket (it once returned as soon as the
+    connection left its table, before the close; the interpreter then tore the modules down
+    under that thread and Python 2 logged a traceback)."""
+    values = dict(ox.default_config().values)
+    values.update({'api.bind': '127.0.0.1', 'api.port': 0})
+    closing, release = threading.Event(), threading.Event()
+
+    class SlowToClose(object):
+        """What tls_wrap returns: closing it takes until `release` (a peer that stalls)."""
+        def settimeout(self, seconds):
+            raise socket.error(errno.ECONNRESET, 'reset during set-up')
+
+        def do_handshake(self):
+            raise socket.error(errno.ECONNRESET, 'reset during the handshake')
+
+        def close(self):
+            closing.set()
+            release.wait(30)
+    server = ox.ExporterServer(ox.Config(values, 'test'), None,
+                               lambda sock, handshake=True: SlowToClose())
+    served = threading.Thread(target=server.serve_forever)
+    served.start()
+    client = socket.create_connection(server.address)
+    client.sendall(b'x')  # leaves the lobby: a connection thread takes it
+    try:
+        assert closing.wait(30), 'no connection thread closed the connection'
+        server.stop()
+        served.join(2)
+        assert served.is_alive(), 'serve_forever returned under a running connection thread'
+    finally:
+        release.set()
+        client.close()
+    served.join(30)
+    assert not served.is_alive()
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_client_certificate_can_be_required(exporter_factory, certs, python):
+    exporter = exporter_factory(python, tls_extra='require_client_certificate = true')
     with pytest.raises((ssl.SSLError, socket.error, http_client.HTTPException)):
         exporter.request('GET', '/nope')
     folder = exporter.folder
@@ -5813,32 +6169,38 @@ def test_client_certificate_can_be_required(exporter_factory, certs):
 
 
 def test_legacy_tls_path_serves_tls12(exporter_factory, manager_for_exporter):
-    """Python 2.7 forced onto Python 2.6's paths: ssl.wrap_socket for the server and the
-    Manager login, no compare_digest, no WAL."""
-    exporter = exporter_factory(python='2.7.18', env={'OVM_EXPORTER_COMPAT': 'py26'})
+    """The dom0's interpreter for real (CPython 2.6.9: ssl.wrap_socket for the server and the
+    Manager login, no compare_digest); the state database never uses WAL, which the dom0's
+    SQLite 3.6.20 lacks (this 2.6.9 links SQLite 3.40, so it would have it)."""
+    exporter = exporter_factory(python='2.6.9')
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     tls = exporter.context().wrap_socket(sock, server_hostname='127.0.0.1')
-    assert tls.version() in ('TLSv1.2', 'TLSv1.3')
+    assert tls.version() == 'TLSv1.2'
     tls.close()
     assert exporter.login()
     assert manager_for_exporter.request_count == 1
     error_of(exporter, 'POST', '/api/v1/auth/login', 401,
              body=json.dumps({'username': ADMIN, 'password': 'wrong'}))
+    assert os.path.exists(os.path.join(exporter.folder, 'exporter.db'))
+    assert not os.path.exists(os.path.join(exporter.folder, 'exporter.db-wal'))
 
 
-@pytest.mark.parametrize('python, env', [('3', {}), ('2.7.18', {'OVM_EXPORTER_COMPAT': 'py26'})])
-def test_stalled_handshake_is_dropped_after_the_timeout(exporter_factory, python, env):
-    exporter = exporter_factory(python, api_extra='handshake_timeout = "1s"', env=env)
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_stalled_handshake_is_dropped_after_the_timeout(exporter_factory, python):
+    """Timing: dropped after the 1 s handshake time-out, long before this read's 60 s."""
+    exporter = exporter_factory(python, api_extra='handshake_timeout = "1s"')
     sock = socket.create_connection(('127.0.0.1', exporter.port))
     sock.sendall(b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03')  # half a ClientHello
-    sock.settimeout(10)
+    sock.settimeout(60)
     started = time.time()
     try:
         closed = sock.recv(1024) == b''
+    except socket.timeout:
+        closed = False
     except socket.error:  # reset
         closed = True
     sock.close()
-    assert closed and time.time() - started < 5
+    assert closed and time.time() - started < 30
 
 
 def test_readme_curl_commands(exporter, manager_for_exporter):
@@ -6005,7 +6367,7 @@ def test_downloads_and_ranges(exporter_factory, xfs_host):
     content_type = headers['content-type']
     assert content_type.startswith('multipart/byteranges; boundary=')
     parsed = email_parser_parts(content_type, data)
-    assert [(p[0], p[1]) for p in parsed] == [(a, b) for a, b in ranges]
+    assert [(p[0], p[1]) for p in parsed] == ranges[:100]  # (0, 10), (5, 20) are in (0, 999)
     for first, last, part in parsed:
         assert part == content[first:last + 1]
     connection.close()
@@ -6026,6 +6388,113 @@ def email_parser_parts(content_type, body):
         parts.append((first, last, rest[:last - first + 1]))
         assert rest[last - first + 1:] == b'\r\n'
     return parts
+
+
+def disk_url_and_content(exporter, host, token):
+    """Snapshot the sample VM: -> (URL of its second, 16 MiB, disk, that disk's bytes)."""
+    snap = exporter.json('POST', '/api/v1/vms/%s/snapshots' % host.vm, token)
+    disk = snap['disks'][1]
+    with open(disk['path'], 'rb') as handle:
+        content = handle.read()
+    return ('/api/v1/vms/%s/snapshots/%s/disks/%s' % (host.vm, snap['id'], disk['name']),
+            content)
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_range_numbers_must_be_plain_ascii_digits(exporter_factory, xfs_host, python):
+    """Unicode digits (latin-1 on the wire) crashed int(); 5,000 digits hit 3.11's limit."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    url, content = disk_url_and_content(exporter, xfs_host, token)
+    connection = exporter.connection()
+    for header in (u'bytes=\xb2-5', u'bytes=0-\xb9\xb2\xb3', u'bytes=\xb9-',
+                   'bytes=' + '1' * 5000 + '-', 'bytes=0-' + '9' * 5000, 'bytes=-' + '7' * 5000):
+        status, headers, data = exporter.request('GET', url, headers={'Range': header},
+                                                 token=token, connection=connection)
+        assert status == 416, header[:20]
+        assert headers['content-range'] == 'bytes */%d' % len(content)
+        assert json.loads(data.decode('utf-8'))['error'] == 'Range Not Satisfiable'
+    status, _, data = exporter.request('GET', url, headers={'Range': 'bytes=0-' + '9' * 20},
+                                       token=token, connection=connection)
+    assert (status, data) == (206, content)
+    connection.close()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_overlapping_ranges_are_coalesced(exporter_factory, xfs_host, python):
+    """1,000 whole-file ranges in a 3 KB header promised 1,000 times the disk: overlapping
+    and adjacent ranges are merged (RFC 9110 14.2), so no answer is larger than the file."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    url, content = disk_url_and_content(exporter, xfs_host, token)
+    size = len(content)
+    connection = exporter.connection()
+    for method in ('HEAD', 'GET'):
+        status, headers, data = exporter.request(
+            method, url, headers={'Range': 'bytes=' + ','.join(['0-'] * 1000)}, token=token,
+            connection=connection)
+        assert status == 206 and int(headers['content-length']) == size
+        assert headers['content-range'] == 'bytes 0-%d/%d' % (size - 1, size)
+        assert data == (content if method == 'GET' else b'')
+    header = 'bytes=5000-5099,-100,4096-5000,5100-5199,%d-' % (size - 150)
+    status, headers, data = exporter.request('GET', url, headers={'Range': header},
+                                             token=token, connection=connection)
+    assert status == 206 and int(headers['content-length']) == len(data) < 1000 + 150 + 400
+    parsed = email_parser_parts(headers['content-type'], data)
+    assert [(p[0], p[1]) for p in parsed] == [(4096, 5199), (size - 150, size - 1)]
+    for first, last, part in parsed:
+        assert part == content[first:last + 1]
+    connection.close()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_etag_last_modified_and_if_range(exporter_factory, xfs_host, python):
+    """A strong ETag and Last-Modified on GET and HEAD; If-Range (RFC 9110 13.2.2) gives the
+    range only for the current ETag or the exact Last-Modified date, else the whole file."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    url, content = disk_url_and_content(exporter, xfs_host, token)
+    connection = exporter.connection()
+
+    def get(method='GET', **headers):
+        return exporter.request(method, url, headers=headers, token=token,
+                                connection=connection)
+    status, head, _ = get('HEAD')
+    etag, modified = head['etag'], head['last-modified']
+    assert status == 200 and re.match(r'"[0-9a-f-]+"$', etag), etag
+    assert re.match(r'\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT$', modified)
+    status, headers, data = get()
+    assert (status, headers['etag'], headers['last-modified']) == (200, etag, modified)
+    assert data == content
+    for if_range in (etag, modified, ' %s ' % etag):
+        status, headers, data = get(Range='bytes=10-19', **{'If-Range': if_range})
+        assert (status, data) == (206, content[10:20]), if_range
+        assert headers['content-range'] == 'bytes 10-19/%d' % len(content)
+        assert get('HEAD', Range='bytes=10-19', **{'If-Range': if_range})[0] == 206
+    date_format = '%a, %d %b %Y %H:%M:%S GMT'
+    other_date = (datetime.datetime.strptime(modified, date_format)
+                  - datetime.timedelta(seconds=1)).strftime(date_format)
+    for if_range in ('W/' + etag, '"other"', etag[:-2] + '"', other_date, 'yesterday', ''):
+        status, headers, data = get(Range='bytes=10-19', **{'If-Range': if_range})
+        assert (status, data) == (200, content), if_range
+        assert 'content-range' not in headers and headers['etag'] == etag
+        status, headers, _ = get('HEAD', Range='bytes=10-19', **{'If-Range': if_range})
+        assert status == 200 and int(headers['content-length']) == len(content)
+    # A failed If-Range sends the whole file even when the range could not be satisfied.
+    assert get(Range='bytes=%d-' % len(content), **{'If-Range': '"other"'})[0] == 200
+    # Python 2 read the last of repeated headers, 3 the first: repeated Range is refused,
+    # repeated If-Range never matches.
+    head = ('GET %s HTTP/1.1\r\nAuthorization: Bearer %s\r\n' % (url, token)).encode('ascii')
+    answer = raw_exchange(exporter, head + b'Range: bytes=0-1\r\nRange: bytes=2-3\r\n'
+                          b'Connection: close\r\n\r\n')
+    assert json_error(answer, 416)['details'] == 'send one Range header'
+    answer = raw_exchange(exporter, head + b'Range: bytes=0-1\r\nIf-Range: ' + etag.encode()
+                          + b'\r\nIf-Range: ' + etag.encode() + b'\r\nConnection: close\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 200 ') and answer.endswith(content[-100:])
+    # Another snapshot of the same disk is another file: another ETag.
+    other_url, _ = disk_url_and_content(exporter, xfs_host, token)
+    assert exporter.request('HEAD', other_url, token=token)[1]['etag'] != etag
+    connection.close()
 
 
 @pytest.mark.parametrize('path', [
@@ -6055,7 +6524,7 @@ def test_snapshot_is_consistent_while_the_disk_is_written(exporter_factory, xfs_
     every snapshot must show a prefix of blocks with counter n and the rest with n - 1."""
     live = xfs_host.vm_disks[1]
     blocks = (16 << 20) // 4096
-    stop = threading.Event()
+    stop, writing = threading.Event(), threading.Event()
 
     def writer():
         fd = os.open(live, os.O_WRONLY)
@@ -6064,6 +6533,7 @@ def test_snapshot_is_consistent_while_the_disk_is_written(exporter_factory, xfs_
             while not stop.is_set():
                 for block in range(blocks):
                     os.pwrite(fd, struct.pack('<Q', counter) * 512, block * 4096)
+                writing.set()
                 counter += 1
         finally:
             os.close(fd)
@@ -6072,7 +6542,7 @@ def test_snapshot_is_consistent_while_the_disk_is_written(exporter_factory, xfs_
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        time.sleep(0.2)
+        assert writing.wait(30), 'the writer did not start'
         snapshots = [client.create_snapshot(xfs_host.vm) for _ in range(5)]
     finally:
         stop.set()
@@ -6192,6 +6662,8 @@ def test_start_up_removes_only_its_own_orphans(exporter_factory, xfs_host):
 
 
 def test_kill_9_during_create_delete_cycles_leaves_nothing_behind(exporter_factory, xfs_host):
+    """Timing-dependent on purpose: about 50 kills land at random moments within the measured
+    time of one create + delete, so that some land inside an operation (checked at the end)."""
     rng = random.Random(99)
     fragmented = [(offset, b'f' * 4096) for offset in range(0, 256 << 20, 64 << 10)]
     xfs_host.add_vm(xfs_host.repo, '0004fb00000600000000000000000003',
@@ -6288,6 +6760,18 @@ def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_pa
         mount.close()
 
 
+def socket_fds(pid):
+    """The descriptors of process `pid` that are sockets."""
+    found = []
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            if os.readlink('/proc/%d/fd/%s' % (pid, fd)).startswith('socket:'):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
 def open_fds_to(pid, path):
     found = []
     for fd in os.listdir('/proc/%d/fd' % pid):
@@ -6313,7 +6797,7 @@ def test_client_that_disconnects_mid_stream_frees_file_and_thread(exporter_facto
         assert tls.recv(65536)
         assert open_fds_to(exporter.process.pid, disk['path'])
         tls.close()
-        deadline = time.time() + 5
+        deadline = time.time() + 30
         while open_fds_to(exporter.process.pid, disk['path']):
             assert time.time() < deadline, 'the server kept the snapshot file open'
             time.sleep(0.05)
@@ -6844,24 +7328,35 @@ def test_vm_cfg_that_is_a_fifo_is_skipped_with_a_warning(exporter_factory, tmp_p
 
 # ============================================================ the commands an admin runs ===
 
-def test_vms_command_prints_a_table_and_json(tmp_path, certs):
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_vms_command_prints_a_table_and_json(tmp_path, certs, python):
+    """Also with a non-ASCII VM name and stdout a pipe (cron, a service log): Python 2 once
+    raised UnicodeEncodeError printing the table."""
     host = SampleHost(str(tmp_path / 'host'))
     repo = host.add_repository('0004fb00000300000000000000000001')
     host.add_vm(repo, '0004fb00000600000000000000000009', [('d.img', 1 << 20, [])],
                 friendly='mail-server')
+    host.add_vm(repo, '0004fb0000060000000000000000000a', [('e.img', 1 << 20, [])],
+                friendly=u'caf\u00e9-m\u00fcnchen')
     text = base_config_text(str(tmp_path), certs) + '\n'.join(
         ['[[repository]]', 'id = "%s"' % host.repositories[0]['id'],
          'mount_point = %s' % toml_quote(repo), 'filesystem = "ext4"', ''])
     path = write_config(str(tmp_path), text)
-    table = run([sys.executable, EXPORTER, 'vms', '--config', path])
+    env = dict((k, v) for k, v in os.environ.items() if k != 'PYTHONIOENCODING')
+    table = run([python_path(python), EXPORTER, 'vms', '--config', path], env=env)
     assert 'mail-server' in table and '0004fb00000600000000000000000009' in table
-    listed = json.loads(run([sys.executable, EXPORTER, 'vms', '--config', path, '--json']))
-    assert [vm['friendly_name'] for vm in listed] == ['mail-server']
+    assert u'caf\u00e9-m\u00fcnchen' in table, table
+    listed = json.loads(run([python_path(python), EXPORTER, 'vms', '--config', path, '--json'],
+                            env=env))
+    assert sorted(vm['friendly_name'] for vm in listed) == [u'caf\u00e9-m\u00fcnchen',
+                                                            'mail-server']
     assert listed[0]['disks'][0]['snapshot_compatible'] is False  # tmp is not a cloning fs
 
 
-def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_host, tmp_path):
-    exporter = exporter_factory(repositories=xfs_host.repositories)
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_host, tmp_path,
+                                                       python):
+    exporter = exporter_factory(python, repositories=xfs_host.repositories)
     client = exporter.client()
     first = client.create_snapshot(xfs_host.vm)
     with open(xfs_host.vm_disks[0], 'r+b') as handle:
@@ -6870,8 +7365,9 @@ def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_hos
     second = client.create_snapshot(xfs_host.vm)
     image = str(tmp_path / 'disk.img')
     env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
-    base = [sys.executable, EXPORTER, 'client', '--url', 'https://127.0.0.1:%d' % exporter.port,
-            '--cacert', exporter.certs['ca_cert'], '--user', ADMIN]
+    base = [python_path(python), EXPORTER, 'client', '--url',
+            'https://127.0.0.1:%d' % exporter.port, '--cacert', exporter.certs['ca_cert'],
+            '--user', ADMIN]
     disk = first['disks'][0]['name']
     out = run(base + ['download', xfs_host.vm, first['id'], disk, image], env=env)
     assert 'downloaded' in out
@@ -6887,6 +7383,64 @@ def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_hos
     assert third['vm_id'] == xfs_host.vm and os.path.exists(third['disks'][0]['path'])
 
 
+def run_status(command, env=None):
+    """-> (exit status, stdout text, stderr text)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = process.communicate()
+    return process.returncode, out.decode('utf-8', 'replace'), err.decode('utf-8', 'replace')
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_client_command_verifies_the_exporter_certificate(exporter_factory, manager_for_exporter,
+                                                          certs, tmp_path, python):
+    """The password goes only to an exporter whose certificate chains to --cacert and names
+    the URL's host (Python 2.6 once ignored --cacert and sent it to anyone)."""
+    exporter = exporter_factory()
+    env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
+
+    def client(url, *options):
+        return run_status([python_path(python), EXPORTER, 'client', '--url', url, '--user',
+                           ADMIN] + list(options) + ['vms'], env=env)
+    url = 'https://127.0.0.1:%d' % exporter.port
+    status, out, err = client(url, '--cacert', certs['other_cert'])
+    assert status == 1 and 'certificate' in err.lower(), (status, out, err)
+    assert 'Traceback' not in err and manager_for_exporter.request_count == 0
+    for good in (url, 'https://localhost:%d' % exporter.port):
+        status, out, err = client(good, '--cacert', certs['ca_cert'])
+        assert status == 0, err
+        assert json.loads(out) == []
+    assert manager_for_exporter.request_count == 2
+    # A certificate from the right CA for another name (ovm-manager.invalid).
+    nameless = ExporterProcess(str(tmp_path), dict(certs, server_cert=certs['nameless_cert'],
+                                                   server_key=certs['nameless_key']),
+                               manager_url=manager_for_exporter.url).start()
+    try:
+        url = 'https://127.0.0.1:%d' % nameless.port
+        status, out, err = client(url, '--cacert', certs['ca_cert'])
+        assert status == 1 and ('127.0.0.1' in err or 'match' in err), (status, out, err)
+        assert 'Traceback' not in err and manager_for_exporter.request_count == 2
+        status, out, err = client(url, '--insecure')
+        assert status == 0, err
+    finally:
+        nameless.stop()
+    assert 'Traceback' not in nameless.log()
+
+
+def test_certificate_matches_host_rules():
+    cert = {'subject': ((('commonName', 'ignored.example'),),),
+            'subjectAltName': (('DNS', '*.pool.example'), ('DNS', 'host.example'),
+                               ('IP Address', '127.0.0.1'), ('IP Address', '0:0:0:0:0:0:0:1\n'))}
+    match = ox.certificate_matches_host
+    assert match(cert, 'HOST.example') and match(cert, 'dom0.pool.example')
+    assert match(cert, '127.0.0.1') and match(cert, '::1') and match(cert, '[::1]')
+    assert not match(cert, 'a.b.pool.example') and not match(cert, 'pool.example')
+    assert not match(cert, 'ignored.example') and not match(cert, '127.0.0.2')
+    assert not match({'subjectAltName': (('DNS', '127.0.0.1'),)}, '127.0.0.1')
+    assert match({'subject': ((('commonName', 'dom0'),),)}, 'dom0')
+    assert not match({'subject': ((('commonName', '*.example'),),)}, 'example')
+    assert not match({}, 'dom0')
+
+
 def test_version_and_the_readme_secret_recipe(tmp_path, certs):
     assert run([sys.executable, EXPORTER, '--version']).strip() == \
         'ovm_exporter ' + ox.__version__
@@ -6897,14 +7451,20 @@ def test_version_and_the_readme_secret_recipe(tmp_path, certs):
     assert status == 0 and err == '', err
 
 
-def test_access_log_goes_to_log_file_in_combined_format(exporter_factory, tmp_path):
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_access_log_goes_to_log_file_in_combined_format(exporter_factory, tmp_path, python):
     log_file = str(tmp_path / 'access.log')
-    exporter = exporter_factory(extra='log_file = %s' % toml_quote(log_file))
+    exporter = exporter_factory(python, extra='log_file = %s' % toml_quote(log_file))
     token = exporter.login()
     exporter.request('GET', '/api/v1/vms?x=1', token=token, headers={'User-Agent': 'probe/1'})
     exporter.request('GET', '/missing')
-    with open(log_file) as handle:
-        text = handle.read()
+
+    def logged():  # the access line is written after the response is sent
+        with open(log_file) as handle:
+            return handle.read()
+    assert wait_for(lambda: '"GET /missing HTTP/1.1" 404 ' in logged()
+                    and '/api/v1/vms?x=1' in logged(), 30), logged()
+    text = logged()
     line = [l for l in text.splitlines() if '/api/v1/vms?x=1' in l][0]
     assert re.search(r'127\.0\.0\.1 - admin \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
                      r'"GET /api/v1/vms\?x=1 HTTP/1\.1" 200 \d+ "-" "probe/1" \d+\.\d{3}s$',
@@ -6944,8 +7504,11 @@ def test_concurrent_creates_of_one_vm_do_not_interleave(exporter_factory, xfs_ho
     assert sorted(snapshot_folders(xfs_host.repo)) == sorted(ids)
 
 
-def test_demo_prints_curl_commands_that_work(tmp_path):
-    process = subprocess.Popen([sys.executable, EXPORTER, 'demo', '--port', '0'],
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_demo_prints_curl_commands_that_work(tmp_path, python):
+    """On 2.6 the demo's stand-in Manager once wrapped its listening socket in TLS and crashed
+    at start; every interpreter must run the printed commands."""
+    process = subprocess.Popen([python_path(python), EXPORTER, 'demo', '--port', '0'],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = []
     try:
@@ -6973,6 +7536,7 @@ def test_demo_prints_curl_commands_that_work(tmp_path):
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
+    assert b'Traceback' not in err, err
     assert not os.path.exists(folder), 'the demo left its folder behind'
 
 
@@ -7404,13 +7968,13 @@ def test_host_ips_fallback_to_ol6_ifconfig(src, root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- python ---
-def test_python_choice_reported_and_forced(src, root):
-    if not os.path.exists(PY27):
-        pytest.skip('no Python 2.7 at ' + PY27)
-    p = install_ok(src, root, '--init', 'none', '--python', PY27)
-    assert 'Python: %s (version 2.7.18)' % PY27 in p.stdout
+@pytest.mark.parametrize('version', ['2.7.18', '2.6.9'])
+def test_python_choice_reported_and_forced(src, root, version):
+    python = python_path(version)
+    p = install_ok(src, root, '--init', 'none', '--python', python)
+    assert 'Python: %s (version %s)' % (python, version) in p.stdout
     with open(root + BIN) as f:
-        assert f.readline() == '#!%s\n' % PY27
+        assert f.readline() == '#!%s\n' % python
     # the installed script runs through its #! line
     v = subprocess.run([root + BIN, '--version'], stdout=subprocess.PIPE, universal_newlines=True)
     assert v.returncode == 0 and v.stdout.startswith('ovm_exporter ')
@@ -7437,10 +8001,12 @@ def test_unusable_python_is_refused(src, root, tmp_path):
 
 
 # ------------------------------------------------------------------------------ SysV script ---
-LIFECYCLES = [(['sh'], None), (['bash'], PY27), (['busybox', 'sh'], None)]
+# bash and CPython 2.6.9: the dom0's (Oracle Linux 6) shell and interpreter.
+LIFECYCLES = [(['sh'], None), (['bash'], PY27), (['busybox', 'sh'], None), (['bash'], PY26)]
 
 
-@pytest.mark.parametrize('shell,python', LIFECYCLES, ids=['dash-py3', 'bash-py27', 'busybox-py3'])
+@pytest.mark.parametrize('shell,python', LIFECYCLES,
+                         ids=['dash-py3', 'bash-py27', 'busybox-py3', 'bash-py26'])
 def test_sysv_start_status_stop(src, root, shell, python):
     if not shell_available(shell):
         pytest.skip('%s is not installed' % shell[0])
