@@ -7175,11 +7175,13 @@ def write_pid_file(path):
 
 
 def raise_file_limit():
+    """The soft descriptor limit up to the hard one: waiting connections cost a descriptor
+    each (the front end closes the oldest idle ones when they run short)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > 8192:
-            hard = 8192
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
