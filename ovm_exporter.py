@@ -6804,6 +6804,10 @@ class ApiApplication(object):
 
 DOWNLOAD_PIECE = 64 << 20
 VERIFY_BLOCK_SIZE = 1 << 20
+CONTENT_RANGE_RE = re.compile(r'bytes ([0-9]+)-([0-9]+)/')
+BATCH_RANGES = 256           # small chunks go in multi-range requests of up to this many
+BATCH_BYTES = 8 << 20        # ... and this many bytes
+DOWNLOAD_CONNECTIONS = 4     # requests in flight at once
 
 
 class ClientError(Exception):
@@ -7004,10 +7008,34 @@ class ExporterClient(object):
                               (start, length, disk_name))
         return data
 
-    def sync_disk(self, vm_id, snapshot_id, disk_name, image_path, compare_to=None):
+    def read_ranges(self, vm_id, snapshot_id, disk_name, ranges):
+        """Several (start, length) ranges in one request -> [(start, bytes)] covering exactly
+        them (the server may merge touching ranges into one part)."""
+        status, headers, data = self.request(
+            'GET', '/vms/%s/snapshots/%s/disks/%s' % (vm_id, snapshot_id, disk_name),
+            headers={'Range': 'bytes=' + ','.join(['%d-%d' % (start, start + length - 1)
+                                                   for start, length in ranges])})
+        if status != 206:
+            raise ClientError(status, '%d ranges of %s came back with status %d'
+                              % (len(ranges), disk_name, status))
+        kind = headers.get('content-type', '')
+        if kind.startswith('multipart/byteranges'):
+            parts = _multipart_ranges(data, kind.partition('boundary=')[2])
+        else:
+            parts = [(_content_range_start(headers.get('content-range', '')), data)]
+        wanted = sorted((start, start + length) for start, length in ranges)
+        got = sorted((start, start + len(block)) for start, block in parts)
+        if _merge_spans(wanted) != _merge_spans(got):
+            raise ClientError(status, '%d ranges of %s came back wrong' % (len(ranges),
+                                                                           disk_name))
+        return parts
+
+    def sync_disk(self, vm_id, snapshot_id, disk_name, image_path, compare_to=None,
+                  connections=DOWNLOAD_CONNECTIONS, progress=None):
         """Make `image_path` equal to the snapshot's disk. Without compare_to the image is
         built from scratch; with it, the image must hold the compare_to snapshot's disk.
-        Returns the number of bytes downloaded."""
+        Small chunks travel in multi-range requests, over `connections` connections at once;
+        progress(done, total) is called as bytes arrive. Returns the bytes downloaded."""
         snapshot = self.snapshot(vm_id, snapshot_id, compare_to=compare_to)
         disks = [d for d in snapshot['disks'] if d['name'] == disk_name]
         if not disks:
@@ -7015,23 +7043,61 @@ class ExporterClient(object):
         size = self.disk_size(vm_id, snapshot_id, disk_name)
         flags = os.O_RDWR | os.O_CREAT | (0 if compare_to else os.O_TRUNC)
         fd = os.open(image_path, flags, 0o600)
-        downloaded = 0
         try:
             os.ftruncate(fd, size)
+            pieces, zeros = [], []
             for chunk in disks[0]['chunks']:
                 start, end = chunk['start'], min(chunk['start'] + chunk['length'], size)
                 while start < end:
                     piece = min(DOWNLOAD_PIECE, end - start)
-                    if chunk.get('zero'):
-                        data = b'\0' * piece
-                    else:
-                        data = self.read_range(vm_id, snapshot_id, disk_name, start, piece)
-                        downloaded += len(data)
-                    _write_at(fd, start, data)
+                    (zeros if chunk.get('zero') else pieces).append((start, piece))
                     start += piece
+            for start, piece in zeros:
+                _write_at(fd, start, b'\0' * piece)
         finally:
             os.close(fd)
-        return downloaded
+        batches = _download_batches(pieces)
+        total = sum([piece for _, piece in pieces])
+        state = {'done': 0, 'error': None}
+        lock = threading.Lock()
+
+        def work(client):
+            out = os.open(image_path, os.O_WRONLY)
+            try:
+                while True:
+                    with lock:
+                        if not batches or state['error'] is not None:
+                            return
+                        batch = batches.pop(0)
+                    for start, data in client.read_ranges(vm_id, snapshot_id, disk_name,
+                                                          batch):
+                        _write_at(out, start, data)
+                    with lock:
+                        state['done'] += sum([piece for _, piece in batch])
+                        if progress is not None:
+                            progress(state['done'], total)
+            except Exception as exc:  # handed to the caller's thread
+                with lock:
+                    state['error'] = state['error'] or exc
+            finally:
+                os.close(out)
+                if client is not self:
+                    client.close()
+        helpers = []
+        for _ in range(max(0, min(connections, len(batches)) - 1)):
+            helper = ExporterClient('https://%s:%d%s' % (self.host, self.port, self.prefix),
+                                    self.ca_file, self.insecure, self.timeout)
+            helper.token = self.token
+            thread = threading.Thread(target=work, args=(helper,))
+            thread.daemon = True
+            thread.start()
+            helpers.append(thread)
+        work(self)
+        for thread in helpers:
+            thread.join()
+        if state['error'] is not None:
+            raise state['error']
+        return total
 
     def checksum(self, vm_id, snapshot_id, disk_name, start=None, length=None,
                  block_size=None):
@@ -7087,6 +7153,65 @@ def _image_checksum(path, size):
         if not size or os.fstat(image.fileno()).st_size != size:
             return None
         return range_checksums(image, None, size, 0, size)[0]
+
+
+def _download_batches(pieces):
+    """(start, length) pieces -> lists of them for one request each: a big piece alone,
+    small ones together up to BATCH_RANGES ranges and BATCH_BYTES bytes."""
+    batches, batch, size = [], [], 0
+    for start, length in pieces:
+        if batch and (len(batch) >= BATCH_RANGES or size + length > BATCH_BYTES):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append((start, length))
+        size += length
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _content_range_start(value):
+    match = CONTENT_RANGE_RE.match(value)
+    if match is None:
+        raise ClientError(206, 'no Content-Range in the answer: %r' % value[:80])
+    return int(match.group(1))
+
+
+def _multipart_ranges(data, boundary):
+    """A multipart/byteranges body -> [(start, bytes)]."""
+    parts = []
+    delimiter = b'--' + to_bytes(boundary.strip('"'))
+    position = 0
+    while True:
+        position = data.find(delimiter, position)
+        if position < 0 or data[position + len(delimiter):position + len(delimiter) + 2] \
+                == b'--':
+            return parts
+        head_end = data.find(b'\r\n\r\n', position)
+        if head_end < 0:
+            raise ClientError(206, 'a multipart answer ended early')
+        start = end = None
+        for line in data[position:head_end].decode('latin-1').split('\r\n'):
+            name, _, value = line.partition(':')
+            if name.strip().lower() == 'content-range':
+                match = CONTENT_RANGE_RE.match(value.strip())
+                if match:
+                    start, end = int(match.group(1)), int(match.group(2))
+        if start is None:
+            raise ClientError(206, 'a part of a multipart answer has no Content-Range')
+        body = head_end + 4
+        parts.append((start, data[body:body + end - start + 1]))
+        position = body + end - start + 1
+
+
+def _merge_spans(spans):
+    merged = []
+    for first, last in spans:
+        if merged and first <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def _write_at(fd, offset, data):
@@ -7546,6 +7671,23 @@ def command_demo(options, args):
     return 0
 
 
+def _terminal_progress(name):
+    """A progress(done, total) that rewrites one line on a terminal (None elsewhere)."""
+    if not sys.stderr.isatty():
+        return None
+    last = [0.0]
+
+    def progress(done, total):
+        now = time.time()
+        if now - last[0] >= 0.25 or done == total:
+            last[0] = now
+            sys.stderr.write('\r%s: %.1f of %.1f MiB (%d%%)%s' % (
+                name, done / 1048576.0, total / 1048576.0, 100 * done // max(total, 1),
+                '\n' if done == total else ''))
+            sys.stderr.flush()
+    return progress
+
+
 def command_client(options, args):
     usage = ('client commands: vms | snapshot VM | download VM SNAPSHOT DISK IMAGE '
              '[--compare-to OLDER] [--verify]  (with --url, --user, --cacert or --insecure)')
@@ -7563,7 +7705,8 @@ def command_client(options, args):
         elif args[0] == 'snapshot' and len(args) == 2:
             print(json.dumps(client.create_snapshot(args[1]), indent=2, sort_keys=True))
         elif args[0] == 'download' and len(args) == 5:
-            count = client.sync_disk(args[1], args[2], args[3], args[4], options.compare_to)
+            count = client.sync_disk(args[1], args[2], args[3], args[4], options.compare_to,
+                                     progress=_terminal_progress(args[4]))
             print('%s: downloaded %d bytes' % (args[4], count))
             if options.verify:
                 repaired = client.verify_disk(args[1], args[2], args[3], args[4])
