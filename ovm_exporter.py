@@ -106,6 +106,28 @@ def json_dumps(obj):
     return json.dumps(obj, separators=(',', ':'), sort_keys=False)
 
 
+JSON_MAX_DEPTH = 32
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET_RE = re.compile(r'[\[\]{}]')
+
+
+def json_loads_bounded(text, max_depth=JSON_MAX_DEPTH):
+    """json.loads for untrusted text whose arrays/objects nest at most max_depth deep.
+
+    Deeper input raises ValueError before the (recursive) decoder sees it. Brackets inside
+    strings do not count; an unterminated string makes the rest count, which only errs on
+    the side of refusing (such text is not JSON anyway)."""
+    depth = 0
+    for match in _JSON_BRACKET_RE.finditer(_JSON_STRING_RE.sub('""', text)):
+        if match.group() in '[{':
+            depth += 1
+            if depth > max_depth:
+                raise ValueError('JSON nested deeper than %d levels' % max_depth)
+        elif depth:
+            depth -= 1
+    return json.loads(text)
+
+
 def legacy_handshake(tls):
     """Finish the handshake of a socket from ssl.wrap_socket(do_handshake_on_connect=False).
     Python 2.6's own handshake-on-connect clears the socket's time-out for the handshake;
@@ -3564,6 +3586,7 @@ AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
 MANAGER_LOGIN_PATH = '/ovm/core/wsapi/rest/Repository/id'
+MANAGER_ANSWER_LIMIT = 4 * 1024 * 1024
 
 _MANAGER_HTTP_EXCEPTION = http_client.HTTPException  # novm (httplib on Python 2)
 _JWT_SEGMENT_RE = re.compile(r'^[A-Za-z0-9_-]*$')
@@ -3825,8 +3848,21 @@ class _ManagerTlsCheck(object):
                                                          self.tofu_path))
 
 
+class _ManagerHTTPResponse(http_client.HTTPResponse):  # novm (httplib on 2)
+    """Only a real HTTP/1.x status line is an answer: Python 2's httplib reads an answer
+    without one as "HTTP/0.9 200", Python 3 takes "HTTP/0.9" for 1.0."""
+
+    def _read_status(self):
+        version, status, reason = http_client.HTTPResponse._read_status(self)  # novm
+        if not version.startswith('HTTP/1.'):
+            raise http_client.BadStatusLine('no HTTP/1.x status line')  # novm
+        return version, status, reason
+
+
 class _ManagerHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
     """HTTPSConnection that does its own TLS wrap and certificate check in connect()."""
+
+    response_class = _ManagerHTTPResponse
 
     def __init__(self, host, timeout, tls_check):
         http_client.HTTPSConnection.__init__(self, host, timeout=timeout)  # novm
@@ -3943,8 +3979,25 @@ class ManagerClient(object):
         log.info('pinned the OVM Manager certificate sha256 %s in %s', fingerprint,
                  self.tofu_path)
 
+    def _check_answer(self, response):
+        """A 200 counts only with the body the WS-API gives: a JSON list (of SimpleIds)."""
+        try:
+            body = response.read(MANAGER_ANSWER_LIMIT + 1)
+        except (socket.error, ssl.SSLError, _MANAGER_HTTP_EXCEPTION) as e:
+            raise ManagerUnavailable(_manager_failure_sentence(self.endpoint, self.timeout, e))
+        document = None
+        if len(body) <= MANAGER_ANSWER_LIMIT:
+            try:
+                document = json_loads_bounded(body.decode('utf-8'))
+            except (ValueError, UnicodeDecodeError):
+                pass
+        if not isinstance(document, list):
+            raise ManagerUnavailable('the OVM Manager at {0} answered 200 without the JSON list '
+                                     'of repositories the WS-API gives'.format(self.endpoint))
+
     def check_login(self, username, password):
-        """True if the Manager accepts the pair (2xx), False if it rejects it (401/403).
+        """True if the Manager accepts the pair (200 with a JSON list), False if it rejects it
+        (401/403).
 
         Raises ManagerUnavailable (or ManagerCertificateChanged) for anything else.
         """
@@ -3978,9 +4031,11 @@ class ManagerClient(object):
             status = getattr(response, 'status', None)
             if status is None:
                 status = response.code  # Python 2 addinfourl
+            if status == 200:
+                self._check_answer(response)
         finally:
             response.close()
-        if 200 <= status < 300:
+        if status == 200:
             seen = tls_check.seen_fingerprint
             if self._trust_on_first_use() and pinned is None and seen is not None:
                 self._store_pin(seen)

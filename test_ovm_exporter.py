@@ -165,6 +165,18 @@ class _FakeManagerHandler(BaseHTTPRequestHandler):
 
     def _send(self, status, body, content_type, extra_headers=()):
         data = body.encode('utf-8')
+        fake = self.server.fake
+        if fake.trickle:
+            head = ['HTTP/1.1 %d %s' % (status, self.responses[status][0]),
+                    'Content-Type: ' + content_type, 'Content-Length: %d' % len(data)]
+            head += ['%s: %s' % pair for pair in extra_headers]
+            answer = ('\r\n'.join(head) + '\r\n\r\n').encode('latin-1') + data
+            for i in range(len(answer)):
+                if fake._stopping.wait(fake.trickle):
+                    return
+                self.wfile.write(answer[i:i + 1])
+                self.wfile.flush()
+            return
         self.send_response(status)
         self.send_header('Content-Type', content_type)
         self.send_header('Content-Length', str(len(data)))
@@ -191,7 +203,14 @@ class _FakeManagerHandler(BaseHTTPRequestHandler):
             return
         if fake.delay:
             fake._stopping.wait(fake.delay)
+        if fake.junk is not None:
+            self.wfile.write(fake.junk)
+            return
         if fake.force_status is not None:
+            if fake.force_body is not None:
+                self._send(fake.force_status, fake.force_body, 'application/json',
+                           fake.force_headers)
+                return
             self._send(fake.force_status, '', 'text/html', fake.force_headers)
             return
         if self.command != 'GET' or not self.path.startswith(FakeManager.API_BASE + '/'):
@@ -232,6 +251,9 @@ class FakeManager(object):
       drop           None, 'before_tls' (close the TCP connection at once) or 'after_request'
                      (read the request, close without answering);
       force_status   answer every request with this status (and force_headers);
+      junk           bytes to answer instead of HTTP (then close), e.g. an HTTP/0.9-style reply;
+      force_body     with force_status, this body (text) with Content-Type application/json;
+      trickle        seconds to wait between the bytes of the answer (a Manager that trickles);
       use_certificate(cert, key) to present another certificate.
     Counters: connections (TCP), handshakes (TLS done), requests (list of dicts with method,
     path, accept, authorization, user, password, headers), request_count, tls_errors.
@@ -249,6 +271,9 @@ class FakeManager(object):
         self.drop = None
         self.force_status = None
         self.force_headers = []
+        self.force_body = None
+        self.junk = None
+        self.trickle = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = None
@@ -4762,18 +4787,34 @@ def test_login_pairs_basic_auth_cannot_carry_are_refused_without_a_call(manager)
     assert manager.connections == 0
 
 
-@pytest.mark.parametrize('status', [500, 302, 204, 404, 400])
+@pytest.mark.parametrize('status', [500, 302, 204, 201, 404, 400])
 def test_login_other_statuses(manager, status):
     manager.force_status = status
     manager.force_headers = [('Location', 'https://127.0.0.1:1/elsewhere')]
-    if 200 <= status < 300:
-        assert _client(manager.url).check_login('admin', 'Welcome1') is True
-    else:
-        with pytest.raises(ox.ManagerUnavailable) as e:
-            _client(manager.url).check_login('admin', 'Welcome1')
-        assert 'unexpected status {0}'.format(status) in str(e.value)
-        assert not isinstance(e.value, ox.ManagerCertificateChanged)
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url).check_login('admin', 'Welcome1')
+    assert 'unexpected status {0}'.format(status) in str(e.value)
+    assert not isinstance(e.value, ox.ManagerCertificateChanged)
     assert manager.request_count == 1  # no redirect followed, no retry
+
+
+@pytest.mark.parametrize('junk', [b'this is not HTTP at all\r\n\r\n', b'[]', b'',
+                                  b'HTTP/0.9 200 OK\r\n\r\n[]', b'ICY 200 OK\r\n\r\n[]'])
+def test_login_answer_without_http_status_line_is_refused(manager, tls_path, junk):
+    """Python 2's httplib reads such an answer as "HTTP/0.9 200"; it accepted any password."""
+    manager.junk = junk
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url).check_login('admin', 'wrong')
+    assert 'no valid HTTP answer' in str(e.value)
+
+
+@pytest.mark.parametrize('body', ['', 'not json', '{"value": 1}', '"ok"', '[' * 100 + ']' * 100])
+def test_login_200_without_the_managers_json_list_is_refused(manager, body):
+    manager.force_status = 200
+    manager.force_body = body
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url).check_login('admin', 'wrong')
+    assert 'JSON list' in str(e.value)
 
 
 def test_login_manager_down():
@@ -5412,6 +5453,25 @@ def test_malformed_login_bodies_are_400(exporter, manager_for_exporter, body):
 
 def test_oversized_body_is_413(exporter):
     error_of(exporter, 'POST', '/api/v1/auth/login', 413, body=b'{' + b' ' * 70000 + b'}')
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_manager_answering_junk_is_502_on_every_interpreter(exporter_factory,
+                                                             manager_for_exporter, python):
+    """Python 2's httplib reads an answer without a status line as "HTTP/0.9 200": any
+    password was accepted and the token listed the VMs."""
+    exporter = exporter_factory(python)
+    manager_for_exporter.junk = b'this is not HTTP at all\r\n\r\n'
+    document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
+                           body=json.dumps({'username': ADMIN, 'password': 'any guess'}))
+    assert 'no valid HTTP answer' in document['details']
+    manager_for_exporter.junk = None
+    manager_for_exporter.force_status = 200
+    manager_for_exporter.force_body = '{"managerRunState": "RUNNING"}'
+    document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
+                           body=json.dumps({'username': ADMIN, 'password': 'any guess'}))
+    assert 'JSON list' in document['details']
+    assert manager_for_exporter.request_count == 2
 
 
 def test_manager_down_is_502_within_timeout(exporter_factory, tmp_path):
