@@ -1555,16 +1555,25 @@ VM_CFG_MAX_BYTES = 1024 * 1024
 # is not an OVM-written vm.cfg; ast.parse is then not trusted with the whole file (Python 2.7's
 # compiler crashes with a segfault on a ~100,000-deep `1+1+...` or `a.b.c...` chain).
 VM_CFG_MAX_OPERATORS = 5000
+VM_CFG_MAX_NESTING = 64  # bracket lines a multi-line value may nest (OVM writes 1)
+VM_CFG_MAX_WARNINGS = 20  # per file read line by line; then one line with the count
 VM_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 VM_CFG_KEYS_NEEDED = ('name', 'uuid', 'OVM_simple_name', 'disk')
 DISK_MODES = ('r', 'ro', 'w', 'w!', 'rw')
 OVSMETA_OBJECT_TYPES_CLONABLE = ('', 'VIRTUAL_DISK')
 OVSMETA_OBJECT_TYPES_MEDIA = ('ISO',)
 
-_DISCOVERY_STRING_RE = re.compile(
-    r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|\"[^\"\\\n]*(?:\\.[^\"\\\n]*)*\"")
-_DISCOVERY_COMMENT_RE = re.compile(r'#[^\n]*')
-_DISCOVERY_OPERATOR_RE = re.compile(r'[-+*/%&|^~<>.@(\[{]|\b(?:not|if|lambda|and|or)\b')
+_DISCOVERY_TOKEN_START_RE = re.compile(r'[\'"#]')
+_DISCOVERY_COMMENT_RE = re.compile(r'#[^\r\n]*')
+_DISCOVERY_STRING_BODY_RES = {
+    "'": re.compile(r"[^'\\\r\n]*(?:\\(?:\r\n|[\s\S])[^'\\\r\n]*)*"),
+    '"': re.compile(r'[^"\\\r\n]*(?:\\(?:\r\n|[\s\S])[^"\\\r\n]*)*'),
+    "'''": re.compile(r"[^'\\]*(?:(?:\\[\s\S]|'(?!''))[^'\\]*)*"),
+    '"""': re.compile(r'[^"\\]*(?:(?:\\[\s\S]|"(?!""))[^"\\]*)*'),
+}
+_DISCOVERY_OPERATOR_RE = re.compile(
+    r'[-+*/%&|^~<>.@(\[{]|\b(?:not|if|lambda|and|or|await|yield)\b')
+_DISCOVERY_BRACKET_RE = re.compile(r'[\[\](){}]')
 _DISCOVERY_CODING_RE = re.compile(r'^[ \t\f]*#.*?coding[:=]')
 _DISCOVERY_LINE_ASSIGN_RE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?!=)(.*)$')
 _DISCOVERY_TAP_FILE_PREFIXES = ('tap:aio:', 'tap:tapdisk:aio:', 'tap2:tapdisk:aio:', 'tap2:aio:')
@@ -1619,12 +1628,71 @@ def _vm_cfg_normalise(value):
     return value
 
 
+def _vm_cfg_code_spans(text):
+    """(start, end) spans of `text` outside string literals and comments, split the way
+    Python's tokenizer splits them (triple quotes, backslash escapes), in one linear pass.
+    Where this cannot be sure it errs towards code: an unterminated string makes the rest
+    code, and an f-string counts as code too (its {expressions} are parsed)."""
+    spans = []
+    pos = 0
+    end = len(text)
+    while pos < end:
+        match = _DISCOVERY_TOKEN_START_RE.search(text, pos)
+        if match is None:
+            break
+        start = match.start()
+        spans.append((pos, start))
+        char = text[start]
+        if char == '#':
+            pos = _DISCOVERY_COMMENT_RE.match(text, start).end()
+            continue
+        quote = char * 3 if text.startswith(char * 3, start) else char
+        body_end = _DISCOVERY_STRING_BODY_RES[quote].match(text, start + len(quote)).end()
+        if not text.startswith(quote, body_end):
+            spans.append((start, end))
+            return spans
+        pos = body_end + len(quote)
+        if 'f' in text[max(0, start - 2):start].lower():
+            spans.append((start, pos))
+    spans.append((pos, end))
+    return spans
+
+
 def _vm_cfg_operator_count(text):
-    """Rough count of characters/words that deepen an expression tree, outside strings and
+    """Count of characters/words that deepen an expression tree, outside strings and
     comments. OVM-written files have a few dozen; a hostile file can have 100,000+."""
-    stripped = _DISCOVERY_STRING_RE.sub('', text)
-    stripped = _DISCOVERY_COMMENT_RE.sub('', stripped)
-    return len(_DISCOVERY_OPERATOR_RE.findall(stripped))
+    findall = _DISCOVERY_OPERATOR_RE.findall
+    return sum([len(findall(text, start, end)) for start, end in _vm_cfg_code_spans(text)])
+
+
+def _vm_cfg_bracket_balance(text):
+    """Opening minus closing brackets outside strings and comments."""
+    balance = 0
+    for start, end in _vm_cfg_code_spans(text):
+        for bracket in _DISCOVERY_BRACKET_RE.findall(text, start, end):
+            balance += 1 if bracket in '([{' else -1
+    return balance
+
+
+def _vm_cfg_closing_lines(lines):
+    """closing[i]: the first line j >= i at whose end every bracket opened from the start of
+    line i on is closed again, or None (also when they nest deeper than VM_CFG_MAX_NESTING
+    lines on the way). One pass (next smaller-or-equal running depth). The spans found nest
+    like brackets, at most VM_CFG_MAX_NESTING deep: trying them all costs linear time."""
+    depths = [0]  # depths[k + 1]: bracket depth at the end of line k
+    for line in lines:
+        depths.append(depths[-1] + _vm_cfg_bracket_balance(line))
+    closing = [None] * len(lines)
+    waiting = []  # line indexes still open, rising depths; those below `live` nest too deep
+    live = 0
+    for k, depth in enumerate(depths):
+        while len(waiting) > live and depth <= depths[waiting[-1]]:
+            closing[waiting.pop()] = k - 1
+        while len(waiting) > live and depth - depths[waiting[live]] > VM_CFG_MAX_NESTING:
+            live += 1
+        if k < len(lines):
+            waiting.append(k)
+    return closing
 
 
 def _vm_cfg_literal(node_or_text):
@@ -1677,6 +1745,8 @@ def _vm_cfg_parse_lines(text, source):
     result = {}
     lines = text.splitlines()
     count = len(lines)
+    closing = None
+    skipped = 0
     index = 0
     while index < count:
         line = lines[index].strip()
@@ -1689,7 +1759,9 @@ def _vm_cfg_parse_lines(text, source):
         key = discovery_text(match.group(1))
         value_text = match.group(2).strip()
         if _vm_cfg_operator_count(value_text) > VM_CFG_MAX_OPERATORS:
-            log.warning('%s line %s: skipping %s: value too complex', source, index, key)
+            skipped += 1
+            if skipped <= VM_CFG_MAX_WARNINGS:
+                log.warning('%s line %s: skipping %s: value too complex', source, index, key)
             continue
         value = None
         found = False
@@ -1700,24 +1772,29 @@ def _vm_cfg_parse_lines(text, source):
         except ValueError as e:
             error = e
         if not found and value_text[:1] in ('[', '(', '{'):
-            # A list spread over several lines: add lines until it parses (bounded).
-            joined = value_text
-            for extra in range(index, min(count, index + 1000)):
-                joined = joined + '\n' + lines[extra]
-                if _vm_cfg_operator_count(joined) > VM_CFG_MAX_OPERATORS:
-                    break
-                try:
-                    value = _vm_cfg_literal(joined)
-                except ValueError:
-                    continue
-                found = True
-                index = extra + 1
-                break
+            # A list spread over several lines: up to the line that closes its brackets.
+            if closing is None:
+                closing = _vm_cfg_closing_lines(lines)
+            last = closing[index - 1]
+            if last is not None and index <= last < index + 1000:
+                joined = u'\n'.join([value_text] + lines[index:last + 1])
+                if _vm_cfg_operator_count(joined) <= VM_CFG_MAX_OPERATORS:
+                    try:
+                        value = _vm_cfg_literal(joined)
+                        found = True
+                        index = last + 1
+                    except ValueError:
+                        pass
         if found:
             result[key] = value
-        else:
+            continue
+        skipped += 1
+        if skipped <= VM_CFG_MAX_WARNINGS:
             log.warning('%s line %s: skipping %s: not a literal%s', source, index, key,
                         error and discovery_error_text(error) and u' (' + discovery_error_text(error) + u')' or u'')
+    if skipped > VM_CFG_MAX_WARNINGS:
+        log.warning('%s: skipped %d more values that are not literals', source,
+                    skipped - VM_CFG_MAX_WARNINGS)
     return result
 
 

@@ -3524,6 +3524,10 @@ for body in ('1+' * 200000 + '1', 'a' + '.b' * 200000, 'f' + '()' * 200000, 'a' 
     assert got['name'] == u'n', got
     got = ox.parse_vm_cfg("name = 'n'\nx = (" + body + "\n", 'vm.cfg')  # syntax error: line mode
     assert got['name'] == u'n', got
+# a triple-quoted string the old string regex misread, before a deep chain (was SIGSEGV)
+got = ox.parse_vm_cfg('name = "n"\nx = """ " """ + ' + '+'.join(['1'] * 100000) + ' + """ " """\n',
+                     'c')
+assert got == {u'name': u'n'}, got
 sys.stdout.write('ok')
 '''
 
@@ -3536,6 +3540,58 @@ def test_python27_deep_expressions_do_not_crash(tmp_path):
     out, err = proc.communicate()
     assert proc.returncode == 0, err.decode('utf-8', 'replace')[-2000:]
     assert out == b'ok'
+
+
+def test_vm_cfg_operator_count_is_not_fooled_by_quoting():
+    chain = '+'.join(['1'] * 10000)
+    for text in ('x = """ " """ + ' + chain + ' + """ " """', "x = ''' ' ''' + " + chain,
+                 'x = r"\\" + ' + chain, "x = b'\\'' + " + chain, "x = '''a''' '' + " + chain,
+                 'x = "a\\\n" + ' + chain, 'x = f"{' + chain + '}"', "x = 'open + " + chain,
+                 '# "\rx = ' + chain):
+        assert ox._vm_cfg_operator_count(text) >= 9999, text[:20]
+    assert ox._vm_cfg_operator_count("a = '+(' # [[\nb = \"\"\" ( '''\n\"\"\" + c") == 1
+
+
+def test_parse_vm_cfg_unclosed_brackets_are_read_in_linear_time(caplog):
+    """2,000 lines of `a=[` took minutes (each line joined up to 1,000 following ones)."""
+    got = ox.parse_vm_cfg("name = 'n'\n" + 'a=[\n' * 3000 + "uuid = 'u'\n", 'vm.cfg')
+    assert got == {'name': 'n', 'uuid': 'u'}
+    assert len(caplog.records) < 30  # one line per skipped value, then a count
+    caplog.clear()
+    text = ("name = 'n'\n" + 'a=[\n' * 3000 + ']\n' * 3000 +
+            "disk = ['file:/r/a.img,xvda,w', # ]\n '''x]'''\n]\n")
+    got = ox.parse_vm_cfg(text, 'vm.cfg')
+    assert got['name'] == 'n' and got['disk'] == ['file:/r/a.img,xvda,w', 'x]']
+    assert len(caplog.records) < 30
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_hostile_vm_cfg_files_neither_crash_nor_stall_the_listing(exporter_factory, python,
+                                                                   tmp_path):
+    """Python 2.7 died at the first GET /vms (and after every restart) on a triple-quoted
+    string before a 100,000-term chain; 3,000 lines of `a=[` held every listing for 30 s+
+    (this test allows 20 s per request, a wide margin for a few milliseconds of parsing)."""
+    host = SampleHost(str(tmp_path / 'host'))
+    repo = host.add_repository('0004fb00000300000000000000000001')
+    host.add_vm(repo, '0004fb00000600000000000000000009', [('d.img', 1 << 20, [])])
+    hostile = {'0004fb0000060000000000000000000a':
+               'x = """ " """ + ' + '+'.join(['1'] * 100000) + ' + """ " """\n',
+               '0004fb0000060000000000000000000b': 'a=[\n' * 3000}
+    for vm_name, text in sorted(hostile.items()):
+        folder = os.path.join(repo, 'VirtualMachines', vm_name)
+        os.makedirs(folder)
+        with open(os.path.join(folder, 'vm.cfg'), 'w') as handle:
+            handle.write(text)
+    exporter = exporter_factory(python, host.repositories)
+    token = exporter.login()
+    for path in ('/api/v1/vms', '/api/v1/vms/0004fb00000600000000000000000009'):
+        connection = exporter.connection(timeout=20)
+        status, _, data = exporter.request('GET', path, token=token, connection=connection)
+        connection.close()
+        assert status == 200, data
+    vms = exporter.json('GET', '/api/v1/vms', token)
+    assert [vm['name'] for vm in vms] == ['0004fb00000600000000000000000009']
+    assert exporter.process.poll() is None
 
 
 # --------------------------------------------------------------- parse_disk_entry itself ---
