@@ -3661,6 +3661,7 @@ AUTH_HMAC_COMPARE_DIGEST = None if FORCE_PY26_PATHS else getattr(hmac, 'compare_
 AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext') and not FORCE_PY26_PATHS
 
 JWT_MAX_TOKEN_LENGTH = 4096
+JWT_MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
 MANAGER_LOGIN_PATH = '/ovm/core/wsapi/rest/Repository/id'
 MANAGER_ANSWER_LIMIT = 4 * 1024 * 1024
@@ -3730,7 +3731,7 @@ def _jwt_b64decode(segment, what):
 def _jwt_json_segment(segment, what):
     raw = _jwt_b64decode(segment, what)
     try:
-        value = json.loads(raw.decode('utf-8'))
+        value = json_loads_bounded(raw.decode('utf-8'))
     except (ValueError, UnicodeDecodeError):
         raise TokenError('token {0} is not JSON'.format(what))
     if not isinstance(value, dict):
@@ -3760,11 +3761,23 @@ def _jwt_is_number(value):
     return True
 
 
+def _jwt_time_claim(claims, name):
+    """A NumericDate claim (seconds since the epoch, up to year 9999) or None if absent."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not _jwt_is_number(value) or not 0 <= value <= JWT_MAX_TIMESTAMP:
+        raise TokenError('token {0} claim is not a time'.format(name))
+    return value
+
+
 def jwt_decode(token, secret, now=None):
     """Verify an HS256 token and return its claims dict; raise TokenError if it is not valid.
 
-    Accepted: exactly three base64url segments (no padding), header alg == "HS256", a
-    signature that matches, a numeric `exp` later than `now`. Other claims are not checked.
+    Accepted: exactly three base64url segments (no padding) of JSON nested at most
+    JSON_MAX_DEPTH deep, header alg == "HS256", a signature that matches, a numeric `exp`
+    later than `now`, `iat`/`nbf` numeric if present (`nbf` not after `now`), all three in
+    0..JWT_MAX_TIMESTAMP. Other claims are not checked.
     """
     if isinstance(token, bytes) and not isinstance(token, str):
         try:
@@ -3792,15 +3805,17 @@ def jwt_decode(token, secret, now=None):
     if not constant_time_equal(signature, expected):
         raise TokenError('token signature does not match')
     claims = _jwt_json_segment(parts[1], 'claims')
-    exp = claims.get('exp')
+    exp = _jwt_time_claim(claims, 'exp')
     if exp is None:
         raise TokenError('token has no exp claim')
-    if not _jwt_is_number(exp):
-        raise TokenError('token exp claim is not a number')
+    _jwt_time_claim(claims, 'iat')
+    nbf = _jwt_time_claim(claims, 'nbf')
     if now is None:
         now = time.time()
     if exp <= now:
         raise TokenError('token has expired')
+    if nbf is not None and nbf > now:
+        raise TokenError('token is not valid yet')
     return claims
 
 
@@ -4288,6 +4303,8 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 GO_TRUE = ('1', 't', 'T', 'TRUE', 'true', 'True')
 GO_FALSE = ('0', 'f', 'F', 'FALSE', 'false', 'False')
 ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
+_LONE_SURROGATE_RE = re.compile(u'[\ud800-\udbff](?![\udc00-\udfff])|'
+                                u'(?<![\ud800-\udbff])[\udc00-\udfff]')
 
 HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
                 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
@@ -4832,7 +4849,7 @@ class ApiApplication(object):
     def on_post_login(self, request, params, query):
         body = request.read_body()
         try:
-            document = json.loads(body.decode('utf-8'))
+            document = json_loads_bounded(body.decode('utf-8'))
         except (ValueError, UnicodeDecodeError):
             raise bad_request('the body must be JSON: {"username": "...", "password": "..."}')
         if not isinstance(document, dict):
@@ -4841,6 +4858,9 @@ class ApiApplication(object):
         if not isinstance(username, string_types) or not isinstance(password, string_types) \
                 or not username:
             raise bad_request('username and password are required strings')
+        if _LONE_SURROGATE_RE.search(username) or _LONE_SURROGATE_RE.search(password):
+            raise bad_request('username and password must be valid Unicode (a \\u escape '
+                              'of half a surrogate pair is not)')
         token = self.authenticator.login(username, password, request.client_address[0])
         request.user = username
         request.send_json(200, {'token': token})

@@ -4755,8 +4755,11 @@ def test_jwt_expiry_boundaries():
         ox.jwt_decode(past, SECRET)
     float_exp = ox.jwt_encode({'exp': time.time() + 60.5}, SECRET)
     assert ox.jwt_decode(float_exp, SECRET)
-    big = sign_raw(HS256_HEADER, b'{"exp":' + b'9' * 400 + b'}')  # huge int, not a float
-    assert ox.jwt_decode(big, SECRET)['exp'] > FUTURE
+    big = sign_raw(HS256_HEADER, b'{"exp":' + b'9' * 400 + b'}')  # huge int: not a time
+    with pytest.raises(ox.TokenError):
+        ox.jwt_decode(big, SECRET)
+    year_9999 = sign_raw(HS256_HEADER, b'{"exp":253402300799}')
+    assert ox.jwt_decode(year_9999, SECRET)['exp'] > FUTURE
 
 
 def _token_of_length(total):
@@ -5604,6 +5607,48 @@ def test_token_tampering_is_401(exporter):
         error_of(exporter, 'GET', '/api/v1/vms', 401, headers={'Authorization': header_value})
     error_of(exporter, 'GET', '/api/v1/vms', 401)
     assert exporter.request('GET', '/api/v1/vms', token=good)[0] == 200
+
+
+def test_deeply_nested_json_is_401_or_400_not_a_recursion_error(exporter, manager_for_exporter):
+    secret = ox.to_bytes(exporter.secret)
+    claims = b'{"user":"admin","exp":4102444800,"x":' + b'[' * 1400 + b']' * 1400 + b'}'
+    for token in (sign_raw(b'[' * 2900, b'{"exp":4102444800}', secret),
+                  sign_raw(b'{"alg":"HS256","x":' + b'{"a":' * 400 + b'1' + b'}' * 401, b'{}',
+                       secret),
+                  sign_raw(HS256_HEADER, claims, secret)):
+        assert len(token) <= ox.JWT_MAX_TOKEN_LENGTH
+        document, _ = error_of(exporter, 'GET', '/api/v1/vms', 401, token=token)
+        assert document['details'] == 'Invalid authentication token'
+    for body in (b'[' * 60000, b'{"a":' * 5000, b'{"username": "admin", "password": ' +
+                 b'[' * 5000 + b']' * 5000 + b'}'):
+        error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=body)
+    assert manager_for_exporter.request_count == 0
+    assert exporter.request('GET', '/api/v1/vms', token=valid_token(exporter))[0] == 200
+
+
+def test_time_claims_must_be_plain_times(exporter):
+    now = int(time.time())
+    for claims in ({'exp': 10 ** 2000}, {'exp': 1e300}, {'exp': -1}, {'exp': '4102444800'},
+                   {'exp': now + 60, 'iat': 10 ** 30}, {'exp': now + 60, 'iat': 'yesterday'},
+                   {'exp': now + 60, 'nbf': now + 3600}, {'exp': now + 60, 'nbf': [now]}):
+        document, _ = error_of(exporter, 'GET', '/api/v1/vms', 401,
+                               token=valid_token(exporter, **claims))
+        assert document['details'] == 'Invalid authentication token'
+    good = valid_token(exporter, exp=now + 60, iat=now - 10, nbf=now - 10)
+    assert exporter.request('GET', '/api/v1/vms', token=good)[0] == 200
+
+
+def test_lone_surrogate_in_credentials_is_400(exporter, manager_for_exporter):
+    for body in (b'{"username": "adm\\ud800in", "password": "x"}',
+                 b'{"username": "admin", "password": "\\udc00x"}',
+                 b'{"username": "admin", "password": "\\ude00\\ud83d"}'):
+        document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=body)
+        assert 'Unicode' in document['details']
+    assert manager_for_exporter.request_count == 0
+    # a real pair (an emoji) is fine: it reaches the Manager, which rejects it
+    error_of(exporter, 'POST', '/api/v1/auth/login', 401,
+             body=b'{"username": "admin", "password": "\\ud83d\\ude00"}')
+    assert manager_for_exporter.request_count == 1
 
 
 def test_unknown_paths_and_methods(exporter):
