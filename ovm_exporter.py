@@ -3880,15 +3880,68 @@ def _auth_write_file_atomically(path, data, mode=0o600):
         raise
 
 
+class _ManagerDeadline(object):
+    """Ends one Manager call at `seconds` after its start, however slowly the Manager trickles
+    its answer (socket time-outs only bound each read): a timer thread shuts the connection
+    down through a duplicate of its descriptor, which the call's thread then sees fail."""
+
+    def __init__(self, seconds):
+        self.expired = False
+        self._end = time.time() + seconds
+        self._lock = threading.Lock()
+        self._sock = None
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self):
+        return self._end - time.time()
+
+    def watch(self, sock):
+        """Take a duplicate of the connected TCP socket, to shut down at the deadline."""
+        duplicate = socket.fromfd(sock.fileno(), sock.family, socket.SOCK_STREAM)
+        with self._lock:
+            if not self._done:
+                self._sock, duplicate = duplicate, None
+                if self.expired:
+                    self._shut_down()
+        if duplicate is not None:
+            duplicate.close()
+
+    def _shut_down(self):
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except socket.error:
+            pass
+
+    def _expire(self):
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            if self._sock is not None:
+                self._shut_down()
+
+    def finish(self):
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
 class _ManagerTlsCheck(object):
     """Certificate policy for one login attempt; remembers the certificate seen."""
 
-    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path):
+    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path, deadline=None):
         self.endpoint = endpoint
         self.ca_file = ca_file
         self.fingerprint = fingerprint
         self.pinned = pinned
         self.tofu_path = tofu_path
+        self.deadline = deadline
         self.seen_fingerprint = None
 
     def wrap(self, sock, host):
@@ -3961,8 +4014,16 @@ class _ManagerHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 
         self._ovm_tls_check = tls_check
 
     def connect(self):
-        sock = socket.create_connection((self.host, self.port), self.timeout)
+        deadline = self._ovm_tls_check.deadline
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline.remaining())
+            if timeout <= 0:
+                raise socket.timeout('timed out')
+        sock = socket.create_connection((self.host, self.port), timeout)
         try:
+            if deadline is not None:
+                deadline.watch(sock)
             tls_sock = self._ovm_tls_check.wrap(sock, self.host)
         except BaseException:
             sock.close()
@@ -4099,8 +4160,30 @@ class ManagerClient(object):
             # Basic auth cannot carry such a user name; an empty pair is never valid.
             return False
         pinned = self.pinned_fingerprint()
-        tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
-                                     self.tofu_path)
+        deadline = _ManagerDeadline(self.timeout)
+        try:
+            tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
+                                         self.tofu_path, deadline)
+            status = self._ask(tls_check, user_bytes, password_bytes)
+        except Exception:
+            if deadline.expired:
+                raise ManagerUnavailable(_manager_failure_sentence(
+                    self.endpoint, self.timeout, socket.timeout('timed out')))
+            raise
+        finally:
+            deadline.finish()
+        if status == 200:
+            seen = tls_check.seen_fingerprint
+            if self._trust_on_first_use() and pinned is None and seen is not None:
+                self._store_pin(seen)
+            return True
+        if status in (401, 403):
+            return False
+        raise ManagerUnavailable('the OVM Manager at {0} answered with unexpected status '
+                                 '{1}'.format(self.endpoint, status))
+
+    def _ask(self, tls_check, user_bytes, password_bytes):
+        """One GET with Basic auth -> the status (a 200 only with the WS-API's JSON list)."""
         opener = urllib_request.OpenerDirector()
         opener.add_handler(urllib_request.ProxyHandler({}))
         opener.add_handler(_ManagerHTTPSHandler(tls_check))
@@ -4127,15 +4210,7 @@ class ManagerClient(object):
                 self._check_answer(response)
         finally:
             response.close()
-        if status == 200:
-            seen = tls_check.seen_fingerprint
-            if self._trust_on_first_use() and pinned is None and seen is not None:
-                self._store_pin(seen)
-            return True
-        if status in (401, 403):
-            return False
-        raise ManagerUnavailable('the OVM Manager at {0} answered with unexpected status '
-                                 '{1}'.format(self.endpoint, status))
+        return status
 
 
 # -------------------------------------------------------------------------- brute-force brake
@@ -4750,6 +4825,13 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             raise bad_request('the request body ended early')
         self.body_done = True
         return body
+
+    def finish(self):
+        # Python 2 flushes the response buffer here: a client that hung up is no error.
+        try:
+            http_server.BaseHTTPRequestHandler.finish(self)
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
 
     # -- all methods go through ApiApplication.handle
     def do_GET(self):

@@ -4896,6 +4896,17 @@ def test_login_manager_slow(manager):
     assert manager.request_count == 1
 
 
+def test_login_manager_trickling_its_answer_is_cut_at_the_timeout(manager, tls_path):
+    """A timing test: ovm_timeout bounds the whole call, not each read (one byte every
+    0.5 s kept a login waiting for a minute); generous margin for a loaded machine."""
+    manager.trickle = 0.5
+    t0 = time.time()
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url, timeout=2.0).check_login('admin', 'Welcome1')
+    assert time.time() - t0 < 10
+    assert 'did not answer within 2 seconds' in str(e.value)
+
+
 def test_login_tls_handshake_stalls():
     # A listener that never accepts: TCP connects (backlog), the TLS handshake never answers.
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -5548,6 +5559,38 @@ def test_manager_slow_is_502_within_timeout(exporter, manager_for_exporter):
     error_of(exporter, 'POST', '/api/v1/auth/login', 502,
              body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
     assert time.time() - started < 6
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_manager_trickling_its_answer_is_502_within_the_timeout(exporter_factory,
+                                                                 manager_for_exporter, python):
+    """A timing test: one byte every second held a login for a minute with ovm_timeout 3s;
+    the bound is generous for a loaded machine."""
+    exporter = exporter_factory(python)
+    manager_for_exporter.trickle = 1.0
+    started = time.time()
+    document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
+                           body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
+    assert time.time() - started < 15
+    assert 'did not answer within 3 seconds' in document['details']
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_client_gone_during_login_is_a_debug_line_not_a_traceback(exporter_factory,
+                                                                  manager_for_exporter, python):
+    exporter = exporter_factory(python, api_extra='max_connections = 1')
+    manager_for_exporter.delay = 1
+    body = json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}).encode('ascii')
+    tls = exporter.context().wrap_socket(socket.create_connection(('127.0.0.1', exporter.port)),
+                                         server_hostname='127.0.0.1')
+    tls.sendall(b'POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: ' +
+                str(len(body)).encode('ascii') + b'\r\n\r\n' + body)
+    assert wait_for(lambda: manager_for_exporter.request_count == 1, 10)
+    tls.close()
+    # With max_connections = 1 the next request is served only once that connection is over.
+    assert wait_for(lambda: exporter.request('GET', '/nowhere')[0] == 404, 20)
+    log_text = exporter.log()
+    assert 'Traceback' not in log_text and 'connection to 127.0.0.1 ended' in log_text
 
 
 def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
