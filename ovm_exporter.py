@@ -3925,6 +3925,7 @@ class _ManagerDeadline(object):
 
     def finish(self):
         self._timer.cancel()
+        self._timer.join()  # no timer thread outlives its call (Python 2 exits noisily)
         with self._lock:
             self._done = True
             sock, self._sock = self._sock, None
@@ -4216,11 +4217,16 @@ class ManagerClient(object):
 # -------------------------------------------------------------------------- brute-force brake
 
 class LoginBrake(object):
-    """Counts failed logins per client address over a sliding window.
+    """Counts failed logins per client address and per user name over a sliding window.
 
-    retry_after(address) -> 0 when a login attempt may go ahead, else the whole seconds to
-    wait (for a 429 Retry-After). Memory is bounded: at most max_failures timestamps per
-    address and at most max_addresses addresses (oldest entries are forgotten first).
+    begin(address, user) -> 0 when a login attempt may go ahead (it is then counted as in
+    flight until end(address, user, accepted)), else the whole seconds to wait (for a 429
+    Retry-After). Failures and attempts in flight together never exceed max_failures, per
+    address and per user name, so concurrent guesses cannot slip past the count. A success
+    clears that user name's failures only (also those it left on the address): another
+    account's good login does not reset a guesser's count. Memory is bounded: at most
+    max_failures timestamps per key and at most max_addresses keys (oldest forgotten first).
+    retry_after/record_failure/record_success are the same without the in-flight count.
     """
 
     def __init__(self, max_failures=5, window_seconds=300, clock=time.time,
@@ -4230,7 +4236,8 @@ class LoginBrake(object):
         self.max_addresses = max(1, int(max_addresses))
         self._clock = clock
         self._lock = threading.Lock()
-        self._failures = {}
+        self._failures = {}  # key -> [(time, user name), ...] oldest first
+        self._in_flight = {}  # key -> attempts begun and not ended
         self._last_sweep = clock()
 
     def __len__(self):
@@ -4240,23 +4247,30 @@ class LoginBrake(object):
         finally:
             self._lock.release()
 
-    def _recent(self, address, now):
-        stamps = self._failures.get(address)
+    @staticmethod
+    def _keys(address, user):
+        keys = [('address', address)]
+        if user is not None:
+            keys.append(('user', user))
+        return keys
+
+    def _recent(self, key, now):
+        stamps = self._failures.get(key)
         if stamps is None:
             return None
         horizon = now - self.window_seconds
-        while stamps and stamps[0] <= horizon:
+        while stamps and stamps[0][0] <= horizon:
             stamps.pop(0)
         if not stamps:
-            del self._failures[address]
+            del self._failures[key]
             return None
         return stamps
 
     def _sweep(self, now):
         horizon = now - self.window_seconds
-        for address in list(self._failures.keys()):
-            if self._failures[address][-1] <= horizon:
-                del self._failures[address]
+        for key in list(self._failures.keys()):
+            if self._failures[key][-1][0] <= horizon:
+                del self._failures[key]
         self._last_sweep = now
 
     def _make_room(self, now):
@@ -4265,44 +4279,93 @@ class LoginBrake(object):
         if excess > 0:
             # Drop the least recently failing tenth (at least what is needed) in one pass.
             excess = max(excess, self.max_addresses // 10)
-            by_age = sorted(self._failures.items(), key=lambda item: item[1][-1])
-            for address, _stamps in by_age[:excess]:
-                del self._failures[address]
+            by_age = sorted(self._failures.items(), key=lambda item: item[1][-1][0])
+            for key, _stamps in by_age[:excess]:
+                del self._failures[key]
 
-    def retry_after(self, address):
-        self._lock.acquire()
-        try:
-            now = self._clock()
-            stamps = self._recent(address, now)
-            if stamps is None or len(stamps) < self.max_failures:
-                return 0
-            wait = stamps[-self.max_failures] + self.window_seconds - now
-            return max(1, int(math.ceil(wait)))
-        finally:
-            self._lock.release()
+    def _wait(self, keys, now):
+        wait = 0
+        for key in keys:
+            stamps = self._recent(key, now) or []
+            if len(stamps) + self._in_flight.get(key, 0) < self.max_failures:
+                continue
+            if len(stamps) >= self.max_failures:
+                left = stamps[-self.max_failures][0] + self.window_seconds - now
+                wait = max(wait, int(math.ceil(left)))
+            wait = max(wait, 1)  # attempts in flight: their outcome is due within ovm_timeout
+        return wait
 
-    def record_failure(self, address):
-        self._lock.acquire()
-        try:
-            now = self._clock()
-            if now - self._last_sweep >= self.window_seconds:
-                self._sweep(now)  # forget stale addresses at most once per window
-            stamps = self._recent(address, now)
+    def _failed(self, keys, user, now):
+        if now - self._last_sweep >= self.window_seconds:
+            self._sweep(now)  # forget stale keys at most once per window
+        for key in keys:
+            stamps = self._recent(key, now)
             if stamps is None:
                 if len(self._failures) >= self.max_addresses:
                     self._make_room(now)
                 stamps = []
-                self._failures[address] = stamps
-            stamps.append(now)
+                self._failures[key] = stamps
+            stamps.append((now, user))
             if len(stamps) > self.max_failures:
                 del stamps[:len(stamps) - self.max_failures]
+
+    def _succeeded(self, keys, user):
+        for key in keys:
+            stamps = self._failures.get(key)
+            if stamps is None:
+                continue
+            stamps[:] = [stamp for stamp in stamps if stamp[1] != user]
+            if not stamps:
+                del self._failures[key]
+
+    def begin(self, address, user):
+        keys = self._keys(address, user)
+        self._lock.acquire()
+        try:
+            wait = self._wait(keys, self._clock())
+            if not wait:
+                for key in keys:
+                    self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            return wait
         finally:
             self._lock.release()
 
-    def record_success(self, address):
+    def end(self, address, user, accepted):
+        """accepted: True (a success), False (a failure) or None (no answer: not counted)."""
+        keys = self._keys(address, user)
         self._lock.acquire()
         try:
-            self._failures.pop(address, None)
+            for key in keys:
+                count = self._in_flight.get(key, 0) - 1
+                if count > 0:
+                    self._in_flight[key] = count
+                else:
+                    self._in_flight.pop(key, None)
+            if accepted:
+                self._succeeded(keys, user)
+            elif accepted is not None:
+                self._failed(keys, user, self._clock())
+        finally:
+            self._lock.release()
+
+    def retry_after(self, address, user=None):
+        self._lock.acquire()
+        try:
+            return self._wait(self._keys(address, user), self._clock())
+        finally:
+            self._lock.release()
+
+    def record_failure(self, address, user=None):
+        self._lock.acquire()
+        try:
+            self._failed(self._keys(address, user), user, self._clock())
+        finally:
+            self._lock.release()
+
+    def record_success(self, address, user=None):
+        self._lock.acquire()
+        try:
+            self._succeeded(self._keys(address, user), user)
         finally:
             self._lock.release()
 
@@ -4319,11 +4382,23 @@ class Authenticator(object):
         self.resolve_endpoint = resolve_endpoint
 
     def login(self, username, password, address):
-        wait = self.brake.retry_after(address)
+        wait = self.brake.begin(address, username)
         if wait:
             raise ApiError(429, 'Too Many Requests',
-                           'too many failed logins from %s; retry in %d seconds' % (address, wait),
-                           {'Retry-After': str(wait)})
+                           'too many failed logins from %s or for this user name; retry in %d '
+                           'seconds' % (address, wait), {'Retry-After': str(wait)})
+        accepted = None
+        try:
+            accepted = self._check(username, password, address)
+        finally:
+            self.brake.end(address, username, accepted)
+        if not accepted:
+            log.warning('login of %r from %s rejected by the OVM Manager', username, address)
+            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
+                                                  'and password')
+        return mint_login_token(username, self.secret, self.config.jwt_time_to_live)
+
+    def _check(self, username, password, address):
         endpoint = self.resolve_endpoint()
         if not endpoint:
             raise ApiError(502, 'Bad Gateway', 'no OVM Manager to check the login with: set '
@@ -4333,17 +4408,10 @@ class Authenticator(object):
             manager = ManagerClient(endpoint, config.ovm_timeout, config.ovm_ca_certificate or None,
                                     config.ovm_certificate_fingerprint or None,
                                     config.fingerprint_file)
-            accepted = manager.check_login(username, password)
+            return manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
             log.error('login of %r from %s: %s', username, address, exc)
             raise ApiError(502, 'Bad Gateway', str(exc))
-        if not accepted:
-            self.brake.record_failure(address)
-            log.warning('login of %r from %s rejected by the OVM Manager', username, address)
-            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
-                                                  'and password')
-        self.brake.record_success(address)
-        return mint_login_token(username, self.secret, config.jwt_time_to_live)
 
     def verify_request(self, authorization):
         """`Authorization` header -> the token's user name, or ApiError 401."""

@@ -5314,6 +5314,37 @@ def test_brake_thread_safe():
 
 
 
+def test_brake_counts_attempts_in_flight():
+    clock = FakeClock()
+    brake = ox.LoginBrake(max_failures=3, window_seconds=60, clock=clock)
+    assert [brake.begin('a', 'u%d' % i) for i in range(3)] == [0, 0, 0]
+    assert brake.begin('a', 'u9') == 1  # three guesses in flight: the fourth waits
+    brake.end('a', 'u0', None)           # no answer from the Manager: not a failure
+    assert brake.begin('a', 'u3') == 0
+    for user in ('u1', 'u2', 'u3'):
+        brake.end('a', user, False)
+    assert brake.begin('a', 'u4') == 60 and brake.begin('b', 'u4') == 0
+    brake.end('b', 'u4', None)
+    for address in ('c', 'd', 'e'):  # per user name too, whatever the address
+        assert brake.begin(address, 'admin') == 0
+        brake.end(address, 'admin', False)
+    assert brake.begin('f', 'admin') == 60 and brake.begin('f', 'other') == 0
+
+
+def test_brake_success_clears_only_that_user_names_failures():
+    clock = FakeClock()
+    brake = ox.LoginBrake(max_failures=3, window_seconds=60, clock=clock)
+    for user in ('admin', 'admin', 'operator'):
+        assert brake.begin('a', user) == 0
+        brake.end('a', user, False)
+        clock.now += 1
+    assert brake.begin('a', 'operator') > 0  # three failures from this address
+    brake.record_success('a', 'operator')   # e.g. a good login checked before the third one
+    assert brake.retry_after('a') == 0 and brake.retry_after('b', 'admin') == 0
+    brake.record_failure('a', 'admin')
+    assert brake.retry_after('a') > 0 and brake.retry_after('c', 'admin') > 0
+
+
 # ================================================================== configuration glue ===
 
 def write_config(folder, text, certs=None):
@@ -5604,6 +5635,52 @@ def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
     error_of(exporter, 'POST', '/api/v1/auth/login', 429,
              body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
     assert manager_for_exporter.request_count == 5
+
+
+def _login_status(exporter, user, password, source='127.0.0.1'):
+    connection = http_client.HTTPSConnection('127.0.0.1', exporter.port, timeout=30,
+                                             context=exporter.context(),
+                                             source_address=(source, 0))
+    status, _, _ = exporter.request('POST', '/api/v1/auth/login', connection=connection,
+                                    body=json.dumps({'username': user, 'password': password}))
+    connection.close()
+    return status
+
+
+def _wrong_password_calls(manager):
+    with manager._lock:
+        return len([r for r in manager.requests if manager.users.get(r['user']) != r['password']])
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_concurrent_wrong_logins_reach_the_manager_at_most_max_failures_times(
+        exporter_factory, manager_for_exporter, python):
+    exporter = exporter_factory(python)
+    manager_for_exporter.delay = 0.5  # keep the first guesses in flight while others arrive
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(
+        _login_status(exporter, ADMIN, 'guess'))) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(set(statuses)) == [401, 429] and len(statuses) == 40
+    assert manager_for_exporter.request_count <= 5
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_another_accounts_success_does_not_reset_the_brake(exporter_factory,
+                                                           manager_for_exporter, python):
+    exporter = exporter_factory(python)
+    manager_for_exporter.users['operator'] = 'operator-password'
+    for _ in range(4):
+        for _ in range(4):
+            _login_status(exporter, ADMIN, 'guess')
+        _login_status(exporter, 'operator', 'operator-password')
+    assert _wrong_password_calls(manager_for_exporter) == 5
+    # The user name is braked too, from any address; other names from other addresses are not.
+    assert _login_status(exporter, ADMIN, ADMIN_PASSWORD, source='127.0.0.2') == 429
+    assert _login_status(exporter, 'operator', 'operator-password', source='127.0.0.3') == 200
 
 
 def test_tofu_pins_manager_certificate_and_refuses_a_changed_one(exporter_factory, certs,
