@@ -1116,12 +1116,7 @@ def validate_config(config, need_tls=True):
         fail('db_file', str(exc))
     if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
         fail('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
-    for index, repo in enumerate(config.repository or []):
-        for field in ('id', 'mount_point'):
-            if not isinstance(repo.get(field), string_types) or not repo.get(field):
-                fail('repository[%d].%s' % (index, field), 'is required and must be a string')
-        if not os.path.isabs(repo['mount_point']):
-            fail('repository[%d].mount_point' % index, 'must be an absolute path')
+    check_repository_tables(config.repository or [], source)
     if need_tls:
         for key in ('api.tls.certificate', 'api.tls.key'):
             path = config.values[key]
@@ -1583,7 +1578,7 @@ class VmConfigError(Exception):
     """A vm.cfg that cannot be read at all (too large, unreadable)."""
 
 
-class RepositoryConfigError(Exception):
+class RepositoryConfigError(ConfigError):
     """An invalid [[repository]] table in the configuration."""
 
 
@@ -1933,29 +1928,40 @@ def _discovery_lookup(mapping, key):
     return mapping.get(other)
 
 
-def _repositories_from_config(configured):
+def check_repository_tables(configured, source='configuration'):
+    """Every rule for the config's [[repository]] tables, in one place: validate_config runs
+    it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
+    Returns the repository records; raises RepositoryConfigError (a ConfigError)."""
+    def fail(index, field, what):
+        key = 'repository[%d]%s' % (index, field and '.' + field or '')
+        raise RepositoryConfigError('%s: key %r: %s' % (source, key, _toml_native(what)))
+
     records = []
     seen = {}
     for index, table in enumerate(configured):
-        where = u'[[repository]] #{0}'.format(index + 1)
         if not isinstance(table, dict):
-            raise RepositoryConfigError(u'{0}: not a table'.format(where))
+            fail(index, '', 'must be a [[repository]] table')
         repo_id = table.get('id')
         mount_point = table.get('mount_point')
         if not isinstance(repo_id, (bytes, text_type)) or not discovery_text(repo_id).strip():
-            raise RepositoryConfigError(u'{0}: "id" must be a non-empty string'.format(where))
+            fail(index, 'id', 'is required and must be a non-empty string')
         if not isinstance(mount_point, (bytes, text_type)) or \
                 not discovery_text(mount_point).strip().startswith('/'):
-            raise RepositoryConfigError(u'{0}: "mount_point" must be an absolute path'.format(where))
+            fail(index, 'mount_point', 'is required and must be an absolute path')
         for field in ('filesystem', 'alias'):
             if table.get(field) is not None and not isinstance(table.get(field), (bytes, text_type)):
-                raise RepositoryConfigError(u'{0}: "{1}" must be a string'.format(where, field))
+                fail(index, field, 'must be a string')
         record = make_repository_record(repo_id, table)
         if record['id'] in seen:
-            raise RepositoryConfigError(u'{0}: repository id {1} listed twice'.format(where, record['id']))
-        seen[record['id']] = True
+            fail(index, 'id', u'repository id %s is listed twice (also repository[%d])'
+                 % (record['id'], seen[record['id']]))
+        seen[record['id']] = index
         records.append(record)
     return records
+
+
+def _repositories_from_config(configured):
+    return check_repository_tables(configured)
 
 
 def load_repositories(db_reader, db_dir, configured):

@@ -3656,8 +3656,9 @@ def test_load_repositories_configured_wins(tmp_path):
     [{'id': 'a', 'mount_point': '/x', 'alias': 3}], ['notatable'],
 ])
 def test_load_repositories_bad_config(bad):
-    with pytest.raises(ox.RepositoryConfigError):
+    with pytest.raises(ox.RepositoryConfigError) as caught:
         ox.load_repositories(None, None, bad)
+    assert isinstance(caught.value, ox.ConfigError)
 
 
 def test_load_repositories_from_py2_pickled_db(tmp_path):
@@ -5410,6 +5411,27 @@ def test_check_config_rejects_broken_configs(tmp_path, certs, mutation, message)
     assert status == 2
     assert message in err, err
     assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('tables, message', [
+    ('[[repository]]\nid = "r1"\nmount_point = "/x"\n[[repository]]\nid = " r1"\n'
+     'mount_point = "/y"\n', 'listed twice'),
+    ('[[repository]]\nid = "r1"\nmount_point = "/x"\nalias = 3\n', 'must be a string'),
+    ('[[repository]]\nid = "r1"\nmount_point = 7\n', 'absolute path'),
+], ids=['duplicate-id', 'alias-not-a-string', 'mount-point-not-a-string'])
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_bad_repository_tables_are_one_clear_config_error_for_every_command(
+        tmp_path, certs, python, tables, message):
+    """check-config said valid, serve and vms died with a RepositoryConfigError traceback."""
+    path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs, port='0') + tables)
+    for command in ('check-config', 'serve', 'vms'):
+        process = subprocess.Popen([python_path(python), EXPORTER, command, '--config', path],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = process.communicate(timeout=60)
+        text = (out + err).decode('utf-8', 'replace')
+        assert process.returncode == 2, (command, text)
+        assert "'repository[" in text and message in text, (command, text)
+        assert 'Traceback' not in text, (command, text)
 
 
 def test_config_readable_by_others_is_warned_about(tmp_path, certs):
