@@ -5152,6 +5152,7 @@ for path in paths:
     attempt(path + ':fp_right', fingerprint=cfg['fp'])
     attempt(path + ':fp_wrong', fingerprint=cfg['other_fp'])
     attempt(path + ':down', url=cfg['down_url'])
+    attempt(path + ':junk', password='wrong', url=cfg['junk_url'], ca_file=cfg['ca'])
 
 secret = cfg['secret'].encode('ascii')
 out['go_token_user'] = ox.jwt_decode(cfg['go_token'], secret)['user']
@@ -5184,7 +5185,11 @@ def test_required_interpreters_are_present():
 def test_login_under_other_interpreters(python, manager, other_manager, certs, tmp_path):
     script = tmp_path / 'run.py'
     script.write_text(INTERPRETER_SCRIPT)
+    junk = FakeManager(certs['server_cert'], certs['server_key'])
+    junk.junk = b'this is not HTTP at all\r\n\r\n'  # Python 2 read it as "HTTP/0.9 200"
+    junk.start()
     cfg = {'url': manager.url, 'other_url': other_manager.url, 'down_url': closed_port_url(),
+           'junk_url': junk.url,
            'ca': certs['ca_cert'], 'wrong_ca': certs['other_cert'], 'fp': certs['server_fp'],
            'other_fp': certs['other_fp'], 'tmp': str(tmp_path), 'secret': SECRET.decode(),
            'go_token': GO_TOKENS[1][0]}
@@ -5192,7 +5197,10 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
     env.pop('PYTHONPATH', None)
     proc = subprocess.Popen([python, str(script), HERE, json.dumps(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        junk.stop()
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode())
     version = tuple(result['version'])
@@ -5211,6 +5219,7 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
         assert result[path + ':fp_right'] is True
         assert result[path + ':fp_wrong'] == 'unavailable'
         assert result[path + ':down'] == 'unavailable'
+        assert result[path + ':junk'] == 'unavailable'
     # per path: tofu_first, tofu_same, bad, utf8, ca_right, fp_right reach the Manager
     assert manager.request_count == 6 * len(expected_paths)
     assert other_manager.request_count == 0
