@@ -1626,8 +1626,8 @@ def _vm_cfg_normalise(value):
 def _vm_cfg_code_spans(text):
     """(start, end) spans of `text` outside string literals and comments, split the way
     Python's tokenizer splits them (triple quotes, backslash escapes), in one linear pass.
-    Where this cannot be sure it errs towards code: an unterminated string makes the rest
-    code, and an f-string counts as code too (its {expressions} are parsed)."""
+    Where this cannot be sure it errs towards code: an unterminated string or an f-string
+    (whose {expressions} are parsed) makes the rest of the text code."""
     spans = []
     pos = 0
     end = len(text)
@@ -1643,12 +1643,10 @@ def _vm_cfg_code_spans(text):
             continue
         quote = char * 3 if text.startswith(char * 3, start) else char
         body_end = _DISCOVERY_STRING_BODY_RES[quote].match(text, start + len(quote)).end()
-        if not text.startswith(quote, body_end):
-            spans.append((start, end))
-            return spans
+        if not text.startswith(quote, body_end) or 'f' in text[max(0, start - 2):start].lower():
+            pos = start  # unterminated, or an f-string (3.12 nests quotes in them): all code
+            break
         pos = body_end + len(quote)
-        if 'f' in text[max(0, start - 2):start].lower():
-            spans.append((start, pos))
     spans.append((pos, end))
     return spans
 

@@ -3547,7 +3547,7 @@ def test_vm_cfg_operator_count_is_not_fooled_by_quoting():
     for text in ('x = """ " """ + ' + chain + ' + """ " """', "x = ''' ' ''' + " + chain,
                  'x = r"\\" + ' + chain, "x = b'\\'' + " + chain, "x = '''a''' '' + " + chain,
                  'x = "a\\\n" + ' + chain, 'x = f"{' + chain + '}"', "x = 'open + " + chain,
-                 '# "\rx = ' + chain):
+                 '# "\rx = ' + chain, 'x = f"{x + "abc" + ' + chain + '}"'):
         assert ox._vm_cfg_operator_count(text) >= 9999, text[:20]
     assert ox._vm_cfg_operator_count("a = '+(' # [[\nb = \"\"\" ( '''\n\"\"\" + c") == 1
 
