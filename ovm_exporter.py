@@ -115,6 +115,28 @@ def json_dumps(obj):
     return json.dumps(obj, separators=(',', ':'), sort_keys=False)
 
 
+JSON_MAX_DEPTH = 32
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET_RE = re.compile(r'[\[\]{}]')
+
+
+def json_loads_bounded(text, max_depth=JSON_MAX_DEPTH):
+    """json.loads for untrusted text whose arrays/objects nest at most max_depth deep.
+
+    Deeper input raises ValueError before the (recursive) decoder sees it. Brackets inside
+    strings do not count; an unterminated string makes the rest count, which only errs on
+    the side of refusing (such text is not JSON anyway)."""
+    depth = 0
+    for match in _JSON_BRACKET_RE.finditer(_JSON_STRING_RE.sub('""', text)):
+        if match.group() in '[{':
+            depth += 1
+            if depth > max_depth:
+                raise ValueError('JSON nested deeper than %d levels' % max_depth)
+        elif depth:
+            depth -= 1
+    return json.loads(text)
+
+
 def legacy_handshake(tls):
     """Finish the handshake of a socket from ssl.wrap_socket(do_handshake_on_connect=False).
     Python 2.6's own handshake-on-connect clears the socket's time-out for the handshake;
@@ -1128,12 +1150,7 @@ def validate_config(config, need_tls=True):
         fail('db_file', str(exc))
     if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
         fail('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
-    for index, repo in enumerate(config.repository or []):
-        for field in ('id', 'mount_point'):
-            if not isinstance(repo.get(field), string_types) or not repo.get(field):
-                fail('repository[%d].%s' % (index, field), 'is required and must be a string')
-        if not os.path.isabs(repo['mount_point']):
-            fail('repository[%d].mount_point' % index, 'must be an absolute path')
+    check_repository_tables(config.repository or [], source)
     if need_tls:
         for key in ('api.tls.certificate', 'api.tls.key'):
             path = config.values[key]
@@ -1569,16 +1586,25 @@ VM_CFG_MAX_BYTES = 1024 * 1024
 # is not an OVM-written vm.cfg; ast.parse is then not trusted with the whole file (Python 2.7's
 # compiler crashes with a segfault on a ~100,000-deep `1+1+...` or `a.b.c...` chain).
 VM_CFG_MAX_OPERATORS = 5000
+VM_CFG_MAX_NESTING = 64  # bracket lines a multi-line value may nest (OVM writes 1)
+VM_CFG_MAX_WARNINGS = 20  # per file read line by line; then one line with the count
 VM_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 VM_CFG_KEYS_NEEDED = ('name', 'uuid', 'OVM_simple_name', 'disk')
 DISK_MODES = ('r', 'ro', 'w', 'w!', 'rw')
 OVSMETA_OBJECT_TYPES_CLONABLE = ('', 'VIRTUAL_DISK')
 OVSMETA_OBJECT_TYPES_MEDIA = ('ISO',)
 
-_DISCOVERY_STRING_RE = re.compile(
-    r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'|\"[^\"\\\n]*(?:\\.[^\"\\\n]*)*\"")
-_DISCOVERY_COMMENT_RE = re.compile(r'#[^\n]*')
-_DISCOVERY_OPERATOR_RE = re.compile(r'[-+*/%&|^~<>.@(\[{]|\b(?:not|if|lambda|and|or)\b')
+_DISCOVERY_TOKEN_START_RE = re.compile(r'[\'"#]')
+_DISCOVERY_COMMENT_RE = re.compile(r'#[^\r\n]*')
+_DISCOVERY_STRING_BODY_RES = {
+    "'": re.compile(r"[^'\\\r\n]*(?:\\(?:\r\n|[\s\S])[^'\\\r\n]*)*"),
+    '"': re.compile(r'[^"\\\r\n]*(?:\\(?:\r\n|[\s\S])[^"\\\r\n]*)*'),
+    "'''": re.compile(r"[^'\\]*(?:(?:\\[\s\S]|'(?!''))[^'\\]*)*"),
+    '"""': re.compile(r'[^"\\]*(?:(?:\\[\s\S]|"(?!""))[^"\\]*)*'),
+}
+_DISCOVERY_OPERATOR_RE = re.compile(
+    r'[-+*/%&|^~<>.@(\[{]|\b(?:not|if|lambda|and|or|await|yield)\b')
+_DISCOVERY_BRACKET_RE = re.compile(r'[\[\](){}]')
 _DISCOVERY_CODING_RE = re.compile(r'^[ \t\f]*#.*?coding[:=]')
 _DISCOVERY_LINE_ASSIGN_RE = re.compile(r'^([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?!=)(.*)$')
 _DISCOVERY_TAP_FILE_PREFIXES = ('tap:aio:', 'tap:tapdisk:aio:', 'tap2:tapdisk:aio:', 'tap2:aio:')
@@ -1588,7 +1614,7 @@ class VmConfigError(Exception):
     """A vm.cfg that cannot be read at all (too large, unreadable)."""
 
 
-class RepositoryConfigError(Exception):
+class RepositoryConfigError(ConfigError):
     """An invalid [[repository]] table in the configuration."""
 
 
@@ -1633,12 +1659,69 @@ def _vm_cfg_normalise(value):
     return value
 
 
+def _vm_cfg_code_spans(text):
+    """(start, end) spans of `text` outside string literals and comments, split the way
+    Python's tokenizer splits them (triple quotes, backslash escapes), in one linear pass.
+    Where this cannot be sure it errs towards code: an unterminated string or an f-string
+    (whose {expressions} are parsed) makes the rest of the text code."""
+    spans = []
+    pos = 0
+    end = len(text)
+    while pos < end:
+        match = _DISCOVERY_TOKEN_START_RE.search(text, pos)
+        if match is None:
+            break
+        start = match.start()
+        spans.append((pos, start))
+        char = text[start]
+        if char == '#':
+            pos = _DISCOVERY_COMMENT_RE.match(text, start).end()
+            continue
+        quote = char * 3 if text.startswith(char * 3, start) else char
+        body_end = _DISCOVERY_STRING_BODY_RES[quote].match(text, start + len(quote)).end()
+        if not text.startswith(quote, body_end) or 'f' in text[max(0, start - 2):start].lower():
+            pos = start  # unterminated, or an f-string (3.12 nests quotes in them): all code
+            break
+        pos = body_end + len(quote)
+    spans.append((pos, end))
+    return spans
+
+
 def _vm_cfg_operator_count(text):
-    """Rough count of characters/words that deepen an expression tree, outside strings and
+    """Count of characters/words that deepen an expression tree, outside strings and
     comments. OVM-written files have a few dozen; a hostile file can have 100,000+."""
-    stripped = _DISCOVERY_STRING_RE.sub('', text)
-    stripped = _DISCOVERY_COMMENT_RE.sub('', stripped)
-    return len(_DISCOVERY_OPERATOR_RE.findall(stripped))
+    findall = _DISCOVERY_OPERATOR_RE.findall
+    return sum([len(findall(text, start, end)) for start, end in _vm_cfg_code_spans(text)])
+
+
+def _vm_cfg_bracket_balance(text):
+    """Opening minus closing brackets outside strings and comments."""
+    balance = 0
+    for start, end in _vm_cfg_code_spans(text):
+        for bracket in _DISCOVERY_BRACKET_RE.findall(text, start, end):
+            balance += 1 if bracket in '([{' else -1
+    return balance
+
+
+def _vm_cfg_closing_lines(lines):
+    """closing[i]: the first line j >= i at whose end every bracket opened from the start of
+    line i on is closed again, or None (also when they nest deeper than VM_CFG_MAX_NESTING
+    lines on the way). One pass (next smaller-or-equal running depth). The spans found nest
+    like brackets, at most VM_CFG_MAX_NESTING deep: trying them all costs linear time."""
+    depths = [0]  # depths[k + 1]: bracket depth at the end of line k
+    for line in lines:
+        depths.append(depths[-1] + _vm_cfg_bracket_balance(line))
+    closing = [None] * len(lines)
+    waiting = []  # line indexes still open, rising depths; those below `live` nest too deep
+    live = 0
+    for k, depth in enumerate(depths):
+        while len(waiting) > live and depth <= depths[waiting[-1]]:
+            closing[waiting.pop()] = k - 1
+        while len(waiting) > live and depth - depths[waiting[live]] > VM_CFG_MAX_NESTING:
+            live += 1
+        if k < len(lines):
+            waiting.append(k)
+    return closing
 
 
 def _vm_cfg_literal(node_or_text):
@@ -1691,6 +1774,8 @@ def _vm_cfg_parse_lines(text, source):
     result = {}
     lines = text.splitlines()
     count = len(lines)
+    closing = None
+    skipped = 0
     index = 0
     while index < count:
         line = lines[index].strip()
@@ -1703,7 +1788,9 @@ def _vm_cfg_parse_lines(text, source):
         key = discovery_text(match.group(1))
         value_text = match.group(2).strip()
         if _vm_cfg_operator_count(value_text) > VM_CFG_MAX_OPERATORS:
-            log.warning('%s line %s: skipping %s: value too complex', source, index, key)
+            skipped += 1
+            if skipped <= VM_CFG_MAX_WARNINGS:
+                log.warning('%s line %s: skipping %s: value too complex', source, index, key)
             continue
         value = None
         found = False
@@ -1714,24 +1801,29 @@ def _vm_cfg_parse_lines(text, source):
         except ValueError as e:
             error = e
         if not found and value_text[:1] in ('[', '(', '{'):
-            # A list spread over several lines: add lines until it parses (bounded).
-            joined = value_text
-            for extra in range(index, min(count, index + 1000)):
-                joined = joined + '\n' + lines[extra]
-                if _vm_cfg_operator_count(joined) > VM_CFG_MAX_OPERATORS:
-                    break
-                try:
-                    value = _vm_cfg_literal(joined)
-                except ValueError:
-                    continue
-                found = True
-                index = extra + 1
-                break
+            # A list spread over several lines: up to the line that closes its brackets.
+            if closing is None:
+                closing = _vm_cfg_closing_lines(lines)
+            last = closing[index - 1]
+            if last is not None and index <= last < index + 1000:
+                joined = u'\n'.join([value_text] + lines[index:last + 1])
+                if _vm_cfg_operator_count(joined) <= VM_CFG_MAX_OPERATORS:
+                    try:
+                        value = _vm_cfg_literal(joined)
+                        found = True
+                        index = last + 1
+                    except ValueError:
+                        pass
         if found:
             result[key] = value
-        else:
+            continue
+        skipped += 1
+        if skipped <= VM_CFG_MAX_WARNINGS:
             log.warning('%s line %s: skipping %s: not a literal%s', source, index, key,
                         error and discovery_error_text(error) and u' (' + discovery_error_text(error) + u')' or u'')
+    if skipped > VM_CFG_MAX_WARNINGS:
+        log.warning('%s: skipped %d more values that are not literals', source,
+                    skipped - VM_CFG_MAX_WARNINGS)
     return result
 
 
@@ -1879,29 +1971,40 @@ def _discovery_lookup(mapping, key):
     return mapping.get(other)
 
 
-def _repositories_from_config(configured):
+def check_repository_tables(configured, source='configuration'):
+    """Every rule for the config's [[repository]] tables, in one place: validate_config runs
+    it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
+    Returns the repository records; raises RepositoryConfigError (a ConfigError)."""
+    def fail(index, field, what):
+        key = 'repository[%d]%s' % (index, field and '.' + field or '')
+        raise RepositoryConfigError('%s: key %r: %s' % (source, key, _toml_native(what)))
+
     records = []
     seen = {}
     for index, table in enumerate(configured):
-        where = u'[[repository]] #{0}'.format(index + 1)
         if not isinstance(table, dict):
-            raise RepositoryConfigError(u'{0}: not a table'.format(where))
+            fail(index, '', 'must be a [[repository]] table')
         repo_id = table.get('id')
         mount_point = table.get('mount_point')
         if not isinstance(repo_id, (bytes, text_type)) or not discovery_text(repo_id).strip():
-            raise RepositoryConfigError(u'{0}: "id" must be a non-empty string'.format(where))
+            fail(index, 'id', 'is required and must be a non-empty string')
         if not isinstance(mount_point, (bytes, text_type)) or \
                 not discovery_text(mount_point).strip().startswith('/'):
-            raise RepositoryConfigError(u'{0}: "mount_point" must be an absolute path'.format(where))
+            fail(index, 'mount_point', 'is required and must be an absolute path')
         for field in ('filesystem', 'alias'):
             if table.get(field) is not None and not isinstance(table.get(field), (bytes, text_type)):
-                raise RepositoryConfigError(u'{0}: "{1}" must be a string'.format(where, field))
+                fail(index, field, 'must be a string')
         record = make_repository_record(repo_id, table)
         if record['id'] in seen:
-            raise RepositoryConfigError(u'{0}: repository id {1} listed twice'.format(where, record['id']))
-        seen[record['id']] = True
+            fail(index, 'id', u'repository id %s is listed twice (also repository[%d])'
+                 % (record['id'], seen[record['id']]))
+        seen[record['id']] = index
         records.append(record)
     return records
+
+
+def _repositories_from_config(configured):
+    return check_repository_tables(configured)
 
 
 def load_repositories(db_reader, db_dir, configured):
@@ -4619,8 +4722,10 @@ AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
 AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
 
 JWT_MAX_TOKEN_LENGTH = 4096
+JWT_MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 JWT_HEADER_HS256 = {'alg': 'HS256', 'typ': 'JWT'}
 MANAGER_LOGIN_PATH = '/ovm/core/wsapi/rest/Repository/id'
+MANAGER_ANSWER_LIMIT = 4 * 1024 * 1024
 
 _MANAGER_HTTP_EXCEPTION = http_client.HTTPException  # novm (httplib on Python 2)
 _JWT_SEGMENT_RE = re.compile(r'^[A-Za-z0-9_-]*$')
@@ -4687,7 +4792,7 @@ def _jwt_b64decode(segment, what):
 def _jwt_json_segment(segment, what):
     raw = _jwt_b64decode(segment, what)
     try:
-        value = json.loads(raw.decode('utf-8'))
+        value = json_loads_bounded(raw.decode('utf-8'))
     except (ValueError, UnicodeDecodeError):
         raise TokenError('token {0} is not JSON'.format(what))
     if not isinstance(value, dict):
@@ -4717,11 +4822,23 @@ def _jwt_is_number(value):
     return True
 
 
+def _jwt_time_claim(claims, name):
+    """A NumericDate claim (seconds since the epoch, up to year 9999) or None if absent."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not _jwt_is_number(value) or not 0 <= value <= JWT_MAX_TIMESTAMP:
+        raise TokenError('token {0} claim is not a time'.format(name))
+    return value
+
+
 def jwt_decode(token, secret, now=None):
     """Verify an HS256 token and return its claims dict; raise TokenError if it is not valid.
 
-    Accepted: exactly three base64url segments (no padding), header alg == "HS256", a
-    signature that matches, a numeric `exp` later than `now`. Other claims are not checked.
+    Accepted: exactly three base64url segments (no padding) of JSON nested at most
+    JSON_MAX_DEPTH deep, header alg == "HS256", a signature that matches, a numeric `exp`
+    later than `now`, `iat`/`nbf` numeric if present (`nbf` not after `now`), all three in
+    0..JWT_MAX_TIMESTAMP. Other claims are not checked.
     """
     if isinstance(token, bytes) and not isinstance(token, str):
         try:
@@ -4749,15 +4866,17 @@ def jwt_decode(token, secret, now=None):
     if not constant_time_equal(signature, expected):
         raise TokenError('token signature does not match')
     claims = _jwt_json_segment(parts[1], 'claims')
-    exp = claims.get('exp')
+    exp = _jwt_time_claim(claims, 'exp')
     if exp is None:
         raise TokenError('token has no exp claim')
-    if not _jwt_is_number(exp):
-        raise TokenError('token exp claim is not a number')
+    _jwt_time_claim(claims, 'iat')
+    nbf = _jwt_time_claim(claims, 'nbf')
     if now is None:
         now = time.time()
     if exp <= now:
         raise TokenError('token has expired')
+    if nbf is not None and nbf > now:
+        raise TokenError('token is not valid yet')
     return claims
 
 
@@ -4822,15 +4941,69 @@ def _auth_write_file_atomically(path, data, mode=0o600):
         raise
 
 
+class _ManagerDeadline(object):
+    """Ends one Manager call at `seconds` after its start, however slowly the Manager trickles
+    its answer (socket time-outs only bound each read): a timer thread shuts the connection
+    down through a duplicate of its descriptor, which the call's thread then sees fail."""
+
+    def __init__(self, seconds):
+        self.expired = False
+        self._end = time.time() + seconds
+        self._lock = threading.Lock()
+        self._sock = None
+        self._done = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self):
+        return self._end - time.time()
+
+    def watch(self, sock):
+        """Take a duplicate of the connected TCP socket, to shut down at the deadline."""
+        duplicate = socket.fromfd(sock.fileno(), sock.family, socket.SOCK_STREAM)
+        with self._lock:
+            if not self._done:
+                self._sock, duplicate = duplicate, None
+                if self.expired:
+                    self._shut_down()
+        if duplicate is not None:
+            duplicate.close()
+
+    def _shut_down(self):
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except socket.error:
+            pass
+
+    def _expire(self):
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            if self._sock is not None:
+                self._shut_down()
+
+    def finish(self):
+        self._timer.cancel()
+        self._timer.join()  # no timer thread outlives its call (Python 2 exits noisily)
+        with self._lock:
+            self._done = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
 class _ManagerTlsCheck(object):
     """Certificate policy for one login attempt; remembers the certificate seen."""
 
-    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path):
+    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path, deadline=None):
         self.endpoint = endpoint
         self.ca_file = ca_file
         self.fingerprint = fingerprint
         self.pinned = pinned
         self.tofu_path = tofu_path
+        self.deadline = deadline
         self.seen_fingerprint = None
 
     def wrap(self, sock, host):
@@ -4882,16 +5055,37 @@ class _ManagerTlsCheck(object):
                                                          self.tofu_path))
 
 
+class _ManagerHTTPResponse(http_client.HTTPResponse):  # novm (httplib on 2)
+    """Only a real HTTP/1.x status line is an answer: Python 2's httplib reads an answer
+    without one as "HTTP/0.9 200", Python 3 takes "HTTP/0.9" for 1.0."""
+
+    def _read_status(self):
+        version, status, reason = http_client.HTTPResponse._read_status(self)  # novm
+        if not version.startswith('HTTP/1.'):
+            raise http_client.BadStatusLine('no HTTP/1.x status line')  # novm
+        return version, status, reason
+
+
 class _ManagerHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
     """HTTPSConnection that does its own TLS wrap and certificate check in connect()."""
+
+    response_class = _ManagerHTTPResponse
 
     def __init__(self, host, timeout, tls_check):
         http_client.HTTPSConnection.__init__(self, host, timeout=timeout)  # novm
         self._ovm_tls_check = tls_check
 
     def connect(self):
-        sock = socket.create_connection((self.host, self.port), self.timeout)
+        deadline = self._ovm_tls_check.deadline
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline.remaining())
+            if timeout <= 0:
+                raise socket.timeout('timed out')
+        sock = socket.create_connection((self.host, self.port), timeout)
         try:
+            if deadline is not None:
+                deadline.watch(sock)
             tls_sock = self._ovm_tls_check.wrap(sock, self.host)
         except BaseException:
             sock.close()
@@ -5001,8 +5195,25 @@ class ManagerClient(object):
         log.info('pinned the OVM Manager certificate sha256 %s in %s', fingerprint,
                  self.tofu_path)
 
+    def _check_answer(self, response):
+        """A 200 counts only with the body the WS-API gives: a JSON list (of SimpleIds)."""
+        try:
+            body = response.read(MANAGER_ANSWER_LIMIT + 1)
+        except (socket.error, ssl.SSLError, _MANAGER_HTTP_EXCEPTION) as e:
+            raise ManagerUnavailable(_manager_failure_sentence(self.endpoint, self.timeout, e))
+        document = None
+        if len(body) <= MANAGER_ANSWER_LIMIT:
+            try:
+                document = json_loads_bounded(body.decode('utf-8'))
+            except (ValueError, UnicodeDecodeError):
+                pass
+        if not isinstance(document, list):
+            raise ManagerUnavailable('the OVM Manager at {0} answered 200 without the JSON list '
+                                     'of repositories the WS-API gives'.format(self.endpoint))
+
     def check_login(self, username, password):
-        """True if the Manager accepts the pair (2xx), False if it rejects it (401/403).
+        """True if the Manager accepts the pair (200 with a JSON list), False if it rejects it
+        (401/403).
 
         Raises ManagerUnavailable (or ManagerCertificateChanged) for anything else.
         """
@@ -5012,8 +5223,30 @@ class ManagerClient(object):
             # Basic auth cannot carry such a user name; an empty pair is never valid.
             return False
         pinned = self.pinned_fingerprint()
-        tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
-                                     self.tofu_path)
+        deadline = _ManagerDeadline(self.timeout)
+        try:
+            tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
+                                         self.tofu_path, deadline)
+            status = self._ask(tls_check, user_bytes, password_bytes)
+        except Exception:
+            if deadline.expired:
+                raise ManagerUnavailable(_manager_failure_sentence(
+                    self.endpoint, self.timeout, socket.timeout('timed out')))
+            raise
+        finally:
+            deadline.finish()
+        if status == 200:
+            seen = tls_check.seen_fingerprint
+            if self._trust_on_first_use() and pinned is None and seen is not None:
+                self._store_pin(seen)
+            return True
+        if status in (401, 403):
+            return False
+        raise ManagerUnavailable('the OVM Manager at {0} answered with unexpected status '
+                                 '{1}'.format(self.endpoint, status))
+
+    def _ask(self, tls_check, user_bytes, password_bytes):
+        """One GET with Basic auth -> the status (a 200 only with the WS-API's JSON list)."""
         opener = urllib_request.OpenerDirector()
         opener.add_handler(urllib_request.ProxyHandler({}))
         opener.add_handler(_ManagerHTTPSHandler(tls_check))
@@ -5036,27 +5269,26 @@ class ManagerClient(object):
             status = getattr(response, 'status', None)
             if status is None:
                 status = response.code  # Python 2 addinfourl
+            if status == 200:
+                self._check_answer(response)
         finally:
             response.close()
-        if 200 <= status < 300:
-            seen = tls_check.seen_fingerprint
-            if self._trust_on_first_use() and pinned is None and seen is not None:
-                self._store_pin(seen)
-            return True
-        if status in (401, 403):
-            return False
-        raise ManagerUnavailable('the OVM Manager at {0} answered with unexpected status '
-                                 '{1}'.format(self.endpoint, status))
+        return status
 
 
 # -------------------------------------------------------------------------- brute-force brake
 
 class LoginBrake(object):
-    """Counts failed logins per client address over a sliding window.
+    """Counts failed logins per client address and per user name over a sliding window.
 
-    retry_after(address) -> 0 when a login attempt may go ahead, else the whole seconds to
-    wait (for a 429 Retry-After). Memory is bounded: at most max_failures timestamps per
-    address and at most max_addresses addresses (oldest entries are forgotten first).
+    begin(address, user) -> 0 when a login attempt may go ahead (it is then counted as in
+    flight until end(address, user, accepted)), else the whole seconds to wait (for a 429
+    Retry-After). Failures and attempts in flight together never exceed max_failures, per
+    address and per user name, so concurrent guesses cannot slip past the count. A success
+    clears that user name's failures only (also those it left on the address): another
+    account's good login does not reset a guesser's count. Memory is bounded: at most
+    max_failures timestamps per key and at most max_addresses keys (oldest forgotten first).
+    retry_after/record_failure/record_success are the same without the in-flight count.
     """
 
     def __init__(self, max_failures=5, window_seconds=300, clock=time.time,
@@ -5066,7 +5298,8 @@ class LoginBrake(object):
         self.max_addresses = max(1, int(max_addresses))
         self._clock = clock
         self._lock = threading.Lock()
-        self._failures = {}
+        self._failures = {}  # key -> [(time, user name), ...] oldest first
+        self._in_flight = {}  # key -> attempts begun and not ended
         self._last_sweep = clock()
 
     def __len__(self):
@@ -5076,23 +5309,30 @@ class LoginBrake(object):
         finally:
             self._lock.release()
 
-    def _recent(self, address, now):
-        stamps = self._failures.get(address)
+    @staticmethod
+    def _keys(address, user):
+        keys = [('address', address)]
+        if user is not None:
+            keys.append(('user', user))
+        return keys
+
+    def _recent(self, key, now):
+        stamps = self._failures.get(key)
         if stamps is None:
             return None
         horizon = now - self.window_seconds
-        while stamps and stamps[0] <= horizon:
+        while stamps and stamps[0][0] <= horizon:
             stamps.pop(0)
         if not stamps:
-            del self._failures[address]
+            del self._failures[key]
             return None
         return stamps
 
     def _sweep(self, now):
         horizon = now - self.window_seconds
-        for address in list(self._failures.keys()):
-            if self._failures[address][-1] <= horizon:
-                del self._failures[address]
+        for key in list(self._failures.keys()):
+            if self._failures[key][-1][0] <= horizon:
+                del self._failures[key]
         self._last_sweep = now
 
     def _make_room(self, now):
@@ -5101,44 +5341,93 @@ class LoginBrake(object):
         if excess > 0:
             # Drop the least recently failing tenth (at least what is needed) in one pass.
             excess = max(excess, self.max_addresses // 10)
-            by_age = sorted(self._failures.items(), key=lambda item: item[1][-1])
-            for address, _stamps in by_age[:excess]:
-                del self._failures[address]
+            by_age = sorted(self._failures.items(), key=lambda item: item[1][-1][0])
+            for key, _stamps in by_age[:excess]:
+                del self._failures[key]
 
-    def retry_after(self, address):
-        self._lock.acquire()
-        try:
-            now = self._clock()
-            stamps = self._recent(address, now)
-            if stamps is None or len(stamps) < self.max_failures:
-                return 0
-            wait = stamps[-self.max_failures] + self.window_seconds - now
-            return max(1, int(math.ceil(wait)))
-        finally:
-            self._lock.release()
+    def _wait(self, keys, now):
+        wait = 0
+        for key in keys:
+            stamps = self._recent(key, now) or []
+            if len(stamps) + self._in_flight.get(key, 0) < self.max_failures:
+                continue
+            if len(stamps) >= self.max_failures:
+                left = stamps[-self.max_failures][0] + self.window_seconds - now
+                wait = max(wait, int(math.ceil(left)))
+            wait = max(wait, 1)  # attempts in flight: their outcome is due within ovm_timeout
+        return wait
 
-    def record_failure(self, address):
-        self._lock.acquire()
-        try:
-            now = self._clock()
-            if now - self._last_sweep >= self.window_seconds:
-                self._sweep(now)  # forget stale addresses at most once per window
-            stamps = self._recent(address, now)
+    def _failed(self, keys, user, now):
+        if now - self._last_sweep >= self.window_seconds:
+            self._sweep(now)  # forget stale keys at most once per window
+        for key in keys:
+            stamps = self._recent(key, now)
             if stamps is None:
                 if len(self._failures) >= self.max_addresses:
                     self._make_room(now)
                 stamps = []
-                self._failures[address] = stamps
-            stamps.append(now)
+                self._failures[key] = stamps
+            stamps.append((now, user))
             if len(stamps) > self.max_failures:
                 del stamps[:len(stamps) - self.max_failures]
+
+    def _succeeded(self, keys, user):
+        for key in keys:
+            stamps = self._failures.get(key)
+            if stamps is None:
+                continue
+            stamps[:] = [stamp for stamp in stamps if stamp[1] != user]
+            if not stamps:
+                del self._failures[key]
+
+    def begin(self, address, user):
+        keys = self._keys(address, user)
+        self._lock.acquire()
+        try:
+            wait = self._wait(keys, self._clock())
+            if not wait:
+                for key in keys:
+                    self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            return wait
         finally:
             self._lock.release()
 
-    def record_success(self, address):
+    def end(self, address, user, accepted):
+        """accepted: True (a success), False (a failure) or None (no answer: not counted)."""
+        keys = self._keys(address, user)
         self._lock.acquire()
         try:
-            self._failures.pop(address, None)
+            for key in keys:
+                count = self._in_flight.get(key, 0) - 1
+                if count > 0:
+                    self._in_flight[key] = count
+                else:
+                    self._in_flight.pop(key, None)
+            if accepted:
+                self._succeeded(keys, user)
+            elif accepted is not None:
+                self._failed(keys, user, self._clock())
+        finally:
+            self._lock.release()
+
+    def retry_after(self, address, user=None):
+        self._lock.acquire()
+        try:
+            return self._wait(self._keys(address, user), self._clock())
+        finally:
+            self._lock.release()
+
+    def record_failure(self, address, user=None):
+        self._lock.acquire()
+        try:
+            self._failed(self._keys(address, user), user, self._clock())
+        finally:
+            self._lock.release()
+
+    def record_success(self, address, user=None):
+        self._lock.acquire()
+        try:
+            self._succeeded(self._keys(address, user), user)
         finally:
             self._lock.release()
 
@@ -5159,11 +5448,24 @@ class Authenticator(object):
         self._verified = {}  # token -> (exp, user): its signature was checked once
 
     def login(self, username, password, address):
-        wait = self.brake.retry_after(address)
+        wait = self.brake.begin(address, username)
         if wait:
             raise ApiError(429, 'Too Many Requests',
-                           'too many failed logins from %s; retry in %d seconds' % (address, wait),
-                           {'Retry-After': str(wait)})
+                           'too many failed logins from %s or for this user name; retry in %d '
+                           'seconds' % (address, wait), {'Retry-After': str(wait)})
+        accepted = None
+        try:
+            accepted = self._check(username, password, address)
+        finally:
+            self.brake.end(address, username, accepted)
+        if not accepted:
+            log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
+                        address)
+            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
+                                                  'and password')
+        return mint_login_token(username, self.secret, self.config.jwt_time_to_live)
+
+    def _check(self, username, password, address):
         endpoint = self.resolve_endpoint()
         if not endpoint:
             raise ApiError(502, 'Bad Gateway', 'no OVM Manager to check the login with: set '
@@ -5173,18 +5475,10 @@ class Authenticator(object):
             manager = ManagerClient(endpoint, config.ovm_timeout, config.ovm_ca_certificate or None,
                                     config.ovm_certificate_fingerprint or None,
                                     config.fingerprint_file)
-            accepted = manager.check_login(username, password)
+            return manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
             log.error('login of %s from %s: %s', text_repr(username), address, exc)
             raise ApiError(502, 'Bad Gateway', str(exc))
-        if not accepted:
-            self.brake.record_failure(address)
-            log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
-                        address)
-            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
-                                                  'and password')
-        self.brake.record_success(address)
-        return mint_login_token(username, self.secret, config.jwt_time_to_live)
 
     def verify_request(self, authorization):
         """`Authorization` header -> the token's user name, or ApiError 401."""
@@ -5225,7 +5519,7 @@ LINGER_SECONDS = 3.0
 LINGER_BYTES = 1 << 20
 # Plain decimal numbers: ASCII digits only (str.isdigit() takes Unicode digits such as
 # u'\xb2' that int() refuses), and few enough that int() is cheap and allowed everywhere.
-DECIMAL_RE = re.compile(r'[0-9]{1,19}\Z')
+DECIMAL_RE = re.compile(r'[0-9]{1,20}\Z')
 STREAM_BUFFER_SIZE = 1 << 20
 QUEUE_WAIT_SECONDS = 2.0
 QUICK_RANGE_LIMIT = 256 << 10  # a range up to this size is answered by the front end itself
@@ -5239,6 +5533,8 @@ ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
 HEAD_CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
 HEAD_VERSION_RE = re.compile(r'HTTP/([0-9]+)\.([0-9]+)\Z')
 HEAD_TOKEN_RE = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
+_LONE_SURROGATE_RE = re.compile(u'[\ud800-\udbff](?![\udc00-\udfff])|'
+                                u'(?<![\ud800-\udbff])[\udc00-\udfff]')
 
 HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Unauthorized',
                 403: 'Forbidden', 404: 'Not Found', 405: 'Method Not Allowed',
@@ -6503,6 +6799,13 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
         self.body_done = True
         return body
 
+    def finish(self):
+        # Python 2 flushes the response buffer here: a client that hung up is no error.
+        try:
+            http_server.BaseHTTPRequestHandler.finish(self)
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
+
     # -- all methods go through ApiApplication.handle
     def do_GET(self):
         pass
@@ -6652,8 +6955,8 @@ class ApiApplication(object):
     def on_post_login(self, request, params, query):
         body = request.read_body()
         try:
-            document = json.loads(body.decode('utf-8'))
-        except (ValueError, UnicodeDecodeError, RuntimeError):  # RuntimeError: nested too deep
+            document = json_loads_bounded(body.decode('utf-8'))
+        except (ValueError, UnicodeDecodeError):
             raise bad_request('the body must be JSON: {"username": "...", "password": "..."}')
         if not isinstance(document, dict):
             raise bad_request('the body must be a JSON object with username and password')
@@ -6661,6 +6964,9 @@ class ApiApplication(object):
         if not isinstance(username, string_types) or not isinstance(password, string_types) \
                 or not username:
             raise bad_request('username and password are required strings')
+        if _LONE_SURROGATE_RE.search(username) or _LONE_SURROGATE_RE.search(password):
+            raise bad_request('username and password must be valid Unicode (a \\u escape '
+                              'of half a surrogate pair is not)')
         token = self.authenticator.login(username, password, request.client_address[0])
         request.user = username
         request.send_json(200, {'token': token})
@@ -6720,10 +7026,11 @@ class ApiApplication(object):
         values = query.get(name)
         if not values:
             return None
-        if not DECIMAL_RE.match(values[-1]):
+        if len(values[-1]) > 19 or not DECIMAL_RE.match(values[-1]):
             raise bad_request('%s must be a plain decimal number (at most 19 digits), not %r'
                               % (name, values[-1][:40]))
         return int(values[-1])
+
     @staticmethod
     def _if_range_holds(values, etag, last_modified):
         """RFC 9110 13.1.5: an entity tag matches only when strong and equal, a date only

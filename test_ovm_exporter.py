@@ -166,6 +166,18 @@ class _FakeManagerHandler(BaseHTTPRequestHandler):
 
     def _send(self, status, body, content_type, extra_headers=()):
         data = body.encode('utf-8')
+        fake = self.server.fake
+        if fake.trickle:
+            head = ['HTTP/1.1 %d %s' % (status, self.responses[status][0]),
+                    'Content-Type: ' + content_type, 'Content-Length: %d' % len(data)]
+            head += ['%s: %s' % pair for pair in extra_headers]
+            answer = ('\r\n'.join(head) + '\r\n\r\n').encode('latin-1') + data
+            for i in range(len(answer)):
+                if fake._stopping.wait(fake.trickle):
+                    return
+                self.wfile.write(answer[i:i + 1])
+                self.wfile.flush()
+            return
         self.send_response(status)
         self.send_header('Content-Type', content_type)
         self.send_header('Content-Length', str(len(data)))
@@ -192,7 +204,14 @@ class _FakeManagerHandler(BaseHTTPRequestHandler):
             return
         if fake.delay:
             fake._stopping.wait(fake.delay)
+        if fake.junk is not None:
+            self.wfile.write(fake.junk)
+            return
         if fake.force_status is not None:
+            if fake.force_body is not None:
+                self._send(fake.force_status, fake.force_body, 'application/json',
+                           fake.force_headers)
+                return
             self._send(fake.force_status, '', 'text/html', fake.force_headers)
             return
         if self.command != 'GET' or not self.path.startswith(FakeManager.API_BASE + '/'):
@@ -233,6 +252,9 @@ class FakeManager(object):
       drop           None, 'before_tls' (close the TCP connection at once) or 'after_request'
                      (read the request, close without answering);
       force_status   answer every request with this status (and force_headers);
+      junk           bytes to answer instead of HTTP (then close), e.g. an HTTP/0.9-style reply;
+      force_body     with force_status, this body (text) with Content-Type application/json;
+      trickle        seconds to wait between the bytes of the answer (a Manager that trickles);
       use_certificate(cert, key) to present another certificate.
     Counters: connections (TCP), handshakes (TLS done), requests (list of dicts with method,
     path, accept, authorization, user, password, headers), request_count, tls_errors.
@@ -250,6 +272,9 @@ class FakeManager(object):
         self.drop = None
         self.force_status = None
         self.force_headers = []
+        self.force_body = None
+        self.junk = None
+        self.trickle = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = None
@@ -3531,6 +3556,10 @@ for body in ('1+' * 200000 + '1', 'a' + '.b' * 200000, 'f' + '()' * 200000, 'a' 
     assert got['name'] == u'n', got
     got = ox.parse_vm_cfg("name = 'n'\nx = (" + body + "\n", 'vm.cfg')  # syntax error: line mode
     assert got['name'] == u'n', got
+# a triple-quoted string the old string regex misread, before a deep chain (was SIGSEGV)
+got = ox.parse_vm_cfg('name = "n"\nx = """ " """ + ' + '+'.join(['1'] * 100000) + ' + """ " """\n',
+                     'c')
+assert got == {u'name': u'n'}, got
 sys.stdout.write('ok')
 '''
 
@@ -3545,6 +3574,58 @@ def test_python27_deep_expressions_do_not_crash(tmp_path, python):
     out, err = proc.communicate()
     assert proc.returncode == 0, err.decode('utf-8', 'replace')[-2000:]
     assert out == b'ok'
+
+
+def test_vm_cfg_operator_count_is_not_fooled_by_quoting():
+    chain = '+'.join(['1'] * 10000)
+    for text in ('x = """ " """ + ' + chain + ' + """ " """', "x = ''' ' ''' + " + chain,
+                 'x = r"\\" + ' + chain, "x = b'\\'' + " + chain, "x = '''a''' '' + " + chain,
+                 'x = "a\\\n" + ' + chain, 'x = f"{' + chain + '}"', "x = 'open + " + chain,
+                 '# "\rx = ' + chain, 'x = f"{x + "abc" + ' + chain + '}"'):
+        assert ox._vm_cfg_operator_count(text) >= 9999, text[:20]
+    assert ox._vm_cfg_operator_count("a = '+(' # [[\nb = \"\"\" ( '''\n\"\"\" + c") == 1
+
+
+def test_parse_vm_cfg_unclosed_brackets_are_read_in_linear_time(caplog):
+    """2,000 lines of `a=[` took minutes (each line joined up to 1,000 following ones)."""
+    got = ox.parse_vm_cfg("name = 'n'\n" + 'a=[\n' * 3000 + "uuid = 'u'\n", 'vm.cfg')
+    assert got == {'name': 'n', 'uuid': 'u'}
+    assert len(caplog.records) < 30  # one line per skipped value, then a count
+    caplog.clear()
+    text = ("name = 'n'\n" + 'a=[\n' * 3000 + ']\n' * 3000 +
+            "disk = ['file:/r/a.img,xvda,w', # ]\n '''x]'''\n]\n")
+    got = ox.parse_vm_cfg(text, 'vm.cfg')
+    assert got['name'] == 'n' and got['disk'] == ['file:/r/a.img,xvda,w', 'x]']
+    assert len(caplog.records) < 30
+
+
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_hostile_vm_cfg_files_neither_crash_nor_stall_the_listing(exporter_factory, python,
+                                                                   tmp_path):
+    """Python 2.7 died at the first GET /vms (and after every restart) on a triple-quoted
+    string before a 100,000-term chain; 3,000 lines of `a=[` held every listing for 30 s+
+    (this test allows 20 s per request, a wide margin for a few milliseconds of parsing)."""
+    host = SampleHost(str(tmp_path / 'host'))
+    repo = host.add_repository('0004fb00000300000000000000000001')
+    host.add_vm(repo, '0004fb00000600000000000000000009', [('d.img', 1 << 20, [])])
+    hostile = {'0004fb0000060000000000000000000a':
+               'x = """ " """ + ' + '+'.join(['1'] * 100000) + ' + """ " """\n',
+               '0004fb0000060000000000000000000b': 'a=[\n' * 3000}
+    for vm_name, text in sorted(hostile.items()):
+        folder = os.path.join(repo, 'VirtualMachines', vm_name)
+        os.makedirs(folder)
+        with open(os.path.join(folder, 'vm.cfg'), 'w') as handle:
+            handle.write(text)
+    exporter = exporter_factory(python, host.repositories)
+    token = exporter.login()
+    for path in ('/api/v1/vms', '/api/v1/vms/0004fb00000600000000000000000009'):
+        connection = exporter.connection(timeout=20)
+        status, _, data = exporter.request('GET', path, token=token, connection=connection)
+        connection.close()
+        assert status == 200, data
+    vms = exporter.json('GET', '/api/v1/vms', token)
+    assert [vm['name'] for vm in vms] == ['0004fb00000600000000000000000009']
+    assert exporter.process.poll() is None
 
 
 # --------------------------------------------------------------- parse_disk_entry itself ---
@@ -3609,8 +3690,9 @@ def test_load_repositories_configured_wins(tmp_path):
     [{'id': 'a', 'mount_point': '/x', 'alias': 3}], ['notatable'],
 ])
 def test_load_repositories_bad_config(bad):
-    with pytest.raises(ox.RepositoryConfigError):
+    with pytest.raises(ox.RepositoryConfigError) as caught:
         ox.load_repositories(None, None, bad)
+    assert isinstance(caught.value, ox.ConfigError)
 
 
 def test_load_repositories_from_py2_pickled_db(tmp_path):
@@ -4708,8 +4790,11 @@ def test_jwt_expiry_boundaries():
         ox.jwt_decode(past, SECRET)
     float_exp = ox.jwt_encode({'exp': time.time() + 60.5}, SECRET)
     assert ox.jwt_decode(float_exp, SECRET)
-    big = sign_raw(HS256_HEADER, b'{"exp":' + b'9' * 400 + b'}')  # huge int, not a float
-    assert ox.jwt_decode(big, SECRET)['exp'] > FUTURE
+    big = sign_raw(HS256_HEADER, b'{"exp":' + b'9' * 400 + b'}')  # huge int: not a time
+    with pytest.raises(ox.TokenError):
+        ox.jwt_decode(big, SECRET)
+    year_9999 = sign_raw(HS256_HEADER, b'{"exp":253402300799}')
+    assert ox.jwt_decode(year_9999, SECRET)['exp'] > FUTURE
 
 
 def _token_of_length(total):
@@ -4796,18 +4881,34 @@ def test_login_pairs_basic_auth_cannot_carry_are_refused_without_a_call(manager)
     assert manager.connections == 0
 
 
-@pytest.mark.parametrize('status', [500, 302, 204, 404, 400])
+@pytest.mark.parametrize('status', [500, 302, 204, 201, 404, 400])
 def test_login_other_statuses(manager, status):
     manager.force_status = status
     manager.force_headers = [('Location', 'https://127.0.0.1:1/elsewhere')]
-    if 200 <= status < 300:
-        assert _client(manager.url).check_login('admin', 'Welcome1') is True
-    else:
-        with pytest.raises(ox.ManagerUnavailable) as e:
-            _client(manager.url).check_login('admin', 'Welcome1')
-        assert 'unexpected status {0}'.format(status) in str(e.value)
-        assert not isinstance(e.value, ox.ManagerCertificateChanged)
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url).check_login('admin', 'Welcome1')
+    assert 'unexpected status {0}'.format(status) in str(e.value)
+    assert not isinstance(e.value, ox.ManagerCertificateChanged)
     assert manager.request_count == 1  # no redirect followed, no retry
+
+
+@pytest.mark.parametrize('junk', [b'this is not HTTP at all\r\n\r\n', b'[]', b'',
+                                  b'HTTP/0.9 200 OK\r\n\r\n[]', b'ICY 200 OK\r\n\r\n[]'])
+def test_login_answer_without_http_status_line_is_refused(manager, tls_path, junk):
+    """Python 2's httplib reads such an answer as "HTTP/0.9 200"; it accepted any password."""
+    manager.junk = junk
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url).check_login('admin', 'wrong')
+    assert 'no valid HTTP answer' in str(e.value)
+
+
+@pytest.mark.parametrize('body', ['', 'not json', '{"value": 1}', '"ok"', '[' * 100 + ']' * 100])
+def test_login_200_without_the_managers_json_list_is_refused(manager, body):
+    manager.force_status = 200
+    manager.force_body = body
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url).check_login('admin', 'wrong')
+    assert 'JSON list' in str(e.value)
 
 
 def test_login_manager_down():
@@ -4830,6 +4931,17 @@ def test_login_manager_slow(manager):
     assert 0.9 < elapsed < 15
     assert 'did not answer within 1 seconds' in str(e.value)
     assert manager.request_count == 1
+
+
+def test_login_manager_trickling_its_answer_is_cut_at_the_timeout(manager, tls_path):
+    """A timing test: ovm_timeout bounds the whole call, not each read (one byte every
+    0.5 s kept a login waiting for a minute); generous margin for a loaded machine."""
+    manager.trickle = 0.5
+    t0 = time.time()
+    with pytest.raises(ox.ManagerUnavailable) as e:
+        _client(manager.url, timeout=2.0).check_login('admin', 'Welcome1')
+    assert time.time() - t0 < 10
+    assert 'did not answer within 2 seconds' in str(e.value)
 
 
 def test_login_tls_handshake_stalls():
@@ -5077,6 +5189,7 @@ for path in paths:
     attempt(path + ':fp_right', fingerprint=cfg['fp'])
     attempt(path + ':fp_wrong', fingerprint=cfg['other_fp'])
     attempt(path + ':down', url=cfg['down_url'])
+    attempt(path + ':junk', password='wrong', url=cfg['junk_url'], ca_file=cfg['ca'])
 
 secret = cfg['secret'].encode('ascii')
 out['go_token_user'] = ox.jwt_decode(cfg['go_token'], secret)['user']
@@ -5113,7 +5226,11 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
         python_path('2.6.9')  # skips, with how to build it, where it is missing
     script = tmp_path / 'run.py'
     script.write_text(INTERPRETER_SCRIPT)
+    junk = FakeManager(certs['server_cert'], certs['server_key'])
+    junk.junk = b'this is not HTTP at all\r\n\r\n'  # Python 2 read it as "HTTP/0.9 200"
+    junk.start()
     cfg = {'url': manager.url, 'other_url': other_manager.url, 'down_url': closed_port_url(),
+           'junk_url': junk.url,
            'ca': certs['ca_cert'], 'wrong_ca': certs['other_cert'], 'fp': certs['server_fp'],
            'other_fp': certs['other_fp'], 'tmp': str(tmp_path), 'secret': SECRET.decode(),
            'go_token': GO_TOKENS[1][0]}
@@ -5121,7 +5238,10 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
     env.pop('PYTHONPATH', None)
     proc = subprocess.Popen([python, str(script), HERE, json.dumps(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        junk.stop()
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode())
     version = tuple(result['version'])
@@ -5141,6 +5261,7 @@ def test_login_under_other_interpreters(python, manager, other_manager, certs, t
         assert result[path + ':fp_right'] is True
         assert result[path + ':fp_wrong'] == 'unavailable'
         assert result[path + ':down'] == 'unavailable'
+        assert result[path + ':junk'] == 'unavailable'
     # per path: tofu_first, tofu_same, bad, utf8, ca_right, fp_right reach the Manager
     assert manager.request_count == 6 * len(expected_paths)
     assert other_manager.request_count == 0
@@ -5243,6 +5364,37 @@ def test_brake_thread_safe():
         brake.record_failure('x')
     assert 290 <= brake.retry_after('x') <= 300
 
+
+
+def test_brake_counts_attempts_in_flight():
+    clock = FakeClock()
+    brake = ox.LoginBrake(max_failures=3, window_seconds=60, clock=clock)
+    assert [brake.begin('a', 'u%d' % i) for i in range(3)] == [0, 0, 0]
+    assert brake.begin('a', 'u9') == 1  # three guesses in flight: the fourth waits
+    brake.end('a', 'u0', None)           # no answer from the Manager: not a failure
+    assert brake.begin('a', 'u3') == 0
+    for user in ('u1', 'u2', 'u3'):
+        brake.end('a', user, False)
+    assert brake.begin('a', 'u4') == 60 and brake.begin('b', 'u4') == 0
+    brake.end('b', 'u4', None)
+    for address in ('c', 'd', 'e'):  # per user name too, whatever the address
+        assert brake.begin(address, 'admin') == 0
+        brake.end(address, 'admin', False)
+    assert brake.begin('f', 'admin') == 60 and brake.begin('f', 'other') == 0
+
+
+def test_brake_success_clears_only_that_user_names_failures():
+    clock = FakeClock()
+    brake = ox.LoginBrake(max_failures=3, window_seconds=60, clock=clock)
+    for user in ('admin', 'admin', 'operator'):
+        assert brake.begin('a', user) == 0
+        brake.end('a', user, False)
+        clock.now += 1
+    assert brake.begin('a', 'operator') > 0  # three failures from this address
+    brake.record_success('a', 'operator')   # e.g. a good login checked before the third one
+    assert brake.retry_after('a') == 0 and brake.retry_after('b', 'admin') == 0
+    brake.record_failure('a', 'admin')
+    assert brake.retry_after('a') > 0 and brake.retry_after('c', 'admin') > 0
 
 
 # ================================================================== configuration glue ===
@@ -5414,6 +5566,27 @@ def test_check_config_and_messages_read_the_same_on_python_2(tmp_path, certs, py
     assert "['a', (1, 'b')]" in out
 
 
+@pytest.mark.parametrize('tables, message', [
+    ('[[repository]]\nid = "r1"\nmount_point = "/x"\n[[repository]]\nid = " r1"\n'
+     'mount_point = "/y"\n', 'listed twice'),
+    ('[[repository]]\nid = "r1"\nmount_point = "/x"\nalias = 3\n', 'must be a string'),
+    ('[[repository]]\nid = "r1"\nmount_point = 7\n', 'absolute path'),
+], ids=['duplicate-id', 'alias-not-a-string', 'mount-point-not-a-string'])
+@pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
+def test_bad_repository_tables_are_one_clear_config_error_for_every_command(
+        tmp_path, certs, python, tables, message):
+    """check-config said valid, serve and vms died with a RepositoryConfigError traceback."""
+    path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs, port='0') + tables)
+    for command in ('check-config', 'serve', 'vms'):
+        process = subprocess.Popen([python_path(python), EXPORTER, command, '--config', path],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = process.communicate(timeout=60)
+        text = (out + err).decode('utf-8', 'replace')
+        assert process.returncode == 2, (command, text)
+        assert "'repository[" in text and message in text, (command, text)
+        assert 'Traceback' not in text, (command, text)
+
+
 def test_config_readable_by_others_is_warned_about(tmp_path, certs):
     path = write_config(str(tmp_path), base_config_text(str(tmp_path), certs))
     os.chmod(path, 0o644)
@@ -5566,6 +5739,25 @@ def test_oversized_body_is_413(exporter):
     error_of(exporter, 'POST', '/api/v1/auth/login', 413, body=b'{' + b' ' * 70000 + b'}')
 
 
+@pytest.mark.parametrize('python', server_pythons())
+def test_manager_answering_junk_is_502_on_every_interpreter(exporter_factory,
+                                                             manager_for_exporter, python):
+    """Python 2's httplib reads an answer without a status line as "HTTP/0.9 200": any
+    password was accepted and the token listed the VMs."""
+    exporter = exporter_factory(python)
+    manager_for_exporter.junk = b'this is not HTTP at all\r\n\r\n'
+    document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
+                           body=json.dumps({'username': ADMIN, 'password': 'any guess'}))
+    assert 'no valid HTTP answer' in document['details']
+    manager_for_exporter.junk = None
+    manager_for_exporter.force_status = 200
+    manager_for_exporter.force_body = '{"managerRunState": "RUNNING"}'
+    document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
+                           body=json.dumps({'username': ADMIN, 'password': 'any guess'}))
+    assert 'JSON list' in document['details']
+    assert manager_for_exporter.request_count == 2
+
+
 def test_manager_down_is_502_within_timeout(exporter_factory, tmp_path):
     """Timing, generous: a refused connection answers 502 at once (ovm_timeout is 3 s)."""
     exporter = exporter_factory(manager_url='https://127.0.0.1:9')
@@ -5585,6 +5777,38 @@ def test_manager_slow_is_502_within_timeout(exporter, manager_for_exporter):
     assert time.time() - started < 25
 
 
+@pytest.mark.parametrize('python', server_pythons())
+def test_manager_trickling_its_answer_is_502_within_the_timeout(exporter_factory,
+                                                                 manager_for_exporter, python):
+    """A timing test: one byte every second held a login for a minute with ovm_timeout 3s;
+    the bound is generous for a loaded machine."""
+    exporter = exporter_factory(python)
+    manager_for_exporter.trickle = 1.0
+    started = time.time()
+    document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 502,
+                           body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
+    assert time.time() - started < 15
+    assert 'did not answer within 3 seconds' in document['details']
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_client_gone_during_login_is_a_debug_line_not_a_traceback(exporter_factory,
+                                                                  manager_for_exporter, python):
+    exporter = exporter_factory(python, api_extra='max_connections = 1')
+    manager_for_exporter.delay = 1
+    body = json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}).encode('ascii')
+    tls = exporter.context().wrap_socket(socket.create_connection(('127.0.0.1', exporter.port)),
+                                         server_hostname='127.0.0.1')
+    tls.sendall(b'POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: ' +
+                str(len(body)).encode('ascii') + b'\r\n\r\n' + body)
+    assert wait_for(lambda: manager_for_exporter.request_count == 1, 10)
+    tls.close()
+    # With max_connections = 1 the next request is served only once that connection is over.
+    assert wait_for(lambda: exporter.request('GET', '/nowhere')[0] == 404, 20)
+    log_text = exporter.log()
+    assert 'Traceback' not in log_text and 'connection to 127.0.0.1 ended' in log_text
+
+
 def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
     bad = json.dumps({'username': ADMIN, 'password': 'wrong'})
     for _ in range(5):
@@ -5596,6 +5820,52 @@ def test_failed_logins_are_braked_per_address(exporter, manager_for_exporter):
     error_of(exporter, 'POST', '/api/v1/auth/login', 429,
              body=json.dumps({'username': ADMIN, 'password': ADMIN_PASSWORD}))
     assert manager_for_exporter.request_count == 5
+
+
+def _login_status(exporter, user, password, source='127.0.0.1'):
+    connection = http_client.HTTPSConnection('127.0.0.1', exporter.port, timeout=30,
+                                             context=exporter.context(),
+                                             source_address=(source, 0))
+    status, _, _ = exporter.request('POST', '/api/v1/auth/login', connection=connection,
+                                    body=json.dumps({'username': user, 'password': password}))
+    connection.close()
+    return status
+
+
+def _wrong_password_calls(manager):
+    with manager._lock:
+        return len([r for r in manager.requests if manager.users.get(r['user']) != r['password']])
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_concurrent_wrong_logins_reach_the_manager_at_most_max_failures_times(
+        exporter_factory, manager_for_exporter, python):
+    exporter = exporter_factory(python)
+    manager_for_exporter.delay = 0.5  # keep the first guesses in flight while others arrive
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(
+        _login_status(exporter, ADMIN, 'guess'))) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(set(statuses)) == [401, 429] and len(statuses) == 40
+    assert manager_for_exporter.request_count <= 5
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_another_accounts_success_does_not_reset_the_brake(exporter_factory,
+                                                           manager_for_exporter, python):
+    exporter = exporter_factory(python)
+    manager_for_exporter.users['operator'] = 'operator-password'
+    for _ in range(4):
+        for _ in range(4):
+            _login_status(exporter, ADMIN, 'guess')
+        _login_status(exporter, 'operator', 'operator-password')
+    assert _wrong_password_calls(manager_for_exporter) == 5
+    # The user name is braked too, from any address; other names from other addresses are not.
+    assert _login_status(exporter, ADMIN, ADMIN_PASSWORD, source='127.0.0.2') == 429
+    assert _login_status(exporter, 'operator', 'operator-password', source='127.0.0.3') == 200
 
 
 @pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
@@ -5643,6 +5913,48 @@ def test_token_tampering_is_401(exporter):
         error_of(exporter, 'GET', '/api/v1/vms', 401, headers={'Authorization': header_value})
     error_of(exporter, 'GET', '/api/v1/vms', 401)
     assert exporter.request('GET', '/api/v1/vms', token=good)[0] == 200
+
+
+def test_deeply_nested_json_is_401_or_400_not_a_recursion_error(exporter, manager_for_exporter):
+    secret = ox.to_bytes(exporter.secret)
+    claims = b'{"user":"admin","exp":4102444800,"x":' + b'[' * 1400 + b']' * 1400 + b'}'
+    for token in (sign_raw(b'[' * 2900, b'{"exp":4102444800}', secret),
+                  sign_raw(b'{"alg":"HS256","x":' + b'{"a":' * 400 + b'1' + b'}' * 401, b'{}',
+                       secret),
+                  sign_raw(HS256_HEADER, claims, secret)):
+        assert len(token) <= ox.JWT_MAX_TOKEN_LENGTH
+        document, _ = error_of(exporter, 'GET', '/api/v1/vms', 401, token=token)
+        assert document['details'] == 'Invalid authentication token'
+    for body in (b'[' * 60000, b'{"a":' * 5000, b'{"username": "admin", "password": ' +
+                 b'[' * 5000 + b']' * 5000 + b'}'):
+        error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=body)
+    assert manager_for_exporter.request_count == 0
+    assert exporter.request('GET', '/api/v1/vms', token=valid_token(exporter))[0] == 200
+
+
+def test_time_claims_must_be_plain_times(exporter):
+    now = int(time.time())
+    for claims in ({'exp': 10 ** 2000}, {'exp': 1e300}, {'exp': -1}, {'exp': '4102444800'},
+                   {'exp': now + 60, 'iat': 10 ** 30}, {'exp': now + 60, 'iat': 'yesterday'},
+                   {'exp': now + 60, 'nbf': now + 3600}, {'exp': now + 60, 'nbf': [now]}):
+        document, _ = error_of(exporter, 'GET', '/api/v1/vms', 401,
+                               token=valid_token(exporter, **claims))
+        assert document['details'] == 'Invalid authentication token'
+    good = valid_token(exporter, exp=now + 60, iat=now - 10, nbf=now - 10)
+    assert exporter.request('GET', '/api/v1/vms', token=good)[0] == 200
+
+
+def test_lone_surrogate_in_credentials_is_400(exporter, manager_for_exporter):
+    for body in (b'{"username": "adm\\ud800in", "password": "x"}',
+                 b'{"username": "admin", "password": "\\udc00x"}',
+                 b'{"username": "admin", "password": "\\ude00\\ud83d"}'):
+        document, _ = error_of(exporter, 'POST', '/api/v1/auth/login', 400, body=body)
+        assert 'Unicode' in document['details']
+    assert manager_for_exporter.request_count == 0
+    # a real pair (an emoji) is fine: it reaches the Manager, which rejects it
+    error_of(exporter, 'POST', '/api/v1/auth/login', 401,
+             body=b'{"username": "admin", "password": "\\ud83d\\ude00"}')
+    assert manager_for_exporter.request_count == 1
 
 
 def test_unknown_paths_and_methods(exporter):
