@@ -6261,6 +6261,7 @@ class ExporterServer(object):
                     connection.body = 0
                     self._queue(connection, connection.head, time.time())
                 else:
+                    log.debug('connection to %s ended by the client', connection.address[0])
                     self._close(connection)
                 return
             if connection.state != _WAITING or not connection.tls.pending():
