@@ -19,6 +19,8 @@ Manager, nginx serving the first snapshot file with the same certificate):
   ClientHello, --slowloris TLS connections sending a request head one byte every 5 s, all open
   at once; then the time for a new client to log in and read a 1 MiB range, alone and as 16
   clients at once, and the server's memory (VmRSS) and open descriptors in that state.
+- `client download` of a disk of --client-chunks separate 4 KiB chunks, by this file and by
+  each --client SCRIPT (e.g. an older ovm_exporter.py): seconds and requests.
 """
 import argparse
 import json
@@ -169,6 +171,48 @@ def crowd(exporter, idle, stalled, slowloris):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def client_downloads(folder, mount, certs, manager_url, chunks, scripts):
+    """-> [(script, seconds, requests)]: `client download` of a disk of `chunks` separate
+    4 KiB chunks (a hole after each), served by this exporter under python3."""
+    repository = bd.make_repository(mount, 99, size=0)
+    with open(repository['live'], 'r+b') as handle:
+        handle.truncate(chunks * 8192)
+        block = os.urandom(4096)
+        for index in range(chunks):
+            handle.seek(index * 8192)
+            handle.write(block)
+    exporter = bd.Exporter(os.path.join(folder, 'exporter-client'), 'python3', certs,
+                           manager_url, repository)
+    exporter.start()
+    try:
+        exporter.prepare()
+        results = []
+        env = dict(os.environ, OVM_EXPORTER_PASSWORD=bd.PASSWORD)
+        for script in scripts:
+            image = os.path.join(folder, 'client.img')
+            before = exporter.log().count('/disks/')
+            started = time.time()
+            subprocess.run(['python3', script, 'client', '--url',
+                            'https://127.0.0.1:%d' % exporter.port, '--insecure', '--user',
+                            bd.USER, 'download', repository['vm'], exporter.snapshot,
+                            repository['disk'], image], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            elapsed = time.time() - started
+            with open(image, 'rb') as mine, open(repository['live'], 'rb') as theirs:
+                while True:
+                    block = mine.read(8 * MiB)
+                    if block != theirs.read(8 * MiB):
+                        raise RuntimeError('%s wrote another image' % script)
+                    if not block:
+                        break
+            os.unlink(image)
+            results.append((script, elapsed, exporter.log().count('/disks/') - before))
+            log('client download %s: %.1fs' % (script, elapsed))
+        return results
+    finally:
+        exporter.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--python', action='append', default=None,
@@ -184,6 +228,12 @@ def main():
     parser.add_argument('--idle', type=int, default=1000)
     parser.add_argument('--stalled', type=int, default=200)
     parser.add_argument('--slowloris', type=int, default=200)
+    parser.add_argument('--client-chunks', type=int, default=100000,
+                        help='client download of a disk of this many 4 KiB chunks, with each '
+                             '--client SCRIPT (0: skip) [100000]')
+    parser.add_argument('--client', action='append', default=None,
+                        help='an ovm_exporter.py whose `client download` is timed beside this '
+                             'one, e.g. /tmp/old/ovm_exporter.py')
     parser.add_argument('--keep', action='store_true',
                         help='keep the servers up at the end until Enter (for profiling)')
     args = parser.parse_args()
@@ -250,6 +300,10 @@ def main():
                 log('%s %s: %d B x %d conns%s: %.0f requests/s' % (
                     server.label, server.interpreter, block, conns,
                     ' (new TLS each)' if close else '', rate))
+        downloads = []
+        if args.client_chunks:
+            downloads = client_downloads(folder, mount, certs, manager_url, args.client_chunks,
+                                         (args.client or []) + [bd.EXPORTER])
         crowds = {}
         if not args.no_crowd:
             for exporter in exporters:
@@ -280,6 +334,13 @@ def main():
                       '%d descriptors; %d slowloris connections refused' % (
                           exporter.interpreter, '%.2f' % c['alone'] if c['alone'] else 'FAILED',
                           c['sixteen'], c['failed'], c['rss_mib'], c['fds'], c['refused']))
+        if downloads:
+            print()
+            print('client download of a disk of %d separate 4 KiB chunks (python3 client and '
+                  'server; requests counted in the access log, log_level info)'
+                  % args.client_chunks)
+            for script, seconds, requests in downloads:
+                print('%-40s %7.1f s %8d requests' % (script, seconds, requests))
         for exporter in exporters:
             if 'Traceback' in exporter.log():
                 log('exporter %s logged a traceback:\n%s' % (exporter.interpreter,
