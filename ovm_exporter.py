@@ -6914,8 +6914,8 @@ class ApiApplication(object):
     def is_quick(self, head):
         """A request the front end may answer itself: a GET or HEAD of at most
         QUICK_RANGE_LIMIT bytes of a snapshot disk (no blocking, no Manager, no body)."""
-        if head.method not in ('GET', 'HEAD') or 'Content-Length' in head.headers \
-                or 'Transfer-Encoding' in head.headers:
+        if (head.method not in ('GET', 'HEAD') or 'Content-Length' in head.headers
+                or 'Transfer-Encoding' in head.headers):
             return False
         ranges = head.headers.get_all('Range')
         if not ranges or len(ranges) != 1 or quick_range_bytes(ranges[0]) is None:
@@ -7492,8 +7492,8 @@ def _multipart_ranges(data, boundary):
     position = 0
     while True:
         position = data.find(delimiter, position)
-        if position < 0 or data[position + len(delimiter):position + len(delimiter) + 2] \
-                == b'--':
+        after = position + len(delimiter)
+        if position < 0 or data[after:after + 2] == b'--':
             return parts
         head_end = data.find(b'\r\n\r\n', position)
         if head_end < 0:

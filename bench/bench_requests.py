@@ -23,6 +23,8 @@ Manager, nginx serving the first snapshot file with the same certificate):
   each --client SCRIPT (e.g. an older ovm_exporter.py): seconds and requests.
 """
 import argparse
+import base64
+import http.client
 import json
 import os
 import random
@@ -84,13 +86,44 @@ def server_state(pid):
     return rss / 1024.0, len(os.listdir('/proc/%d/fd' % pid))
 
 
+_ONE_USER = bd.ManagerHandler.do_GET
+
+
+class CrowdManager(bd.ManagerHandler):
+    """The stand-in Manager, accepting every user name with the bench's password: the crowd's
+    16 clients are 16 users on 16 addresses (the exporter brakes more than 5 logins in flight
+    for one user or address)."""
+
+    def do_GET(self):
+        user = 'admin'
+        try:
+            text = base64.b64decode(self.headers.get('Authorization', '')[6:]).decode()
+            user = text.partition(':')[0]
+        except ValueError:
+            pass
+        self.expected = 'Basic ' + base64.b64encode(('%s:%s' % (user, bd.PASSWORD)).encode()
+                                                    ).decode()
+        _ONE_USER(self)
+
+
 def read_range(exporter, results, index):
-    """Log in and read 1 MiB; seconds into results[index] (None on failure)."""
+    """Log in (as user crowdN from 127.0.0.N+10) and read 1 MiB; seconds into
+    results[index] (None on failure)."""
     started = time.time()
+    source = ('127.0.0.%d' % (10 + index), 0)
     try:
-        exporter.call('POST', '/auth/login', json.dumps({'username': bd.USER,
-                                                         'password': bd.PASSWORD}))
-        sock = socket.create_connection(('127.0.0.1', exporter.port), timeout=10)
+        connection = http.client.HTTPSConnection(
+            '127.0.0.1', exporter.port, timeout=10, source_address=source,
+            context=ssl._create_unverified_context())  # noqa: S323 (own CA)
+        connection.request('POST', '/api/v1/auth/login', json.dumps(
+            {'username': 'crowd%d' % index, 'password': bd.PASSWORD}))
+        answer = connection.getresponse()
+        answer.read()
+        connection.close()
+        if answer.status != 200:
+            raise RuntimeError('login: %d' % answer.status)
+        sock = socket.create_connection(('127.0.0.1', exporter.port), timeout=10,
+                                        source_address=source)
         tls = ssl._create_unverified_context().wrap_socket(sock)  # noqa: S323 (own CA)
         path = exporter.url.split(str(exporter.port), 1)[1]
         tls.sendall(('GET %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n'
@@ -171,6 +204,12 @@ def crowd(exporter, idle, stalled, slowloris):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def disk_requests(exporter):
+    """Disk requests in the exporter's access log so far."""
+    with open(exporter.log_path, 'rb') as handle:
+        return handle.read().count(b'/disks/')
+
+
 def client_downloads(folder, mount, certs, manager_url, chunks, scripts):
     """-> [(script, seconds, requests)]: `client download` of a disk of `chunks` separate
     4 KiB chunks (a hole after each), served by this exporter under python3."""
@@ -190,7 +229,7 @@ def client_downloads(folder, mount, certs, manager_url, chunks, scripts):
         env = dict(os.environ, OVM_EXPORTER_PASSWORD=bd.PASSWORD)
         for script in scripts:
             image = os.path.join(folder, 'client.img')
-            before = exporter.log().count('/disks/')
+            before = disk_requests(exporter)
             started = time.time()
             subprocess.run(['python3', script, 'client', '--url',
                             'https://127.0.0.1:%d' % exporter.port, '--insecure', '--user',
@@ -206,7 +245,7 @@ def client_downloads(folder, mount, certs, manager_url, chunks, scripts):
                     if not block:
                         break
             os.unlink(image)
-            results.append((script, elapsed, exporter.log().count('/disks/') - before))
+            results.append((script, elapsed, disk_requests(exporter) - before))
             log('client download %s: %.1fs' % (script, elapsed))
         return results
     finally:
@@ -268,6 +307,7 @@ def main():
         for index in range(2, len(pythons) + 1):
             repositories.append(bd.make_repository(mount, index,
                                                    source=repositories[0]['live']))
+        bd.ManagerHandler.do_GET = CrowdManager.do_GET
         manager = bd.start_manager(certs)
         manager_url = 'https://127.0.0.1:%d' % manager.server_address[1]
         exporters, files = [], []
