@@ -37,6 +37,12 @@ def option(name, default):
     return default
 
 
+def filesystem_type(path):
+    """The type of the mounted filesystem holding `path`: a repository must name it."""
+    entry = ox._mount_containing(os.path.realpath(path), ox.read_mount_table())
+    return entry[1]
+
+
 def run(cmd):
     subprocess.check_call(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -103,7 +109,8 @@ def main():
             values = dict((k, d) for k, kind, d in ox.CONFIG_SCHEMA)
             values.update({'db_file': os.path.join(work, 'state-%s.db' % mode),
                            'snapshot_pause': mode, 'xen_toolstack': xl,
-                           'repository': [{'id': 'bench', 'mount_point': repo}]})
+                           'repository': [{'id': 'bench', 'mount_point': repo,
+                                           'filesystem': filesystem_type(repo)}]})
             config = ox.Config(values)
             service = ox.build_application(config)[1]
             pauses, totals = [], []
