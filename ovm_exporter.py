@@ -29,6 +29,7 @@ import array
 import ast
 import base64
 import binascii
+import bisect
 import errno
 import fcntl
 import hashlib
@@ -79,6 +80,7 @@ if PY2:  # `novm`: tells the vermin checker these lines only run on Python 2
     text_type = unicode  # novm (noqa: F821)
     string_types = (str, unicode)  # novm (noqa: F821)
     integer_types = (int, long)  # novm (noqa: F821)
+    text_chr = unichr  # novm (noqa: F821)
 else:
     import http.client as http_client  # novm
     import http.server as http_server  # novm
@@ -88,6 +90,19 @@ else:
     text_type = str
     string_types = (str,)
     integer_types = (int,)
+    text_chr = chr
+
+# Feature flags: every test of what this Python or kernel has, in one place.
+izip = getattr(itertools, 'izip', zip)
+compress = getattr(itertools, 'compress', None)     # Python 2.7+
+O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+# hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
+# Tests set this to None to force the fallback.
+HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
+# True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
+# Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
+HAVE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
+HAVE_SNI = getattr(ssl, 'HAS_SNI', False)
 
 
 log = logging.getLogger('ovm_exporter')
@@ -98,6 +113,57 @@ def to_bytes(value, encoding='utf-8'):
     if isinstance(value, bytes):
         return value
     return value.encode(encoding)
+
+
+def to_text(value, fallback=None):
+    """Text from text, bytes (UTF-8 with undecodable bytes replaced; given a `fallback`
+    encoding, bytes that are not UTF-8 are decoded with it instead), None (u'') or anything
+    else (an exception too, whose Python 2 message may not be ASCII)."""
+    if isinstance(value, text_type):
+        return value
+    if value is None:
+        return u''
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode('utf-8', 'strict' if fallback else 'replace')
+        except UnicodeDecodeError:
+            return bytes(value).decode(fallback)
+    try:
+        return text_type(value)
+    except UnicodeError:
+        return to_text(str(value))
+
+
+def to_native(value, errors='strict'):
+    """ASCII text or bytes -> the native str type of this Python; errors='backslashreplace'
+    for messages that may hold other characters (Python 2)."""
+    if PY2 and isinstance(value, text_type):
+        return value.encode('ascii', errors)
+    if not PY2 and isinstance(value, bytes):
+        return value.decode('ascii', errors)
+    return value
+
+
+def _array_tobytes(arr):
+    if hasattr(arr, 'tobytes'):
+        return arr.tobytes()
+    return arr.tostring()
+
+
+def _array_frombytes(arr, data):
+    if hasattr(arr, 'frombytes'):
+        arr.frombytes(data)
+    else:
+        arr.fromstring(data)
+
+
+def _path_to_bytes(path):
+    if isinstance(path, bytes):
+        return path
+    fsencode = getattr(os, 'fsencode', None)
+    if fsencode is not None:
+        return fsencode(path)
+    return path.encode(sys.getfilesystemencoding() or 'utf-8')
 
 
 def text_repr(value):
@@ -155,18 +221,13 @@ def legacy_handshake(tls):
 
 _TOML_MAX_NESTING = 100
 
-try:
-    _toml_unichr = unichr  # noqa: F821 (Python 2)
-except NameError:
-    _toml_unichr = chr
-
 _TOML_WS = u' \t'
 _TOML_WS_NL = u' \t\n'
 _TOML_BARE_KEY_CHARS = frozenset(
     u'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_')
 _TOML_KEY_START = _TOML_BARE_KEY_CHARS | frozenset(u'"\'')
 _TOML_HEX_DIGITS = frozenset(u'0123456789abcdefABCDEF')
-_TOML_CTRL = frozenset(_toml_unichr(code) for code in list(range(32)) + [127])
+_TOML_CTRL = frozenset(text_chr(code) for code in list(range(32)) + [127])
 # Characters not allowed raw in one-line strings and comments, and in multi-line strings.
 _TOML_ILLEGAL_LINE = _TOML_CTRL - frozenset(u'\t')
 _TOML_ILLEGAL_MULTILINE = _TOML_CTRL - frozenset(u'\t\n')
@@ -185,20 +246,13 @@ _TOML_FROZEN = 0      # an inline table or array: nothing may be added to it lat
 _TOML_EXPLICIT = 1    # a table defined by a [header] or by dotted keys: no [header] for it later
 
 
-def _toml_native(text):
-    """Unicode message -> the native str type (ASCII with escapes on Python 2)."""
-    if PY2 and isinstance(text, text_type):
-        return text.encode('ascii', 'backslashreplace')
-    return text
-
-
 class ConfigError(Exception):
     """A config file that cannot be used. str(e) is the whole message, e.g.
     "config.toml line 7: key 'api.port': expected a value, found 'abc'".
     Attributes: source, line (int or None), key (dotted text or None), reason."""
 
     def __init__(self, message, source=None, line=None, key=None, reason=None):
-        Exception.__init__(self, _toml_native(message))
+        Exception.__init__(self, to_native(message, 'backslashreplace'))
         self.source = source
         self.line = line
         self.key = key
@@ -228,16 +282,8 @@ def _toml_format_key(parts):
     return u'.'.join(out)
 
 
-def _toml_as_text(value):
-    if isinstance(value, text_type):
-        return value
-    if isinstance(value, bytes):
-        return value.decode('utf-8', 'replace')
-    return text_type(value)
-
-
 def _toml_error_message(source, line, key, reason):
-    head = _toml_as_text(source)
+    head = to_text(source)
     if line is not None:
         head = u'%s line %d' % (head, line)
     if key:
@@ -792,10 +838,10 @@ class _TomlParser(object):
             if value > sys.maxunicode:
                 # Narrow Python 2 build: a surrogate pair, as decoding UTF-8 would give.
                 value -= 0x10000
-                parts.append(_toml_unichr(0xD800 + (value >> 10))
-                             + _toml_unichr(0xDC00 + (value & 0x3FF)))
+                parts.append(text_chr(0xD800 + (value >> 10))
+                             + text_chr(0xDC00 + (value & 0x3FF)))
             else:
-                parts.append(_toml_unichr(value))
+                parts.append(text_chr(value))
             return pos + 2 + size
         raise self.error(u"invalid escape '\\%s' in string (valid: \\b \\t \\n \\f \\r \\\" "
                          u"\\\\ \\uXXXX \\UXXXXXXXX)" % _toml_printable(code), pos)
@@ -829,7 +875,7 @@ def load_toml_file(path, limit=1024 * 1024):
         finally:
             handle.close()
     except (IOError, OSError) as exc:
-        reason = u'cannot read the file: %s' % _toml_as_text(exc.strerror or exc)
+        reason = u'cannot read the file: %s' % to_text(exc.strerror or exc)
         raise ConfigError(_toml_error_message(path, None, None, reason), source=path,
                           reason=reason)
     if len(data) > limit:
@@ -872,18 +918,18 @@ def _go_duration_nanoseconds(text):
     if rest == u'0':
         return 0
     if not rest:
-        raise ValueError(_toml_native(invalid))
+        raise ValueError(to_native(invalid, 'backslashreplace'))
     digits = u'0123456789'
     total = 0
     while rest:
         if not (rest[0] == u'.' or rest[0] in digits):
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         i = 0
         while i < len(rest) and rest[i] in digits:
             i += 1
         whole = int(rest[:i]) if i else 0
         if whole > _GO_DURATION_MAX:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         has_whole = i > 0
         rest = rest[i:]
         fraction, scale, has_fraction = 0, 1.0, False
@@ -906,31 +952,33 @@ def _go_duration_nanoseconds(text):
             has_fraction = i > 0
             rest = rest[i:]
         if not has_whole and not has_fraction:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         i = 0
         while i < len(rest) and not (rest[i] == u'.' or rest[i] in digits):
             i += 1
         if i == 0:
-            raise ValueError(_toml_native(u'missing unit in duration ' + quoted + hint))
+            raise ValueError(to_native(u'missing unit in duration ' + quoted + hint,
+                                       'backslashreplace'))
         unit_text, rest = rest[:i], rest[i:]
         unit = _GO_DURATION_UNITS.get(unit_text)
         if unit is None:
-            raise ValueError(_toml_native(u'unknown unit "%s" in duration %s%s'
-                                          % (_toml_printable(unit_text), quoted, hint)))
+            raise ValueError(to_native(u'unknown unit "%s" in duration %s%s'
+                                       % (_toml_printable(unit_text), quoted, hint),
+                                       'backslashreplace'))
         if whole > _GO_DURATION_MAX // unit:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         whole *= unit
         if fraction > 0:
             whole += int(float(fraction) * (float(unit) / scale))
             if whole > _GO_DURATION_MAX:
-                raise ValueError(_toml_native(invalid))
+                raise ValueError(to_native(invalid, 'backslashreplace'))
         total += whole
         if total > _GO_DURATION_MAX:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
     if negative:
         return -total
     if total > _GO_DURATION_MAX - 1:
-        raise ValueError(_toml_native(invalid))
+        raise ValueError(to_native(invalid, 'backslashreplace'))
     return total
 
 
@@ -1061,34 +1109,34 @@ def _unknown_config_keys(document, prefix=''):
 
 
 def _coerce_config_value(source, key, kind, value):
-    def fail(what):
+    def bad_value(what):
         raise ConfigError('%s: key %s: %s' % (source, text_repr(key), what))
     if kind == 'str':
         if not isinstance(value, string_types):
-            fail('expected a string, found %s' % text_repr(value))
+            bad_value('expected a string, found %s' % text_repr(value))
         return text_type(value)
     if kind == 'int':
         if isinstance(value, bool) or not isinstance(value, integer_types):
-            fail('expected an integer, found %s' % text_repr(value))
+            bad_value('expected an integer, found %s' % text_repr(value))
         return int(value)
     if kind == 'bool':
         if not isinstance(value, bool):
-            fail('expected true or false, found %s' % text_repr(value))
+            bad_value('expected true or false, found %s' % text_repr(value))
         return value
     if kind == 'duration':
         if isinstance(value, bool):
-            fail('expected a duration such as "10s" or "168h"')
+            bad_value('expected a duration such as "10s" or "168h"')
         if isinstance(value, integer_types):
             return float(value)
         if not isinstance(value, string_types):
-            fail('expected a duration such as "10s" or "168h"')
+            bad_value('expected a duration such as "10s" or "168h"')
         try:
             return parse_go_duration(value)
         except ValueError as exc:
-            fail(str(exc))
+            bad_value(str(exc))
     if kind == 'list':
         if not isinstance(value, list) or [r for r in value if not isinstance(r, dict)]:
-            fail('expected [[%s]] tables' % key)
+            bad_value('expected [[%s]] tables' % key)
         return value
     raise AssertionError(kind)
 
@@ -1108,64 +1156,64 @@ def validate_config(config, need_tls=True):
     source = config.source
     warnings = []
 
-    def fail(key, what):
+    def bad_key(key, what):
         raise ConfigError('%s: key %r: %s' % (source, key, what))
 
     secret = to_bytes(config.jwt_secret)
     if not secret:
-        fail('jwt.secret', 'is empty; set a long random secret')
+        bad_key('jwt.secret', 'is empty; set a long random secret')
     if config.jwt_secret == PUBLISHED_EXAMPLE_SECRET:
-        fail('jwt.secret', 'is the example secret published in the Go service README; '
+        bad_key('jwt.secret', 'is the example secret published in the Go service README; '
                            'anybody could forge tokens. Generate a new one')
     if len(secret) < 32:
         warnings.append('jwt.secret is shorter than 32 bytes; use a longer random secret')
     if not 0 <= config.api_port <= 65535:
-        fail('api.port', 'must be between 1 and 65535 (0: any free port), found %d'
+        bad_key('api.port', 'must be between 1 and 65535 (0: any free port), found %d'
              % config.api_port)
     if config.jwt_time_to_live <= 0:
-        fail('jwt.time_to_live', 'must be positive')
+        bad_key('jwt.time_to_live', 'must be positive')
     for key in ('api.max_connections', 'api.login_max_failures'):
         if config.values[key] < 1:
-            fail(key, 'must be at least 1')
+            bad_key(key, 'must be at least 1')
     if not 0 <= config.snapshot_min_free_percent < 100:
-        fail('snapshot_min_free_percent', 'must be between 0 and 99')
+        bad_key('snapshot_min_free_percent', 'must be between 0 and 99')
     if config.snapshot_pause not in SNAPSHOT_PAUSE_MODES:
-        fail('snapshot_pause', 'must be one of %s' % ', '.join(SNAPSHOT_PAUSE_MODES))
+        bad_key('snapshot_pause', 'must be one of %s' % ', '.join(SNAPSHOT_PAUSE_MODES))
     if not 0 < config.snapshot_pause_max <= 300:
-        fail('snapshot_pause_max', 'must be more than 0s and at most 5m')
+        bad_key('snapshot_pause_max', 'must be more than 0s and at most 5m')
     if config.xen_toolstack and not os.path.isabs(config.xen_toolstack):
-        fail('xen_toolstack', 'must be an absolute path such as /usr/sbin/xl')
+        bad_key('xen_toolstack', 'must be an absolute path such as /usr/sbin/xl')
     if config.log_level.lower() not in LOG_LEVELS:
-        fail('log_level', 'must be one of %s' % ', '.join(LOG_LEVELS))
+        bad_key('log_level', 'must be one of %s' % ', '.join(LOG_LEVELS))
     if config.ovm_endpoint and not re.match(r'^https://[^/\s]+(/.*)?$', config.ovm_endpoint):
-        fail('ovm_endpoint', 'must be an https:// URL such as https://manager:7002')
+        bad_key('ovm_endpoint', 'must be an https:// URL such as https://manager:7002')
     if config.ovm_certificate_fingerprint:
         try:
             normalize_certificate_fingerprint(config.ovm_certificate_fingerprint)
         except ValueError as exc:
-            fail('ovm_certificate_fingerprint', str(exc))
+            bad_key('ovm_certificate_fingerprint', str(exc))
     try:
         SnapshotStore.check_is_sqlite(config.db_file)
     except StoreError as exc:
-        fail('db_file', str(exc))
+        bad_key('db_file', str(exc))
     if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
-        fail('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
+        bad_key('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
     check_repository_tables(config.repository or [], source)
     if need_tls:
         for key in ('api.tls.certificate', 'api.tls.key'):
             path = config.values[key]
             if not path:
-                fail(key, 'is required (the service speaks HTTPS only)')
+                bad_key(key, 'is required (the service speaks HTTPS only)')
             if not os.path.isfile(path):
-                fail(key, 'file %s does not exist' % path)
+                bad_key(key, 'file %s does not exist' % path)
         if config.api_tls_require_client_certificate and not config.api_tls_ca_certificate:
-            fail('api.tls.ca_certificate', 'is required when require_client_certificate = true')
+            bad_key('api.tls.ca_certificate', 'is required when require_client_certificate = true')
         try:
             make_server_tls(config)
         except TlsSetupError as exc:
-            fail(exc.key, str(exc))
+            bad_key(exc.key, str(exc))
         except (ssl.SSLError, IOError, OSError, ValueError) as exc:
-            fail('api.tls', 'cannot load certificate/key: %s' % exc)
+            bad_key('api.tls', 'cannot load certificate/key: %s' % exc)
     return warnings
 
 
@@ -1190,7 +1238,6 @@ def default_config():
 BDB_HASH_MAGIC = 0x061561
 BDB_BTREE_MAGIC = 0x053162
 _BDB_HASH_VERSIONS = (7, 8, 9)
-_BDB_P_INVALID = 0
 _BDB_P_HASH_UNSORTED = 2
 _BDB_P_OVERFLOW = 7
 _BDB_P_HASHMETA = 8
@@ -1429,13 +1476,6 @@ def read_bdb_hash(path):
 
 # --------------------------------------------------------------------------- pickles ---
 
-def _bdb_bytes_to_text(b):
-    try:
-        return b.decode('utf-8')
-    except UnicodeDecodeError:
-        return b.decode('latin-1')
-
-
 _TO_TEXT_MAX_DEPTH = 100
 _TO_TEXT_MAX_NODES = 1000000
 
@@ -1446,10 +1486,8 @@ def _to_text_walk(value, depth, budget):
         raise ValueError('structure too large')
     if depth > _TO_TEXT_MAX_DEPTH:
         raise ValueError('structure nested too deeply (or recursive)')
-    if isinstance(value, bytes):
-        return _bdb_bytes_to_text(value)
-    if isinstance(value, bytearray):
-        return _bdb_bytes_to_text(bytes(value))
+    if isinstance(value, (bytes, bytearray)):
+        return to_text(value, 'latin-1')
     if isinstance(value, dict):
         res = {}
         for k, v in value.items():
@@ -1462,7 +1500,7 @@ def _to_text_walk(value, depth, budget):
     return value
 
 
-def to_text(value):
+def to_text_tree(value):
     """Recursively turn bytes (Python 2 `str`) into text (UTF-8, else latin-1) inside dicts,
     lists and tuples; other values are returned unchanged.  Text is `unicode` on Python 2 and
     `str` on Python 3.  Raises ValueError for recursive, too deep or too large structures."""
@@ -1484,7 +1522,7 @@ def safe_unpickle(data):
     plain data (dict, list, tuple, str, unicode, int, long, float, bool, None).
 
     Python 2 `str` values become text (UTF-8, else latin-1, per string) on every Python, so the
-    result equals to_text(result).  Raises UnsafePickleError for a pickle asking for any global
+    result equals to_text_tree(result).  Raises UnsafePickleError for a pickle asking for any global
     and for every other failure (truncated, garbage, recursive)."""
     if not isinstance(data, bytes):
         raise UnsafePickleError('pickle data must be bytes, not %s' % type(data).__name__)
@@ -1497,7 +1535,7 @@ def safe_unpickle(data):
         else:
             unpickler = _SafeUnpickler(io.BytesIO(data))
         value = unpickler.load()
-        return to_text(value)
+        return to_text_tree(value)
     except UnsafePickleError:
         raise
     except Exception as e:
@@ -1512,7 +1550,7 @@ def read_ovs_agent_db(path):
     propagate as IOError/OSError."""
     result = {}
     for key, value in read_bdb_hash(path):
-        tkey = _bdb_bytes_to_text(key)
+        tkey = to_text(key, 'latin-1')
         try:
             result[tkey] = safe_unpickle(value)
         except UnsafePickleError as e:
@@ -1532,7 +1570,7 @@ def _ovsmeta_entries(mapping, path):
 
 def _ovsmeta_decode_value(value):
     try:
-        return to_text(json.loads(value.decode('utf-8')))
+        return to_text_tree(json.loads(value.decode('utf-8')))
     except (ValueError, UnicodeDecodeError):
         pass
     return safe_unpickle(value)
@@ -1548,7 +1586,7 @@ def sniff_ovsmeta(path):
         if stripped.startswith(b'\xef\xbb\xbf'):
             stripped = stripped[3:].lstrip()
         if stripped[:1] == b'{':
-            obj = to_text(json.loads(stripped.decode('utf-8')))
+            obj = to_text_tree(json.loads(stripped.decode('utf-8')))
             if not isinstance(obj, dict):
                 return {}
             return _ovsmeta_entries(obj, path)
@@ -1563,7 +1601,7 @@ def sniff_ovsmeta(path):
                 pairs = read_bdb_hash(path)
             res = {}
             for key, value in pairs:
-                tkey = _bdb_bytes_to_text(key)
+                tkey = to_text(key, 'latin-1')
                 try:
                     res[tkey] = _ovsmeta_decode_value(value)
                 except UnsafePickleError as e:
@@ -1589,7 +1627,6 @@ VM_CFG_MAX_OPERATORS = 5000
 VM_CFG_MAX_NESTING = 64  # bracket lines a multi-line value may nest (OVM writes 1)
 VM_CFG_MAX_WARNINGS = 20  # per file read line by line; then one line with the count
 VM_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
-VM_CFG_KEYS_NEEDED = ('name', 'uuid', 'OVM_simple_name', 'disk')
 DISK_MODES = ('r', 'ro', 'w', 'w!', 'rw')
 OVSMETA_OBJECT_TYPES_CLONABLE = ('', 'VIRTUAL_DISK')
 OVSMETA_OBJECT_TYPES_MEDIA = ('ISO',)
@@ -1616,25 +1653,6 @@ class VmConfigError(Exception):
 
 class RepositoryConfigError(ConfigError):
     """An invalid [[repository]] table in the configuration."""
-
-
-def discovery_text(value):
-    """Text (unicode) from bytes (UTF-8, undecodable bytes replaced), None ("") or a scalar."""
-    if isinstance(value, text_type):
-        return value
-    if value is None:
-        return u''
-    if isinstance(value, bytes):
-        return value.decode('utf-8', 'replace')
-    return text_type(value)
-
-
-def discovery_error_text(error):
-    """An exception (or message) as text, on Python 2 too (non-ASCII messages)."""
-    try:
-        return text_type(error)
-    except UnicodeError:
-        return discovery_text(str(error))
 
 
 def _discovery_is_ascii(text):
@@ -1732,7 +1750,7 @@ def _vm_cfg_literal(node_or_text):
     except ValueError:
         raise ValueError('')
     except Exception as e:  # SyntaxError, RecursionError, MemoryError, ...
-        raise ValueError(u'{0}: {1}'.format(type(e).__name__, discovery_error_text(e)))
+        raise ValueError(u'{0}: {1}'.format(type(e).__name__, to_text(e)))
 
 
 def _vm_cfg_node_kind(node):
@@ -1759,12 +1777,12 @@ def _vm_cfg_parse_ast(text, source):
         try:
             value = _vm_cfg_literal(stmt.value)
         except ValueError as e:
-            detail = discovery_error_text(e)
+            detail = to_text(e)
             log.warning('%s line %s: skipping %s: its value is a %s, not a literal%s', source, lineno,
                         ', '.join(keys), _vm_cfg_node_kind(stmt.value), detail and ' (' + detail + ')' or '')
             continue
         for key in keys:
-            result[discovery_text(key)] = value
+            result[to_text(key)] = value
     return result
 
 
@@ -1785,7 +1803,7 @@ def _vm_cfg_parse_lines(text, source):
         match = _DISCOVERY_LINE_ASSIGN_RE.match(line)
         if match is None:
             continue
-        key = discovery_text(match.group(1))
+        key = to_text(match.group(1))
         value_text = match.group(2).strip()
         if _vm_cfg_operator_count(value_text) > VM_CFG_MAX_OPERATORS:
             skipped += 1
@@ -1820,7 +1838,7 @@ def _vm_cfg_parse_lines(text, source):
         skipped += 1
         if skipped <= VM_CFG_MAX_WARNINGS:
             log.warning('%s line %s: skipping %s: not a literal%s', source, index, key,
-                        error and discovery_error_text(error) and u' (' + discovery_error_text(error) + u')' or u'')
+                        error and to_text(error) and u' (' + to_text(error) + u')' or u'')
     if skipped > VM_CFG_MAX_WARNINGS:
         log.warning('%s: skipped %d more values that are not literals', source,
                     skipped - VM_CFG_MAX_WARNINGS)
@@ -1843,7 +1861,7 @@ def parse_vm_cfg(text, source):
     if len(text) > VM_CFG_MAX_BYTES:
         raise VmConfigError(u'{0}: {1} characters, larger than the {2} bytes a vm.cfg may have'.format(
             source, len(text), VM_CFG_MAX_BYTES))
-    source = discovery_text(source)
+    source = to_text(source)
     # A coding cookie in a text (unicode) source is a SyntaxError on Python 2: blank it.
     lines = text.split('\n', 2)
     for i in range(min(2, len(lines))):
@@ -1856,9 +1874,9 @@ def parse_vm_cfg(text, source):
     try:
         return _vm_cfg_parse_ast(text, source)
     except Exception as e:  # SyntaxError, MemoryError ("s_push: parser stack overflow"), ...
-        detail = discovery_error_text(e)
+        detail = to_text(e)
         if isinstance(e, SyntaxError):
-            detail = u'line {0}: {1}'.format(e.lineno, discovery_error_text(e.msg))
+            detail = u'line {0}: {1}'.format(e.lineno, to_text(e.msg))
         log.warning('%s is not valid Python (%s); reading it line by line', source, detail)
         return _vm_cfg_parse_lines(text, source)
 
@@ -1870,7 +1888,7 @@ def read_vm_cfg_file(path):
         fd = open_regular_file(path)
     except OSError as e:
         if e.errno == errno.EINVAL:
-            raise VmConfigError(discovery_error_text(e.strerror))
+            raise VmConfigError(to_text(e.strerror))
         raise
     handle = os.fdopen(fd, 'rb')
     try:
@@ -1892,7 +1910,7 @@ def parse_disk_entry(entry):
     if not isinstance(entry, (bytes, text_type)):
         log.warning('disk entry %s is not a string; ignored', text_repr(entry))
         return None
-    entry = discovery_text(entry)
+    entry = to_text(entry)
     text = entry.strip()
     parts = text.rsplit(',', 2)
     if len(parts) != 3:
@@ -1947,7 +1965,7 @@ def parse_disk_entry(entry):
 
 
 def _repository_mount_point(value):
-    mount_point = discovery_text(value).strip()
+    mount_point = to_text(value).strip()
     if len(mount_point) > 1:
         mount_point = mount_point.rstrip('/') or '/'
     return mount_point
@@ -1956,9 +1974,9 @@ def _repository_mount_point(value):
 def make_repository_record(repo_id, values):
     """A repository record with text fields id, mount_point, filesystem, alias, manager_uuid,
     version, fs_location (missing -> "")."""
-    record = {'id': discovery_text(repo_id).strip()}
+    record = {'id': to_text(repo_id).strip()}
     for field in ('filesystem', 'alias', 'manager_uuid', 'version', 'fs_location'):
-        record[field] = discovery_text(values.get(field))
+        record[field] = to_text(values.get(field))
     record['mount_point'] = _repository_mount_point(values.get('mount_point'))
     return record
 
@@ -1975,28 +1993,29 @@ def check_repository_tables(configured, source='configuration'):
     """Every rule for the config's [[repository]] tables, in one place: validate_config runs
     it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
     Returns the repository records; raises RepositoryConfigError (a ConfigError)."""
-    def fail(index, field, what):
+    def bad_table(index, field, what):
         key = 'repository[%d]%s' % (index, field and '.' + field or '')
-        raise RepositoryConfigError('%s: key %r: %s' % (source, key, _toml_native(what)))
+        raise RepositoryConfigError('%s: key %r: %s'
+                                    % (source, key, to_native(what, 'backslashreplace')))
 
     records = []
     seen = {}
     for index, table in enumerate(configured):
         if not isinstance(table, dict):
-            fail(index, '', 'must be a [[repository]] table')
+            bad_table(index, '', 'must be a [[repository]] table')
         repo_id = table.get('id')
         mount_point = table.get('mount_point')
-        if not isinstance(repo_id, (bytes, text_type)) or not discovery_text(repo_id).strip():
-            fail(index, 'id', 'is required and must be a non-empty string')
+        if not isinstance(repo_id, (bytes, text_type)) or not to_text(repo_id).strip():
+            bad_table(index, 'id', 'is required and must be a non-empty string')
         if not isinstance(mount_point, (bytes, text_type)) or \
-                not discovery_text(mount_point).strip().startswith('/'):
-            fail(index, 'mount_point', 'is required and must be an absolute path')
+                not to_text(mount_point).strip().startswith('/'):
+            bad_table(index, 'mount_point', 'is required and must be an absolute path')
         for field in ('filesystem', 'alias'):
             if table.get(field) is not None and not isinstance(table.get(field), (bytes, text_type)):
-                fail(index, field, 'must be a string')
+                bad_table(index, field, 'must be a string')
         record = make_repository_record(repo_id, table)
         if record['id'] in seen:
-            fail(index, 'id', u'repository id %s is listed twice (also repository[%d])'
+            bad_table(index, 'id', u'repository id %s is listed twice (also repository[%d])'
                  % (record['id'], seen[record['id']]))
         seen[record['id']] = index
         records.append(record)
@@ -2017,14 +2036,14 @@ def load_repositories(db_reader, db_dir, configured):
     path = os.path.join(db_dir, 'repository')
     raw = db_reader(path)
     records = []
-    for key in sorted(raw.keys(), key=discovery_text):
+    for key in sorted(raw.keys(), key=to_text):
         values = raw[key]
         if not isinstance(values, dict):
             log.warning('%s: record %s is not a dict; ignored', path, text_repr(key))
             continue
         text_values = {}
         for field, value in values.items():
-            text_values[discovery_text(field)] = value
+            text_values[to_text(field)] = value
         record = make_repository_record(key, text_values)
         if not record['mount_point'].startswith('/'):
             log.warning('%s: repository %s has no usable mount_point; ignored', path, record['id'])
@@ -2040,13 +2059,13 @@ def manager_ip_from_server_db(db_reader, db_dir):
     try:
         raw = db_reader(path)
     except Exception as e:
-        log.warning('cannot read the ovs-agent server database %s: %s', path, discovery_error_text(e))
+        log.warning('cannot read the ovs-agent server database %s: %s', path, to_text(e))
         return None
     value = _discovery_lookup(raw, u'manager_ip')
     if value is None or not isinstance(value, (bytes, text_type)):
         log.warning('%s holds no manager_ip', path)
         return None
-    value = discovery_text(value).strip()
+    value = to_text(value).strip()
     return value or None
 
 
@@ -2072,15 +2091,12 @@ class RepositoryDbLoader(object):
         if self.configured:
             return [dict(r) for r in self._records]
         path = os.path.join(self.db_dir, 'repository')
-        self._lock.acquire()
-        try:
+        with self._lock:
             key = _discovery_stat_key(os.stat(path))
             if key != self._key or self._records is None:
                 self._records = load_repositories(self.db_reader, self.db_dir, None)
                 self._key = key
             return [dict(r) for r in self._records]
-        finally:
-            self._lock.release()
 
 
 # ------------------------------------------------------------------ mounts and disk files ---
@@ -2114,8 +2130,8 @@ def read_mount_table(paths=MOUNT_TABLE_PATHS):
         for line in data.split(b'\n'):
             fields = line.split()
             if len(fields) >= 3:
-                entries.append((discovery_text(_mount_unescape(fields[1])),
-                                discovery_text(_mount_unescape(fields[2]))))
+                entries.append((to_text(_mount_unescape(fields[1])),
+                                to_text(_mount_unescape(fields[2]))))
         return entries
     return None
 
@@ -2147,12 +2163,12 @@ def repository_mount_problem(repo, mounts, plain_folder_ok=False):
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             return u'mount point {0} does not exist'.format(mount_point)
         return u'cannot read the mount point {0}: {1}'.format(
-            mount_point, discovery_error_text(e.strerror or e))
+            mount_point, to_text(e.strerror or e))
     if not stat.S_ISDIR(st.st_mode):
         return u'mount point {0} is not a directory'.format(mount_point)
     if plain_folder_ok:
         return None
-    expected = discovery_text(repo.get('filesystem')).strip().lower()
+    expected = to_text(repo.get('filesystem')).strip().lower()
     if mounts is None:
         try:
             parent = os.stat(os.path.join(real, '..'))
@@ -2218,14 +2234,14 @@ def disk_file_problem(path, mount_point, cache=None):
             real = os.path.realpath(real)
             st = os.lstat(real)  # still a link: a loop (or too deep)
     except EnvironmentError as e:
-        return None, u'cannot be read: {0}'.format(discovery_error_text(e.strerror or e))
+        return None, u'cannot be read: {0}'.format(to_text(e.strerror or e))
     if stat.S_ISLNK(st.st_mode):
         try:
             os.stat(real)
             why = u'a symbolic link that cannot be resolved'
         except EnvironmentError as e:
             why = u'a symbolic link that cannot be resolved: {0}'.format(
-                discovery_error_text(e.strerror or e))
+                to_text(e.strerror or e))
         return real, why
     if not stat.S_ISREG(st.st_mode):
         return real, u'{0}, not a regular file'.format(_file_type_name(st.st_mode))
@@ -2234,7 +2250,7 @@ def disk_file_problem(path, mount_point, cache=None):
         repo_st = _cached(cache, os.stat, repo_real)
     except EnvironmentError as e:
         return real, u'cannot read its repository {0}: {1}'.format(
-            mount_point, discovery_error_text(e.strerror or e))
+            mount_point, to_text(e.strerror or e))
     if not real.startswith(repo_real.rstrip('/') + '/'):
         return real, u'its real path {0} is outside the repository {1}'.format(real, mount_point)
     if st.st_dev != repo_st.st_dev:
@@ -2251,7 +2267,7 @@ def open_regular_file(path):
     """A read-only descriptor of the regular file `path`; NotRegularFileError for anything else
     (a FIFO is never waited on: O_NONBLOCK)."""
     flags = (os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_NOCTTY', 0)
-             | getattr(os, 'O_CLOEXEC', 0))
+             | O_CLOEXEC)
     fd = os.open(path, flags)
     try:
         mode = os.fstat(fd).st_mode
@@ -2327,20 +2343,17 @@ class HostInventory(object):
 
     def reset_caches(self):
         """Forget parsed vm.cfg files, .ovsmeta contents and clone probe results."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._cfg_cache = {}
             self._meta_cache = {}
             self._probe_cache = {}
-        finally:
-            self._lock.release()
 
     def _load_repositories(self):
         try:
             repos = self.repositories_loader()
         except Exception as e:
             self._warn('repositories', u'cannot read the repository list ({0}); using the last one read '
-                       u'({1} repositories)'.format(discovery_error_text(e), len(self._repos)))
+                       u'({1} repositories)'.format(to_text(e), len(self._repos)))
             return self._repos
         clean = []
         for repo in repos:
@@ -2359,11 +2372,8 @@ class HostInventory(object):
 
     def repositories(self):
         """The current repository records (copies)."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             return [dict(r) for r in self._load_repositories()]
-        finally:
-            self._lock.release()
 
     def _mount_problems(self, repos):
         if self.check_mounts is None:
@@ -2371,17 +2381,14 @@ class HostInventory(object):
         try:
             return self.check_mounts(repos)
         except Exception as e:
-            problem = u'cannot check the mounts: {0}'.format(discovery_error_text(e))
+            problem = u'cannot check the mounts: {0}'.format(to_text(e))
             return dict((repo['id'], problem) for repo in repos)
 
     def mount_problems(self, mount_points):
         """{mount point: None when the repository there can be used now, else why not}. A mount
         point that no repository names any more must be a mount point itself."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             by_mount_point = dict((r['mount_point'], r) for r in self._load_repositories())
-        finally:
-            self._lock.release()
         repos = []
         for mount_point in mount_points:
             repo = by_mount_point.get(mount_point)
@@ -2402,7 +2409,7 @@ class HostInventory(object):
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                 self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
-                    repo['id'], path, discovery_error_text(e)))
+                    repo['id'], path, to_text(e)))
             self._meta_cache.pop(repo['id'], None)
             return {}
         cached = self._meta_cache.get(repo['id'])
@@ -2420,10 +2427,11 @@ class HostInventory(object):
                 if isinstance(values, dict):
                     entry = {}
                     for field, value in values.items():
-                        entry[discovery_text(field)] = value
-                    meta[discovery_text(name)] = entry
+                        entry[to_text(field)] = value
+                    meta[to_text(name)] = entry
         except Exception as e:
-            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(repo['id'], path, discovery_error_text(e))
+            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(
+                repo['id'], path, to_text(e))
             meta = {}
         self._meta_cache[repo['id']] = (key, meta, problem)
         if problem:
@@ -2444,16 +2452,15 @@ class HostInventory(object):
             try:
                 ok, reason = self.clone_probe(repo['mount_point'])
                 ok = bool(ok)
-                reason = discovery_text(reason)
+                reason = to_text(reason)
             except Exception as e:
-                ok, reason = False, u'clone probe failed: {0}'.format(discovery_error_text(e))
+                ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
         self._probe_cache[cache_key] = (now, ok, reason)
         return ok, reason
 
     def repository_clone_support(self, repo_id):
         """(ok, reason) for one repository id (probe cached as for listings); None if unknown."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             for repo in self._load_repositories():
                 if repo['id'] == repo_id:
                     problem = self._mount_problems([repo]).get(repo_id)
@@ -2461,8 +2468,6 @@ class HostInventory(object):
                         return False, problem
                     return self._probe(repo)
             return None
-        finally:
-            self._lock.release()
 
     def _read_cfg(self, path):
         """(parsed dict or None, problem text). Parses only when the file changed."""
@@ -2471,7 +2476,7 @@ class HostInventory(object):
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None, ''  # not a VM directory (or one being created / removed)
-            return None, u'cannot read {0}: {1}'.format(path, discovery_error_text(e))
+            return None, u'cannot read {0}: {1}'.format(path, to_text(e))
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing until written to
             return None, u'skipping VM: {0} is {1}, not a regular file'.format(
                 path, _file_type_name(st.st_mode))
@@ -2494,11 +2499,11 @@ class HostInventory(object):
                     disks.append((entry, parse_disk_entry(entry)))
             parsed = (cfg, disks)
         except VmConfigError as e:
-            problem = u'skipping VM: {0}'.format(discovery_error_text(e))
+            problem = u'skipping VM: {0}'.format(to_text(e))
         except EnvironmentError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None, ''
-            problem = u'skipping VM: cannot read {0}: {1}'.format(path, discovery_error_text(e))
+            problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
         entry = (key, parsed, problem)
         self._cfg_seen[path] = entry
         return parsed, problem
@@ -2532,9 +2537,9 @@ class HostInventory(object):
         simple_name = cfg.get('OVM_simple_name')
         if not isinstance(simple_name, text_type) or not simple_name.strip():
             simple_name = name
-        uuid = cfg.get('uuid')
-        if not isinstance(uuid, text_type):
-            uuid = u''
+        vm_uuid = cfg.get('uuid')
+        if not isinstance(vm_uuid, text_type):
+            vm_uuid = u''
         reasons = []
         if parsed_disks is None:
             self._warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot compatible'.format(
@@ -2548,7 +2553,7 @@ class HostInventory(object):
         for entry, parsed in parsed_disks:
             if parsed is None:
                 unparsed.append(entry)
-                reasons.append(u'disk entry "{0}" is not understood'.format(discovery_text(entry)))
+                reasons.append(u'disk entry "{0}" is not understood'.format(to_text(entry)))
                 continue
             path = parsed['path']
             if not path:
@@ -2564,7 +2569,7 @@ class HostInventory(object):
                     disk['_repo_mountpoint'] = disk_repo['mount_point']
                     disk['_repo_id'] = disk_repo['id']
                     meta = metas[disk_repo['id']].get(basename) or {}
-                    object_type = discovery_text(meta.get('OBJECT_TYPE')).strip()
+                    object_type = to_text(meta.get('OBJECT_TYPE')).strip()
                     disk['_object_type'] = object_type
                     if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
                         kind = 'cdrom'
@@ -2606,7 +2611,7 @@ class HostInventory(object):
                        'compatible'.format(cfg_path, len(unparsed), name))
         if data_disks == 0 and not unparsed:
             reasons.append('no data disks')
-        return {'friendly_name': simple_name, 'name': name, 'uuid': uuid, 'disks': disks,
+        return {'friendly_name': simple_name, 'name': name, 'uuid': vm_uuid, 'disks': disks,
                 'snapshot_compatible': not reasons,
                 '_config_path': cfg_path, '_vm_dir': os.path.dirname(cfg_path),
                 '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
@@ -2644,7 +2649,7 @@ class HostInventory(object):
                     continue  # mounted repository without VMs
                 self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
                            'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
-                                               discovery_error_text(e.strerror or e)))
+                                               to_text(e.strerror or e)))
                 self._keep_cached_parses(vm_root)
                 continue
             ascii_names = []
@@ -2685,22 +2690,19 @@ class HostInventory(object):
 
     def list_vms(self):
         """Every VM of every repository, sorted by friendly_name then name."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             try:
                 return self._list_locked()
             finally:
                 self._warnings = None
                 self._cfg_seen = {}
                 self._path_cache = {}
-        finally:
-            self._lock.release()
 
     def get_vm(self, vm_id):
         """The VM named vm_id, or None."""
         if not isinstance(vm_id, (bytes, text_type)):
             return None
-        vm_id = discovery_text(vm_id)
+        vm_id = to_text(vm_id)
         if not VM_NAME_RE.match(vm_id):
             return None
         for vm in self.list_vms():
@@ -2716,10 +2718,10 @@ def format_vm_table(vms):
     for vm in vms:
         disks = []
         for disk in vm.get('disks', []):
-            disks.append(u'{0}:{1}({2})'.format(discovery_text(disk.get('device_name')),
-                                                 discovery_text(disk.get('name')),
+            disks.append(u'{0}:{1}({2})'.format(to_text(disk.get('device_name')),
+                                                 to_text(disk.get('name')),
                                                  disk.get('snapshot_compatible') and u'yes' or u'no'))
-        rows.append((discovery_text(vm.get('friendly_name')), discovery_text(vm.get('name')),
+        rows.append((to_text(vm.get('friendly_name')), to_text(vm.get('name')),
                      vm.get('snapshot_compatible') and u'yes' or u'no', u' '.join(disks) or u'-'))
     widths = [len(h) for h in header[:3]]
     for row in rows:
@@ -2790,7 +2792,6 @@ FIEMAP_EXTENT_NOT_ALIGNED = 0x100
 FIEMAP_EXTENT_DATA_INLINE = 0x200
 FIEMAP_EXTENT_DATA_TAIL = 0x400
 FIEMAP_EXTENT_UNWRITTEN = 0x800
-FIEMAP_EXTENT_MERGED = 0x1000
 FIEMAP_EXTENT_SHARED = 0x2000
 
 FIEMAP_EXTENT_UNRELIABLE = (FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC |
@@ -2813,11 +2814,6 @@ _CLONE_PROBE_PREFIX = '.ovm-exporter-probe-'
 _CLONE_PROBE_HOST_PREFIX = '%s%s-' % (_CLONE_PROBE_PREFIX,
                                       re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()))
 
-_izip = getattr(itertools, 'izip', zip)
-try:
-    _xrange = xrange
-except NameError:
-    _xrange = range
 
 
 def _u64_typecode():
@@ -2831,28 +2827,6 @@ def _u64_typecode():
 
 
 _U64_TYPECODE = _u64_typecode()
-
-
-def _array_tobytes(arr):
-    if hasattr(arr, 'tobytes'):
-        return arr.tobytes()
-    return arr.tostring()
-
-
-def _array_frombytes(arr, data):
-    if hasattr(arr, 'frombytes'):
-        arr.frombytes(data)
-    else:
-        arr.fromstring(data)
-
-
-def _path_to_bytes(path):
-    if isinstance(path, bytes):
-        return path
-    fsencode = getattr(os, 'fsencode', None)
-    if fsencode is not None:
-        return fsencode(path)
-    return path.encode(sys.getfilesystemencoding() or 'utf-8')
 
 
 # ------------------------------------------------------------------------------------ clone --
@@ -2926,7 +2900,7 @@ def _ocfs2_reflink(src_path, dst_path):
 def _ficlone(src_path, dst_path):
     """FICLONE into a new file (O_EXCL), then copy mode, owner and times from the source like
     the reflink's preserve=1 does. A failed clone removes the file it created."""
-    cloexec = getattr(os, 'O_CLOEXEC', 0)
+    cloexec = O_CLOEXEC
     src_fd = open_regular_file(src_path)
     try:
         st = os.fstat(src_fd)
@@ -3057,14 +3031,14 @@ class FiemapExtents(object):
         return len(self.logical)
 
     def __iter__(self):
-        return _izip(self.logical, self.length, self.physical, self.flags)
+        return izip(self.logical, self.length, self.physical, self.flags)
 
     def __getitem__(self, index):
         return (self.logical[index], self.length[index], self.physical[index],
                 self.flags[index])
 
     def tuples(self):
-        return list(_izip(self.logical, self.length, self.physical, self.flags))
+        return list(izip(self.logical, self.length, self.physical, self.flags))
 
     def __eq__(self, other):
         if isinstance(other, FiemapExtents):
@@ -3143,7 +3117,7 @@ def fiemap(fd, batch=_FIEMAP_DEFAULT_BATCH):
 
 def file_extents(path):
     """(FiemapExtents, size) of the file at `path`, both read through one descriptor."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+    fd = os.open(path, os.O_RDONLY | O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         return fiemap(fd), size
@@ -3163,13 +3137,10 @@ def _extent_columns(extents):
     return columns[0], columns[1], columns[2], columns[3]
 
 
-_compress = getattr(itertools, 'compress', None)     # Python 2.7+
-
-
 def _select(values, keep):
-    if _compress is not None:
-        return list(_compress(values, keep))
-    return [v for v, k in _izip(values, keep) if k]
+    if compress is not None:
+        return list(compress(values, keep))
+    return [v for v, k in izip(values, keep) if k]
 
 
 def _extent_runs(extents, limit):
@@ -3202,7 +3173,7 @@ def _extent_runs(extents, limit):
         for k in bad_index:
             unreliable[starts[k]] = physicals[k]
             physicals[k] = None
-    cut = _bisect_left(starts, limit)
+    cut = bisect.bisect_left(starts, limit)
     if cut < len(starts):
         del starts[cut:], ends[cut:], physicals[cut:]
     if ends and ends[-1] > limit:
@@ -3210,23 +3181,12 @@ def _extent_runs(extents, limit):
     return starts, ends, physicals, unreliable
 
 
-def _bisect_left(values, x):
-    lo, hi = 0, len(values)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if values[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 def _extent_runs_slow(logical, length, physical, flags, limit):
     """_extent_runs for input the kernel never gives: unsorted is sorted; where extents
     overlap, both runs become unreliable (reported as changed, never missed)."""
     starts, ends, physicals, unreliable = [], [], [], {}
     prev_end = 0
-    for lo, ln, ph, fl in sorted(_izip(logical, length, physical, flags)):
+    for lo, ln, ph, fl in sorted(izip(logical, length, physical, flags)):
         if ln <= 0 or fl & FIEMAP_EXTENT_UNWRITTEN or lo >= limit:
             continue
         end = min(lo + ln, limit)
@@ -3257,7 +3217,7 @@ def data_chunks(extents, size):
     starts, ends, physicals, unreliable = _extent_runs(extents, size)
     return [{'start': s, 'length': e - s,
              'physical_start': p if p is not None else unreliable[s]}
-            for s, e, p in _izip(starts, ends, physicals)]
+            for s, e, p in izip(starts, ends, physicals)]
 
 
 def squash_chunks(chunks):
@@ -3301,7 +3261,7 @@ def diff_chunks(old_extents, new_extents, new_size, old_size=None):
     o_phys.append(None)
     i = 0
     prev_end = 0
-    for s, e, p in _izip(n_start, n_end, n_phys):
+    for s, e, p in izip(n_start, n_end, n_phys):
         if o_start[i] == s:
             if o_end[i] == e and o_phys[i] == p and p is not None:
                 i += 1      # the same run in both: unchanged
@@ -4687,13 +4647,6 @@ class SnapshotService(object):
 
 
 
-# hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
-# Tests set this to None to force the fallback.
-AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
-
-# True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
-# Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
-AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
 
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
@@ -4705,15 +4658,6 @@ _MANAGER_HTTP_EXCEPTION = http_client.HTTPException  # novm (httplib on Python 2
 _JWT_SEGMENT_RE = re.compile(r'^[A-Za-z0-9_-]*$')
 _FINGERPRINT_HEX_RE = re.compile(r'^[0-9a-fA-F]{64}$')
 _IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
-
-
-def _auth_native_str(value):
-    """ASCII bytes or text -> the native str type of this Python."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode('ascii')
-    return value.encode('ascii')
 
 
 # ---------------------------------------------------------------------- constant-time compare
@@ -4737,7 +4681,7 @@ def constant_time_equal(a, b):
     """True when byte strings a and b are equal; time does not depend on where they differ."""
     a = to_bytes(a)
     b = to_bytes(b)
-    compare = AUTH_HMAC_COMPARE_DIGEST
+    compare = HMAC_COMPARE_DIGEST
     if compare is not None:
         return bool(compare(a, b))
     return _auth_constant_time_equal_fallback(a, b)
@@ -4750,7 +4694,7 @@ class TokenError(Exception):
 
 
 def _jwt_b64encode(raw):
-    return _auth_native_str(base64.urlsafe_b64encode(raw).rstrip(b'='))
+    return to_native(base64.urlsafe_b64encode(raw).rstrip(b'='))
 
 
 def _jwt_b64decode(segment, what):
@@ -4982,11 +4926,11 @@ class _ManagerTlsCheck(object):
 
     def wrap(self, sock, host):
         ca_file = self.ca_file
-        if AUTH_TLS_USE_SSLCONTEXT:
+        if HAVE_SSLCONTEXT:
             protocol = getattr(ssl, 'PROTOCOL_TLS_CLIENT', None)
             if protocol is None:
                 protocol = ssl.PROTOCOL_SSLv23
-            context = ssl.SSLContext(protocol)  # novm (guarded by AUTH_TLS_USE_SSLCONTEXT)
+            context = ssl.SSLContext(protocol)  # novm (guarded by HAVE_SSLCONTEXT)
             context.options |= getattr(ssl, 'OP_NO_SSLv2', 0) | getattr(ssl, 'OP_NO_SSLv3', 0)
             # No name check, by design (see the section comment); must precede verify_mode.
             context.check_hostname = False  # novm (2.7.9+, 3.4+: only with SSLContext)
@@ -4996,7 +4940,7 @@ class _ManagerTlsCheck(object):
             else:
                 context.verify_mode = ssl.CERT_NONE
             kwargs = {}
-            if getattr(ssl, 'HAS_SNI', False) and host and ':' not in host \
+            if HAVE_SNI and host and ':' not in host \
                     and not _IPV4_ADDRESS_RE.match(host):
                 kwargs['server_hostname'] = host
             return context.wrap_socket(sock, **kwargs)
@@ -5117,7 +5061,7 @@ class ManagerClient(object):
     """
 
     def __init__(self, endpoint, timeout=10.0, ca_file=None, fingerprint=None, tofu_path=None):
-        endpoint = _auth_native_str(endpoint.strip()).rstrip('/')
+        endpoint = to_native(endpoint.strip()).rstrip('/')
         if not endpoint.lower().startswith('https://') or len(endpoint) <= len('https://'):
             raise ValueError('ovm_endpoint must be an https:// URL, not {0}'.format(
                 text_repr(endpoint)))
@@ -5226,7 +5170,7 @@ class ManagerClient(object):
         opener.add_handler(_ManagerHTTPSHandler(tls_check))
         credentials = base64.b64encode(user_bytes + b':' + password_bytes)
         request = urllib_request.Request(self.url)
-        request.add_header('Authorization', 'Basic ' + _auth_native_str(credentials))
+        request.add_header('Authorization', 'Basic ' + to_native(credentials))
         request.add_header('Accept', 'application/json')
         request.add_header('User-Agent', 'ovm_exporter')
         try:
@@ -5277,11 +5221,8 @@ class LoginBrake(object):
         self._last_sweep = clock()
 
     def __len__(self):
-        self._lock.acquire()
-        try:
+        with self._lock:
             return len(self._failures)
-        finally:
-            self._lock.release()
 
     @staticmethod
     def _keys(address, user):
@@ -5356,21 +5297,17 @@ class LoginBrake(object):
 
     def begin(self, address, user):
         keys = self._keys(address, user)
-        self._lock.acquire()
-        try:
+        with self._lock:
             wait = self._wait(keys, self._clock())
             if not wait:
                 for key in keys:
                     self._in_flight[key] = self._in_flight.get(key, 0) + 1
             return wait
-        finally:
-            self._lock.release()
 
     def end(self, address, user, accepted):
         """accepted: True (a success), False (a failure) or None (no answer: not counted)."""
         keys = self._keys(address, user)
-        self._lock.acquire()
-        try:
+        with self._lock:
             for key in keys:
                 count = self._in_flight.get(key, 0) - 1
                 if count > 0:
@@ -5381,29 +5318,18 @@ class LoginBrake(object):
                 self._succeeded(keys, user)
             elif accepted is not None:
                 self._failed(keys, user, self._clock())
-        finally:
-            self._lock.release()
 
     def retry_after(self, address, user=None):
-        self._lock.acquire()
-        try:
+        with self._lock:
             return self._wait(self._keys(address, user), self._clock())
-        finally:
-            self._lock.release()
 
     def record_failure(self, address, user=None):
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._failed(self._keys(address, user), user, self._clock())
-        finally:
-            self._lock.release()
 
     def record_success(self, address, user=None):
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._succeeded(self._keys(address, user), user)
-        finally:
-            self._lock.release()
 
 
 class Authenticator(object):
@@ -6549,7 +6475,7 @@ class _VerifiedHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on
     def _wrap(self, sock):
         if self._ovm_context is not None:
             kwargs = {}
-            if getattr(ssl, 'HAS_SNI', False) and _ip_address_bytes(self.host) is None:
+            if HAVE_SNI and _ip_address_bytes(self.host) is None:
                 kwargs['server_hostname'] = self.host
             return self._ovm_context.wrap_socket(sock, **kwargs)
         if self._ovm_verify:
@@ -6890,7 +6816,7 @@ def serve(config, pid_file=None, ready=None):
     return running
 
 
-def fail(message, status=2):
+def cli_error(message, status=2):
     sys.stderr.write('ovm_exporter: error: %s\n' % message)
     return status
 
@@ -6906,13 +6832,13 @@ def command_serve(options, args):
     try:
         config = load_checked_config(options.config)
     except ConfigError as exc:
-        return fail(str(exc))
+        return cli_error(str(exc))
     setup_logging(config, options.debug)
     try:
         running = serve(config, options.pid_file)
     except (StoreError, socket.error, OSError) as exc:
         log.error('%s', exc)
-        return fail(str(exc), 1)
+        return cli_error(str(exc), 1)
     if running:  # stuck connection threads: exit without the interpreter's teardown
         logging.shutdown()
         os._exit(0)
@@ -6923,7 +6849,7 @@ def command_check_config(options, args):
     try:
         config = load_checked_config(options.config)
     except ConfigError as exc:
-        return fail(str(exc))
+        return cli_error(str(exc))
     print('# %s is valid; effective configuration (secrets hidden):' % options.config)
     for line in config.describe():
         print(line)
@@ -6935,14 +6861,14 @@ def command_vms(options, args):
         try:
             config = load_checked_config(options.config, need_tls=False)
         except ConfigError as exc:
-            return fail(str(exc))
+            return cli_error(str(exc))
     else:
         config = default_config()
     inventory = build_inventory(config)
     try:
         vms = [vm_public_fields(vm) for vm in inventory.list_vms()]
     except (BerkeleyDBError, IOError, OSError) as exc:
-        return fail('cannot list repositories: %s' % exc, 1)
+        return cli_error('cannot list repositories: %s' % exc, 1)
     if options.json:
         print(json.dumps(vms, indent=2, sort_keys=True))
     else:
@@ -7173,7 +7099,7 @@ def command_demo(options, args):
         try:
             paths = make_certificates(folder)
         except (OSError, RuntimeError) as exc:
-            return fail('the demo needs the openssl command to make a certificate: %s' % exc)
+            return cli_error('the demo needs the openssl command to make a certificate: %s' % exc)
         password = binascii.hexlify(os.urandom(6)).decode('ascii')
         config = default_config()
         config.demo = True
@@ -7210,7 +7136,7 @@ def command_client(options, args):
     usage = ('client commands: vms | snapshot VM | download VM SNAPSHOT DISK IMAGE '
              '[--compare-to OLDER] [--verify]  (with --url, --user, --cacert or --insecure)')
     if not args or not options.url:
-        return fail(usage)
+        return cli_error(usage)
     password = os.environ.get('OVM_EXPORTER_PASSWORD')
     if password is None:
         import getpass
@@ -7230,10 +7156,10 @@ def command_client(options, args):
                 print('%s: sha256 matches the server%s' % (args[4], repaired and (
                     ' after %d bytes were downloaded again' % repaired) or ''))
         else:
-            return fail(usage)
+            return cli_error(usage)
     except (ClientError, socket.error, ssl.SSLError, http_client.HTTPException, IOError,
             OSError) as exc:
-        return fail(str(exc), 1)
+        return cli_error(str(exc), 1)
     finally:
         client.close()
     return 0
