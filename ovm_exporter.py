@@ -5406,7 +5406,7 @@ LINGER_SECONDS = 3.0
 LINGER_BYTES = 1 << 20
 # Plain decimal numbers: ASCII digits only (str.isdigit() takes Unicode digits such as
 # u'\xb2' that int() refuses), and few enough that int() is cheap and allowed everywhere.
-DECIMAL_RE = re.compile(r'[0-9]{1,19}\Z')
+DECIMAL_RE = re.compile(r'[0-9]{1,20}\Z')
 CONTROL_BYTES_RE = re.compile(br'[\x00-\x1f\x7f]')
 HTTP_VERSION_RE = re.compile(br'HTTP/([0-9]+)\.([0-9]+)\Z')
 FIELD_NAME_RE = re.compile(br"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
@@ -6327,10 +6327,11 @@ class ApiApplication(object):
         values = query.get(name)
         if not values:
             return None
-        if not DECIMAL_RE.match(values[-1]):
+        if len(values[-1]) > 19 or not DECIMAL_RE.match(values[-1]):
             raise bad_request('%s must be a plain decimal number (at most 19 digits), not %r'
                               % (name, values[-1][:40]))
         return int(values[-1])
+
     @staticmethod
     def _if_range_holds(values, etag, last_modified):
         """RFC 9110 13.1.5: an entity tag matches only when strong and equal, a date only
