@@ -30,6 +30,7 @@ import ast
 import base64
 import binascii
 import bisect
+import collections
 import errno
 import fcntl
 import hashlib
@@ -209,6 +210,34 @@ def legacy_handshake(tls):
     this one keeps it, so a client or Manager that stalls cannot hold a thread forever."""
     tls.do_handshake()
     return tls
+
+
+_IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
+
+
+def client_tls(sock, host, ca_file=None, verify=True):
+    """The client side of TLS on a connected socket (the OVM Manager check, the client, the
+    self-test), handshake done. With `verify` the chain is checked against ca_file (without
+    one: the system's CAs); never the name, which each caller checks its own way."""
+    if HAVE_SSLCONTEXT:
+        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
+        context.options |= getattr(ssl, 'OP_NO_SSLv2', 0) | getattr(ssl, 'OP_NO_SSLv3', 0)
+        context.check_hostname = False  # novm (2.7.9+, 3.4+); must precede verify_mode
+        context.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+        if verify and ca_file:
+            context.load_verify_locations(cafile=ca_file)
+        elif verify:
+            context.load_default_certs()  # novm
+        kwargs = {}
+        if HAVE_SNI and host and ':' not in host and not _IPV4_ADDRESS_RE.match(host):
+            kwargs['server_hostname'] = host
+        return context.wrap_socket(sock, **kwargs)
+    if verify:  # Python 2.6
+        options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file)
+    else:
+        options = dict(cert_reqs=ssl.CERT_NONE)
+    return legacy_handshake(getattr(ssl, 'wrap_socket')(
+        sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
 
 
 # ------------------------------------------------------ TOML config parser, Go durations ---
@@ -476,13 +505,22 @@ class _TomlParser(object):
             self.pos += 1
         return self.data
 
-    def table_header(self):
+    def _header_key(self, opening):
         start = self.pos
-        self.pos += 1
+        self.pos += len(opening)
         self.skip_ws()
         key = self.parse_key()
         self.errkey = key
-        name = _toml_format_key(key)
+        return start, key, _toml_format_key(key)
+
+    def _header_end(self, closing, what):
+        if not self.src.startswith(closing, self.pos):
+            raise self.error(u"expected '%s' at the end of the %s header, found %s"
+                             % (closing, what, self.found()))
+        self.pos += len(closing)
+
+    def table_header(self):
+        start, key, name = self._header_key(u'[')
         if self.flags.has(key, _TOML_FROZEN):
             raise self.error(u'table [%s] cannot be opened: it is already defined as an '
                              u'inline table or array' % name, start)
@@ -494,19 +532,11 @@ class _TomlParser(object):
         except _TomlNestError as exc:
             raise self.error(u'table [%s] cannot be opened: %s is already defined as a value'
                              % (name, _toml_format_key(exc.key)), start)
-        if not self.src.startswith(u']', self.pos):
-            raise self.error(u"expected ']' at the end of the table header, found "
-                             + self.found())
-        self.pos += 1
+        self._header_end(u']', u'table')
         return key
 
     def array_table_header(self):
-        start = self.pos
-        self.pos += 2
-        self.skip_ws()
-        key = self.parse_key()
-        self.errkey = key
-        name = _toml_format_key(key)
+        start, key, name = self._header_key(u'[[')
         if self.flags.has(key, _TOML_FROZEN):
             raise self.error(u'array of tables [[%s]] cannot be extended: it is already '
                              u'defined as an inline table or array' % name, start)
@@ -523,10 +553,7 @@ class _TomlParser(object):
         except _TomlNestError as exc:
             raise self.error(u'array of tables [[%s]] cannot be opened: %s is already defined'
                              u' as a table or value' % (name, _toml_format_key(exc.key)), start)
-        if not self.src.startswith(u']]', self.pos):
-            raise self.error(u"expected ']]' at the end of the array of tables header, found "
-                             + self.found())
-        self.pos += 2
+        self._header_end(u']]', u'array of tables')
         return key
 
     def key_value_statement(self, header):
@@ -1031,6 +1058,14 @@ SNAPSHOT_PAUSE_MODES = ('auto', 'always', 'never')
 
 class Config(object):
     """The effective configuration: every key of CONFIG_SCHEMA, flattened with '_' for '.'."""
+    # The attributes, by name (set from `values` below):
+    db_file = ovm_endpoint = ovm_ca_certificate = ovm_certificate_fingerprint = None
+    ovm_fingerprint_file = ovm_timeout = log_file = log_level = ovs_agent_db_dir = None
+    snapshot_min_free_percent = snapshot_pause = snapshot_pause_max = xen_toolstack = None
+    jwt_secret = jwt_time_to_live = api_bind = api_port = api_max_connections = None
+    api_handshake_timeout = api_idle_timeout = api_login_max_failures = None
+    api_login_failure_window = api_tls_certificate = api_tls_key = None
+    api_tls_ca_certificate = api_tls_require_client_certificate = repository = None
 
     def __init__(self, values, source='<defaults>'):
         self.source = source
@@ -1151,7 +1186,42 @@ def config_from_document(document, source):
     return Config(values, source)
 
 
-def validate_config(config, need_tls=True):
+class RepositoryConfigError(ConfigError):
+    """An invalid [[repository]] table in the configuration."""
+
+
+def check_repository_tables(configured, source='configuration'):
+    """Every rule for the config's [[repository]] tables, in one place: validate_config runs
+    it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
+    Raises RepositoryConfigError (a ConfigError)."""
+    def bad_table(index, field, what):
+        key = 'repository[%d]%s' % (index, field and '.' + field or '')
+        raise RepositoryConfigError('%s: key %r: %s'
+                                    % (source, key, to_native(what, 'backslashreplace')))
+
+    seen = {}
+    for index, table in enumerate(configured):
+        if not isinstance(table, dict):
+            bad_table(index, '', 'must be a [[repository]] table')
+        repo_id = table.get('id')
+        mount_point = table.get('mount_point')
+        if not isinstance(repo_id, (bytes, text_type)) or not to_text(repo_id).strip():
+            bad_table(index, 'id', 'is required and must be a non-empty string')
+        if not isinstance(mount_point, (bytes, text_type)) or \
+                not to_text(mount_point).strip().startswith('/'):
+            bad_table(index, 'mount_point', 'is required and must be an absolute path')
+        for field in ('filesystem', 'alias'):
+            if table.get(field) is not None and not isinstance(table.get(field),
+                                                               (bytes, text_type)):
+                bad_table(index, field, 'must be a string')
+        repo_id = to_text(repo_id).strip()
+        if repo_id in seen:
+            bad_table(index, 'id', u'repository id %s is listed twice (also repository[%d])'
+                      % (repo_id, seen[repo_id]))
+        seen[repo_id] = index
+
+
+def validate_config(config):
     """Raise ConfigError naming the first problem; return a list of warnings."""
     source = config.source
     warnings = []
@@ -1192,28 +1262,7 @@ def validate_config(config, need_tls=True):
             normalize_certificate_fingerprint(config.ovm_certificate_fingerprint)
         except ValueError as exc:
             bad_key('ovm_certificate_fingerprint', str(exc))
-    try:
-        SnapshotStore.check_is_sqlite(config.db_file)
-    except StoreError as exc:
-        bad_key('db_file', str(exc))
-    if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
-        bad_key('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
     check_repository_tables(config.repository or [], source)
-    if need_tls:
-        for key in ('api.tls.certificate', 'api.tls.key'):
-            path = config.values[key]
-            if not path:
-                bad_key(key, 'is required (the service speaks HTTPS only)')
-            if not os.path.isfile(path):
-                bad_key(key, 'file %s does not exist' % path)
-        if config.api_tls_require_client_certificate and not config.api_tls_ca_certificate:
-            bad_key('api.tls.ca_certificate', 'is required when require_client_certificate = true')
-        try:
-            make_server_tls(config)
-        except TlsSetupError as exc:
-            bad_key(exc.key, str(exc))
-        except (ssl.SSLError, IOError, OSError, ValueError) as exc:
-            bad_key('api.tls', 'cannot load certificate/key: %s' % exc)
     return warnings
 
 
@@ -1615,7 +1664,7 @@ def sniff_ovsmeta(path):
 # ------------------------------------------------------- VM and repository discovery ---
 # Finds repositories (ovs-agent `repository` database or the config's [[repository]] tables),
 # the VMs in `<mount_point>/VirtualMachines/*/vm.cfg`, and their disks, and decides which
-# disks / VMs can be snapshotted (see api-contract.md "Virtual machines").
+# disks / VMs can be snapshotted (README "The API").
 # vm.cfg files are read with ast.parse + ast.literal_eval only: never eval/exec.
 
 
@@ -1649,10 +1698,6 @@ _DISCOVERY_TAP_FILE_PREFIXES = ('tap:aio:', 'tap:tapdisk:aio:', 'tap2:tapdisk:ai
 
 class VmConfigError(Exception):
     """A vm.cfg that cannot be read at all (too large, unreadable)."""
-
-
-class RepositoryConfigError(ConfigError):
-    """An invalid [[repository]] table in the configuration."""
 
 
 def _discovery_is_ascii(text):
@@ -1989,41 +2034,10 @@ def _discovery_lookup(mapping, key):
     return mapping.get(other)
 
 
-def check_repository_tables(configured, source='configuration'):
-    """Every rule for the config's [[repository]] tables, in one place: validate_config runs
-    it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
-    Returns the repository records; raises RepositoryConfigError (a ConfigError)."""
-    def bad_table(index, field, what):
-        key = 'repository[%d]%s' % (index, field and '.' + field or '')
-        raise RepositoryConfigError('%s: key %r: %s'
-                                    % (source, key, to_native(what, 'backslashreplace')))
-
-    records = []
-    seen = {}
-    for index, table in enumerate(configured):
-        if not isinstance(table, dict):
-            bad_table(index, '', 'must be a [[repository]] table')
-        repo_id = table.get('id')
-        mount_point = table.get('mount_point')
-        if not isinstance(repo_id, (bytes, text_type)) or not to_text(repo_id).strip():
-            bad_table(index, 'id', 'is required and must be a non-empty string')
-        if not isinstance(mount_point, (bytes, text_type)) or \
-                not to_text(mount_point).strip().startswith('/'):
-            bad_table(index, 'mount_point', 'is required and must be an absolute path')
-        for field in ('filesystem', 'alias'):
-            if table.get(field) is not None and not isinstance(table.get(field), (bytes, text_type)):
-                bad_table(index, field, 'must be a string')
-        record = make_repository_record(repo_id, table)
-        if record['id'] in seen:
-            bad_table(index, 'id', u'repository id %s is listed twice (also repository[%d])'
-                 % (record['id'], seen[record['id']]))
-        seen[record['id']] = index
-        records.append(record)
-    return records
-
-
-def _repositories_from_config(configured):
-    return check_repository_tables(configured)
+def configured_repositories(configured):
+    """Repository records for the config's [[repository]] tables (check_repository_tables)."""
+    check_repository_tables(configured)
+    return [make_repository_record(table.get('id'), table) for table in configured]
 
 
 def load_repositories(db_reader, db_dir, configured):
@@ -2032,7 +2046,7 @@ def load_repositories(db_reader, db_dir, configured):
     read with db_reader(path) -> {repo id: {field: value}} (its errors propagate). Records
     without a mount point are skipped with a warning. Database records are sorted by id."""
     if configured:
-        return _repositories_from_config(configured)
+        return configured_repositories(configured)
     path = os.path.join(db_dir, 'repository')
     raw = db_reader(path)
     records = []
@@ -2085,7 +2099,7 @@ class RepositoryDbLoader(object):
         self._records = None
         self._lock = threading.Lock()
         if self.configured:
-            self._records = _repositories_from_config(self.configured)
+            self._records = configured_repositories(self.configured)
 
     def __call__(self):
         if self.configured:
@@ -2299,6 +2313,11 @@ def vm_public_fields(vm):
     return result
 
 
+# A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
+# the problem to warn about again.
+Cached = collections.namedtuple('Cached', 'key value problem')
+
+
 class HostInventory(object):
     """The VMs of this host, found in every repository's VirtualMachines/*/vm.cfg.
 
@@ -2324,9 +2343,9 @@ class HostInventory(object):
         self.cfg_reads = 0        # vm.cfg files read and parsed (for tests and the CLI)
         self.probe_calls = 0      # clone_probe calls
         self._lock = threading.RLock()
-        self._cfg_cache = {}      # path -> (stat key, (cfg dict, [(entry, parsed)]) or None, problem)
-        self._meta_cache = {}     # repo id -> (stat key, {basename: meta}, problem)
-        self._probe_cache = {}    # (repo id, mount point) -> (time, ok, reason)
+        self._cfg_cache = {}      # path -> Cached(stat key, (cfg, [(entry, parsed)]) or None, ..)
+        self._meta_cache = {}     # repo id -> Cached(stat key, {basename: meta}, problem)
+        self._probe_cache = {}    # (repo id, mount point) -> Cached(time, ok, reason)
         self._repos = []
         self._warned = {}
         self._warnings = None
@@ -2413,10 +2432,10 @@ class HostInventory(object):
             self._meta_cache.pop(repo['id'], None)
             return {}
         cached = self._meta_cache.get(repo['id'])
-        if cached is not None and cached[0] == key:
-            if cached[2]:
-                self._warn('ovsmeta:' + repo['id'], cached[2])
-            return cached[1]
+        if cached is not None and cached.key == key:
+            if cached.problem:
+                self._warn('ovsmeta:' + repo['id'], cached.problem)
+            return cached.value
         meta = {}
         problem = ''
         try:
@@ -2433,7 +2452,7 @@ class HostInventory(object):
             problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(
                 repo['id'], path, to_text(e))
             meta = {}
-        self._meta_cache[repo['id']] = (key, meta, problem)
+        self._meta_cache[repo['id']] = Cached(key, meta, problem)
         if problem:
             self._warn('ovsmeta:' + repo['id'], problem)
         return meta
@@ -2443,8 +2462,8 @@ class HostInventory(object):
         cache_key = (repo['id'], repo['mount_point'])
         now = self.clock()
         cached = self._probe_cache.get(cache_key)
-        if cached is not None and cached[0] <= now < cached[0] + self.probe_ttl:
-            return cached[1], cached[2]
+        if cached is not None and cached.key <= now < cached.key + self.probe_ttl:
+            return cached.value, cached.problem
         if not os.path.isdir(repo['mount_point']):
             ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
         else:
@@ -2455,7 +2474,7 @@ class HostInventory(object):
                 reason = to_text(reason)
             except Exception as e:
                 ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
-        self._probe_cache[cache_key] = (now, ok, reason)
+        self._probe_cache[cache_key] = Cached(now, ok, reason)
         return ok, reason
 
     def repository_clone_support(self, repo_id):
@@ -2482,9 +2501,9 @@ class HostInventory(object):
                 path, _file_type_name(st.st_mode))
         key = _discovery_stat_key(st)
         cached = self._cfg_cache.get(path)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached.key == key:
             self._cfg_seen[path] = cached
-            return cached[1], cached[2]
+            return cached.value, cached.problem
         self.cfg_reads += 1
         parsed, problem = None, ''
         try:
@@ -2504,7 +2523,7 @@ class HostInventory(object):
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None, ''
             problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
-        entry = (key, parsed, problem)
+        entry = Cached(key, parsed, problem)
         self._cfg_seen[path] = entry
         return parsed, problem
 
@@ -3733,10 +3752,6 @@ STORE_INSTANCE_FILE_SUFFIX = '.instance-id'
 _INSTANCE_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 
 
-def snapshot_dir(repo_mountpoint, snapshot_id):
-    return os.path.join(repo_mountpoint, SNAPSHOTS_DIR_NAME, snapshot_id)
-
-
 class SnapshotStore(object):
     """Snapshot records in SQLite, safe to call from many threads.
 
@@ -4012,34 +4027,43 @@ class SnapshotStore(object):
 
 # -------------------------------------------------------------------- snapshot service ---
 
-class ApiError(Exception):
-    """An error with an HTTP status, a short title and a human sentence."""
+class ServiceError(Exception):
+    """What the service (or the authenticator) refuses or fails to do, in its own words; the
+    HTTP section maps each kind to a status and title (ERROR_STATUSES). `headers`: what a
+    client needs to retry (Retry-After, Content-Range)."""
 
-    def __init__(self, status, title, details, headers=None):
+    def __init__(self, details, headers=None):
         Exception.__init__(self, details)
-        self.status = status
-        self.title = title
         self.details = details
         self.headers = headers or {}
 
 
-def not_found(details):
-    return ApiError(404, 'Not Found', details)
+class NotFound(ServiceError):
+    """No such virtual machine, snapshot, disk or snapshot file."""
 
 
-def bad_request(details):
-    return ApiError(400, 'Bad Request', details)
+class InvalidRequest(ServiceError):
+    """Arguments the service cannot use, e.g. a VM that is not snapshot compatible."""
 
 
-def conflict(details):
-    return ApiError(409, 'Conflict', details)
+class WrongVm(ServiceError):
+    """A snapshot named under a virtual machine it does not belong to."""
 
 
-class RepositoryUnavailable(ApiError):
+class RangeNotSatisfiable(ServiceError):
+    """A byte range outside the disk."""
+
+
+class NoSpace(ServiceError):
+    """A repository too full to take (more) snapshot files."""
+
+
+class RepositoryUnavailable(ServiceError):
     """A repository that holds (or would hold) snapshot files is not mounted now."""
 
-    def __init__(self, details):
-        ApiError.__init__(self, 503, 'Service Unavailable', details)
+
+class ServiceFailure(ServiceError):
+    """Anything else that failed on the host (I/O, the toolstack, a pause that must happen)."""
 
 
 def remove_tree_quietly(path):
@@ -4089,6 +4113,94 @@ def copy_sparse(src, dst):
     return 'sparse_copy'
 
 
+class SnapshotFolders(object):
+    """The snapshot files on disk: <repository>/CoriolisSnapshots/<snapshot id>/<disk name>,
+    each folder with an owner file holding `owner` (the store's instance id: repositories are
+    shared by the servers of a pool, and start-up removes only its own orphans); their free
+    space, and how a disk gets into one (a clone; a sparse copy in the demo)."""
+
+    def __init__(self, owner, min_free_percent=0, demo=False):
+        self.owner = owner
+        self.min_free_percent = min_free_percent
+        self.demo = demo
+
+    @staticmethod
+    def base(mountpoint):
+        return os.path.join(mountpoint, SNAPSHOTS_DIR_NAME)
+
+    @classmethod
+    def folder(cls, mountpoint, snapshot_id):
+        return os.path.join(cls.base(mountpoint), snapshot_id)
+
+    def make(self, folder):
+        if not os.path.isdir(folder):
+            os.makedirs(folder, 0o700)
+            with open(os.path.join(folder, SNAPSHOT_OWNER_FILE), 'w') as owner:
+                owner.write(self.owner + '\n')
+
+    def remove(self, snapshot_id, mountpoints):
+        """Remove the snapshot's folder from every repository; True when nothing is left."""
+        clean = True
+        for mountpoint in sorted(set(mountpoints)):
+            clean = remove_tree_quietly(self.folder(mountpoint, snapshot_id)) and clean
+        return clean
+
+    def check_free_space(self, mountpoints):
+        minimum = self.min_free_percent
+        for mountpoint in mountpoints:
+            try:
+                st = os.statvfs(mountpoint)
+            except OSError as exc:
+                raise ServiceFailure('cannot read free space of %s: %s'
+                                     % (mountpoint, exc.strerror))
+            if st.f_blocks and 100.0 * st.f_bavail / st.f_blocks < minimum:
+                raise NoSpace('repository %s has less than %d%% free space; snapshots pin '
+                              'blocks and a full repository stops its VMs'
+                              % (mountpoint, minimum))
+
+    def copy(self, source, target):
+        try:
+            return clone_file(source, target)
+        except CloneError as exc:
+            if self.demo and exc.cannot_clone:
+                return copy_sparse(source, target)
+            raise
+
+    def made_here(self, folder):
+        """True when `folder` is a snapshot folder made by this exporter (its owner file)."""
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            return False
+        try:  # a pool peer's FIFO must not block the start-up
+            with os.fdopen(open_regular_file(os.path.join(folder, SNAPSHOT_OWNER_FILE))) as owner:
+                return owner.read(100).strip() == self.owner
+        except (IOError, OSError):
+            return False
+
+    def sweep(self, mountpoint, owned):
+        """Remove the orphan folders (ids not in `owned`) this exporter made in a repository,
+        and the probe files a crash left there. Returns how many folders went."""
+        base = self.base(mountpoint)
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return 0
+        removed = 0
+        for name in names:
+            path = os.path.join(base, name)
+            if UUID_RE.match(name) and name not in owned and self.made_here(path):
+                log.warning('removing orphan snapshot folder %s', path)
+                if remove_tree_quietly(path):
+                    removed += 1
+            elif name.startswith(_CLONE_PROBE_PREFIX):
+                try:  # left by a crash in the middle of a probe: ours, or a pool peer's
+                    if name.startswith(_CLONE_PROBE_HOST_PREFIX) or \
+                            os.lstat(path).st_mtime < time.time() - PROBE_FILE_MAX_AGE:
+                        os.unlink(path)
+                except OSError:
+                    pass
+        return removed
+
+
 def _is_missing(path):
     """True only when `path` provably does not exist (not for any other error)."""
     try:
@@ -4117,6 +4229,8 @@ class SnapshotService(object):
     """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
 
     def __init__(self, config, inventory, store):
+        self.folders = SnapshotFolders(store.instance_id, config.snapshot_min_free_percent,
+                                       config.demo)
         self.config = config
         self.inventory = inventory
         self.store = store
@@ -4146,7 +4260,7 @@ class SnapshotService(object):
     def _vm_or_404(self, vm_id):
         vm = self.inventory.get_vm(vm_id)
         if vm is None:
-            raise not_found('virtual machine %s not found on this host' % vm_id)
+            raise NotFound('virtual machine %s not found on this host' % vm_id)
         return vm
 
     def get_vm(self, vm_id, problems=None):
@@ -4159,38 +4273,16 @@ class SnapshotService(object):
     def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
         record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
         if record is None or record['state'] != 'ready':
-            raise not_found('%s %s not found' % (what, snapshot_id))
+            raise NotFound('%s %s not found' % (what, snapshot_id))
         if record['vm_id'] != vm_id:
-            raise conflict('%s %s belongs to virtual machine %s, not %s'
-                           % (what, snapshot_id, record['vm_id'], vm_id))
+            raise WrongVm('%s %s belongs to virtual machine %s, not %s'
+                          % (what, snapshot_id, record['vm_id'], vm_id))
         return record
-
-    def _check_free_space(self, mountpoints):
-        minimum = self.config.snapshot_min_free_percent
-        for mountpoint in mountpoints:
-            try:
-                st = os.statvfs(mountpoint)
-            except OSError as exc:
-                raise ApiError(500, 'Internal Server Error',
-                               'cannot read free space of %s: %s' % (mountpoint, exc.strerror))
-            if st.f_blocks and 100.0 * st.f_bavail / st.f_blocks < minimum:
-                raise ApiError(507, 'Insufficient Storage',
-                               'repository %s has less than %d%% free space; snapshots pin '
-                               'blocks and a full repository stops its VMs'
-                               % (mountpoint, minimum))
-
-    def _clone(self, source, target):
-        try:
-            return clone_file(source, target)
-        except CloneError as exc:
-            if self.config.demo and exc.cannot_clone:
-                return copy_sparse(source, target)
-            raise
 
     def create_snapshot(self, vm_id):
         vm = self._vm_or_404(vm_id)
         if not vm['snapshot_compatible']:
-            raise bad_request('virtual machine %s is not snapshot compatible: %s' % (
+            raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
                 vm_id, vm.get('_compat_reason') or 'it has no data disks'))
         snapshot_id = str(uuid.uuid4())
         disks = []
@@ -4200,7 +4292,7 @@ class SnapshotService(object):
             mountpoint = disk['_repo_mountpoint']
             disks.append({'name': disk['name'], 'parent_path': disk['path'],
                           'repo_mountpoint': mountpoint,
-                          'path': os.path.join(snapshot_dir(mountpoint, snapshot_id),
+                          'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
                                                disk['name'])})
         with self.vm_locks.get(vm_id):
             mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
@@ -4208,19 +4300,15 @@ class SnapshotService(object):
             for disk in disks:
                 real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
                 if why:
-                    raise bad_request('virtual machine %s is not snapshot compatible: disk %s: %s'
-                                      % (vm_id, disk['parent_path'], why))
+                    raise InvalidRequest('virtual machine %s is not snapshot compatible: disk '
+                                         '%s: %s' % (vm_id, disk['parent_path'], why))
                 disk['source'] = real
-            self._check_free_space(mountpoints)
+            self.folders.check_free_space(mountpoints)
             toolstack, consistency = self._cut_plan(vm_id, len(disks))
             self.store.record_intent(snapshot_id, vm_id, disks)
             try:
                 for disk in disks:
-                    folder = os.path.dirname(disk['path'])
-                    if not os.path.isdir(folder):
-                        os.makedirs(folder, 0o700)
-                        with open(os.path.join(folder, SNAPSHOT_OWNER_FILE), 'w') as owner:
-                            owner.write(self.store.instance_id + '\n')
+                    self.folders.make(os.path.dirname(disk['path']))
                 paused_ms = None
                 if toolstack is None:
                     methods = self._clone_each(snapshot_id, disks)
@@ -4252,7 +4340,7 @@ class SnapshotService(object):
     def _clone_each(self, snapshot_id, disks):
         methods = {}
         for disk in disks:
-            methods[disk['name']] = method = self._clone(disk['source'], disk['path'])
+            methods[disk['name']] = method = self.folders.copy(disk['source'], disk['path'])
             log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
         return methods
 
@@ -4266,16 +4354,14 @@ class SnapshotService(object):
             problem = ('no Xen toolstack: %s is not an executable file' % self.config.xen_toolstack
                        if self.config.xen_toolstack else 'no Xen toolstack (xl or xm) on PATH')
             if mode == 'always':
-                raise ApiError(500, 'Internal Server Error', 'snapshot_pause is "always" but '
-                               'there is %s' % problem)
+                raise ServiceFailure('snapshot_pause is "always" but there is %s' % problem)
             log.debug('snapshot of %s: %s; disks are cut one by one', vm_id, problem)
             return None, 'per-disk'
         try:
             status, output = run_command([toolstack, 'list', vm_id], TOOLSTACK_TIMEOUT)
         except ToolstackError as exc:
             if mode == 'always':
-                raise ApiError(500, 'Internal Server Error', 'cannot tell whether domain %s '
-                               'runs: %s' % (vm_id, exc))
+                raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, exc))
             log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
                         'cut one by one', vm_id, exc)
             return None, 'per-disk'
@@ -4307,8 +4393,7 @@ class SnapshotService(object):
             if not isinstance(exc, ToolstackError):
                 raise
             if always:
-                raise ApiError(500, 'Internal Server Error', 'cannot pause domain %s: %s'
-                               % (vm_id, exc))
+                raise ServiceFailure('cannot pause domain %s: %s' % (vm_id, exc))
             log.warning('snapshot %s: cannot pause domain %s (%s); disks are cut one by one',
                         snapshot_id, vm_id, exc)
             return self._clone_each(snapshot_id, disks), 'per-disk', None
@@ -4323,7 +4408,7 @@ class SnapshotService(object):
                        'watchdog unpaused it before every disk was cloned'
                        % (vm_id, self.config.snapshot_pause_max))
             if always:
-                raise ApiError(500, 'Internal Server Error', message)
+                raise ServiceFailure(message)
             log.warning('snapshot %s: %s; it counts as cut one by one', snapshot_id, message)
             return methods, 'per-disk', None
         return methods, 'paused', pause.paused_ms
@@ -4365,10 +4450,7 @@ class SnapshotService(object):
                 absent[0], problems[absent[0]], consequence))
 
     def _undo_create(self, snapshot_id, disks):
-        clean = True
-        for mountpoint in sorted(set(d['repo_mountpoint'] for d in disks)):
-            clean = remove_tree_quietly(snapshot_dir(mountpoint, snapshot_id)) and clean
-        if clean:
+        if self.folders.remove(snapshot_id, [d['repo_mountpoint'] for d in disks]):
             try:
                 self.store.forget(snapshot_id)
             except StoreError as exc:  # a 'creating' record is never listed; start-up drops it
@@ -4377,21 +4459,18 @@ class SnapshotService(object):
 
     @staticmethod
     def _clone_failure(exc):
-        if isinstance(exc, (ApiError, StoreError)):
+        if isinstance(exc, (ServiceError, StoreError)):
             return exc
-        if isinstance(exc, CloneError):
-            if exc.cannot_clone:
-                return bad_request(str(exc))
+        if isinstance(exc, CloneError) and exc.cannot_clone:
+            return InvalidRequest(str(exc))
+        if isinstance(exc, EnvironmentError):  # CloneError too
+            plain = isinstance(exc, CloneError)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return ApiError(507, 'Insufficient Storage', str(exc))
-            return ApiError(500, 'Internal Server Error', str(exc))
-        if isinstance(exc, (IOError, OSError)):
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return ApiError(507, 'Insufficient Storage', 'no space left: %s' % exc)
-            return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
+                return NoSpace(str(exc) if plain else 'no space left: %s' % exc)
+            return ServiceFailure(str(exc) if plain else 'snapshot failed: %s' % exc)
         if isinstance(exc, Exception):
             log.error('snapshot failed: %s', traceback.format_exc())
-            return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
+            return ServiceFailure('snapshot failed: %s' % exc)
         return exc  # KeyboardInterrupt, SystemExit: cleaned up, keep going up
 
     @staticmethod
@@ -4404,7 +4483,7 @@ class SnapshotService(object):
         """The error for a snapshot file that cannot be found."""
         self._check_mounted([disk['repo_mountpoint']], 'snapshot %s is kept and can be read '
                             'again once it is mounted' % snapshot_id)
-        return not_found('the snapshot file %s is missing' % disk['path'])
+        return NotFound('the snapshot file %s is missing' % disk['path'])
 
     def _disk_map_or_404(self, snapshot_id, disk):
         try:
@@ -4420,8 +4499,8 @@ class SnapshotService(object):
         if compare_to is not None:
             base = self._snapshot_or_404(vm_id, compare_to, 'compareTo snapshot')
             if base['seq'] >= record['seq']:
-                raise bad_request('compareTo snapshot %s is not older than %s'
-                                  % (compare_to, snapshot_id))
+                raise InvalidRequest('compareTo snapshot %s is not older than %s'
+                                     % (compare_to, snapshot_id))
         return self._snapshot_view(record, squash, base)
 
     def _snapshot_view(self, record, squash, base=None):
@@ -4452,9 +4531,7 @@ class SnapshotService(object):
                 views.append(self._snapshot_view(record, squash))
             except RepositoryUnavailable as exc:
                 log.warning('not listing snapshot %s of %s: %s', record['id'], vm_id, exc.details)
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+            except NotFound:
                 now = self.store.get(record['id'])
                 if now is not None and now['state'] == 'ready':
                     raise
@@ -4465,8 +4542,8 @@ class SnapshotService(object):
         if record is None:
             return
         if record['vm_id'] != vm_id:
-            raise conflict('snapshot %s belongs to virtual machine %s, not %s'
-                           % (snapshot_id, record['vm_id'], vm_id))
+            raise WrongVm('snapshot %s belongs to virtual machine %s, not %s'
+                          % (snapshot_id, record['vm_id'], vm_id))
         with self.vm_locks.get(vm_id):
             self._delete_record(record)
 
@@ -4484,13 +4561,9 @@ class SnapshotService(object):
                             'snapshot %s was not deleted; try again once it is mounted'
                             % record['id'])
         self.store.mark_deleting(record['id'])
-        clean = True
-        for mountpoint in sorted(set(d['repo_mountpoint'] for d in record['disks'])):
-            clean = remove_tree_quietly(snapshot_dir(mountpoint, record['id'])) and clean
-        if not clean:
-            raise ApiError(500, 'Internal Server Error',
-                           'could not remove every file of snapshot %s; it stays marked for '
-                           'deletion and is retried at the next start' % record['id'])
+        if not self.folders.remove(record['id'], [d['repo_mountpoint'] for d in record['disks']]):
+            raise ServiceFailure('could not remove every file of snapshot %s; it stays marked '
+                                 'for deletion and is retried at the next start' % record['id'])
         self.store.forget(record['id'])
 
     def open_disk(self, vm_id, snapshot_id, disk_name):
@@ -4505,7 +4578,7 @@ class SnapshotService(object):
                         raise self._missing_file(snapshot_id, disk)
                     raise
                 return handle, os.fstat(handle.fileno()).st_size
-        raise not_found('snapshot %s has no disk %s' % (snapshot_id, disk_name))
+        raise NotFound('snapshot %s has no disk %s' % (snapshot_id, disk_name))
 
     def disk_checksum(self, vm_id, snapshot_id, disk_name, start=0, length=None,
                       block_size=None):
@@ -4514,22 +4587,21 @@ class SnapshotService(object):
         handle, size = self.open_disk(vm_id, snapshot_id, disk_name)
         try:
             if start >= size and (start or size):
-                raise ApiError(416, 'Range Not Satisfiable', 'start %d is not below the disk '
-                               'size %d' % (start, size), {'Content-Range': 'bytes */%d' % size})
+                raise RangeNotSatisfiable('start %d is not below the disk size %d' % (start, size),
+                                          {'Content-Range': 'bytes */%d' % size})
             if length is not None and length < 1:
-                raise bad_request('length must be at least 1')
+                raise InvalidRequest('length must be at least 1')
             end = size if length is None else min(size, start + length)
             if block_size is not None:
                 if block_size < 1 or block_size % 4096:
-                    raise bad_request('block_size must be a positive multiple of 4096')
+                    raise InvalidRequest('block_size must be a positive multiple of 4096')
                 if (end - start + block_size - 1) // block_size > CHECKSUM_MAX_BLOCKS:
-                    raise bad_request('at most %d blocks per answer: ask for a shorter length '
-                                      'or a larger block_size' % CHECKSUM_MAX_BLOCKS)
+                    raise InvalidRequest('at most %d blocks per answer: ask for a shorter '
+                                         'length or a larger block_size' % CHECKSUM_MAX_BLOCKS)
             try:
                 extents = fiemap(handle)
             except EnvironmentError as exc:
-                raise ApiError(500, 'Internal Server Error', 'cannot read the extent map of '
-                               '%s: %s' % (disk_name, exc))
+                raise ServiceFailure('cannot read the extent map of %s: %s' % (disk_name, exc))
             checksum, blocks = range_checksums(handle, extents, size, start, end - start,
                                                block_size)
         finally:
@@ -4572,50 +4644,22 @@ class SnapshotService(object):
                 try:
                     self._delete_record(record)
                     summary['finished_deletes'] += 1
-                except ApiError as exc:
+                except ServiceError as exc:
                     log.error('%s', exc.details)
             else:
                 missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
                 if missing:
                     log.error('snapshot %s of %s lost its files (%s); forgetting it',
                               record['id'], record['vm_id'], ', '.join(missing))
-                    for mountpoint in mountpoints:
-                        remove_tree_quietly(snapshot_dir(mountpoint, record['id']))
+                    self.folders.remove(record['id'], mountpoints)
                     self.store.forget(record['id'])
                     summary['vanished'] += 1
         owned = set(record['id'] for record in self.store.list_all())
         for mountpoint in sorted(problems):
             if problems[mountpoint]:
                 continue
-            base = os.path.join(mountpoint, SNAPSHOTS_DIR_NAME)
-            try:
-                names = os.listdir(base)
-            except OSError:
-                continue
-            for name in names:
-                path = os.path.join(base, name)
-                if UUID_RE.match(name) and name not in owned and self._made_here(path):
-                    log.warning('removing orphan snapshot folder %s', path)
-                    if remove_tree_quietly(path):
-                        summary['orphans_removed'] += 1
-                elif name.startswith(_CLONE_PROBE_PREFIX):
-                    try:  # left by a crash in the middle of a probe: ours, or a pool peer's
-                        if name.startswith(_CLONE_PROBE_HOST_PREFIX) or \
-                                os.lstat(path).st_mtime < time.time() - PROBE_FILE_MAX_AGE:
-                            os.unlink(path)
-                    except OSError:
-                        pass
+            summary['orphans_removed'] += self.folders.sweep(mountpoint, owned)
         return summary
-
-    def _made_here(self, folder):
-        """True when `folder` is a snapshot folder made by this exporter (its owner file)."""
-        if os.path.islink(folder) or not os.path.isdir(folder):
-            return False
-        try:  # a pool peer's FIFO must not block the start-up
-            with os.fdopen(open_regular_file(os.path.join(folder, SNAPSHOT_OWNER_FILE))) as owner:
-                return owner.read(100).strip() == self.store.instance_id
-        except (IOError, OSError):
-            return False
 
 # ------------------------------------------------- authentication: JWT, Manager login, brake ---
 #
@@ -4657,7 +4701,6 @@ MANAGER_ANSWER_LIMIT = 4 * 1024 * 1024
 _MANAGER_HTTP_EXCEPTION = http_client.HTTPException  # novm (httplib on Python 2)
 _JWT_SEGMENT_RE = re.compile(r'^[A-Za-z0-9_-]*$')
 _FINGERPRINT_HEX_RE = re.compile(r'^[0-9a-fA-F]{64}$')
-_IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
 
 
 # ---------------------------------------------------------------------- constant-time compare
@@ -4691,6 +4734,18 @@ def constant_time_equal(a, b):
 
 class TokenError(Exception):
     """A bearer token is malformed, forged, of the wrong algorithm or expired."""
+
+
+class TokenRefused(ServiceError):
+    """A request without a valid bearer token."""
+
+
+class LoginRefused(ServiceError):
+    """The OVM Manager rejected a user name and password."""
+
+
+class TooManyLogins(ServiceError):
+    """The brute-force brake holds logins from this address or for this user name."""
 
 
 def _jwt_b64encode(raw):
@@ -4809,7 +4864,7 @@ def mint_login_token(user, secret, ttl_seconds, issuer='ovm_exporter', now=None)
 
 # ------------------------------------------------------------------- OVM Manager login check
 
-class ManagerUnavailable(Exception):
+class ManagerUnavailable(ServiceError):
     """The OVM Manager could not give an answer (down, timeout, TLS failure, odd status)."""
 
 
@@ -4925,32 +4980,8 @@ class _ManagerTlsCheck(object):
         self.seen_fingerprint = None
 
     def wrap(self, sock, host):
-        ca_file = self.ca_file
-        if HAVE_SSLCONTEXT:
-            protocol = getattr(ssl, 'PROTOCOL_TLS_CLIENT', None)
-            if protocol is None:
-                protocol = ssl.PROTOCOL_SSLv23
-            context = ssl.SSLContext(protocol)  # novm (guarded by HAVE_SSLCONTEXT)
-            context.options |= getattr(ssl, 'OP_NO_SSLv2', 0) | getattr(ssl, 'OP_NO_SSLv3', 0)
-            # No name check, by design (see the section comment); must precede verify_mode.
-            context.check_hostname = False  # novm (2.7.9+, 3.4+: only with SSLContext)
-            if ca_file:
-                context.load_verify_locations(cafile=ca_file)
-                context.verify_mode = ssl.CERT_REQUIRED
-            else:
-                context.verify_mode = ssl.CERT_NONE
-            kwargs = {}
-            if HAVE_SNI and host and ':' not in host \
-                    and not _IPV4_ADDRESS_RE.match(host):
-                kwargs['server_hostname'] = host
-            return context.wrap_socket(sock, **kwargs)
-        legacy_wrap = getattr(ssl, 'wrap_socket')
-        if ca_file:
-            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file)
-        else:
-            options = dict(cert_reqs=ssl.CERT_NONE)
-        return legacy_handshake(legacy_wrap(sock, ssl_version=ssl.PROTOCOL_SSLv23,
-                                            do_handshake_on_connect=False, **options))
+        # No name check, by design (see the section comment).
+        return client_tls(sock, host, self.ca_file, verify=bool(self.ca_file))
 
     def check_peer(self, tls_sock):
         der = tls_sock.getpeercert(True)
@@ -5346,9 +5377,8 @@ class Authenticator(object):
     def login(self, username, password, address):
         wait = self.brake.begin(address, username)
         if wait:
-            raise ApiError(429, 'Too Many Requests',
-                           'too many failed logins from %s or for this user name; retry in %d '
-                           'seconds' % (address, wait), {'Retry-After': str(wait)})
+            raise TooManyLogins('too many failed logins from %s or for this user name; retry '
+                                'in %d seconds' % (address, wait), {'Retry-After': str(wait)})
         accepted = None
         try:
             accepted = self._check(username, password, address)
@@ -5357,15 +5387,15 @@ class Authenticator(object):
         if not accepted:
             log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
                         address)
-            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
-                                                  'and password')
+            raise LoginRefused('the OVM Manager rejected this user name and password')
         return mint_login_token(username, self.secret, self.config.jwt_time_to_live)
 
     def _check(self, username, password, address):
         endpoint = self.resolve_endpoint()
         if not endpoint:
-            raise ApiError(502, 'Bad Gateway', 'no OVM Manager to check the login with: set '
-                           'ovm_endpoint, or check manager_ip in the ovs-agent server database')
+            raise ManagerUnavailable('no OVM Manager to check the login with: set '
+                                     'ovm_endpoint, or check manager_ip in the ovs-agent server '
+                                     'database')
         config = self.config
         try:
             manager = ManagerClient(endpoint, config.ovm_timeout, config.ovm_ca_certificate or None,
@@ -5374,17 +5404,17 @@ class Authenticator(object):
             return manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
             log.error('login of %s from %s: %s', text_repr(username), address, exc)
-            raise ApiError(502, 'Bad Gateway', str(exc))
+            raise ManagerUnavailable(str(exc))
 
     def verify_request(self, authorization):
-        """`Authorization` header -> the token's user name, or ApiError 401."""
+        """`Authorization` header -> the token's user name, or TokenRefused."""
         scheme, _, token = (authorization or '').strip().partition(' ')
         if scheme.lower() != 'bearer' or not token.strip():
-            raise ApiError(401, 'Authentication failed', self.INVALID_TOKEN)
+            raise TokenRefused(self.INVALID_TOKEN)
         try:
             claims = jwt_decode(token.strip(), self.secret)
         except TokenError:
-            raise ApiError(401, 'Authentication failed', self.INVALID_TOKEN)
+            raise TokenRefused(self.INVALID_TOKEN)
         user = claims.get('user')
         return user if isinstance(user, string_types) else '-'
 
@@ -5431,8 +5461,24 @@ HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Una
                 505: 'HTTP Version Not Supported', 507: 'Insufficient Storage'}
 
 
-class RangeNotSatisfiable(Exception):
-    pass
+class ApiError(Exception):
+    """An HTTP answer to a request: a status, a short title and a human sentence. Domain
+    errors become one in api_error."""
+
+    def __init__(self, status, title, details, headers=None):
+        Exception.__init__(self, details)
+        self.status = status
+        self.title = title
+        self.details = details
+        self.headers = headers or {}
+
+
+def not_found(details):
+    return ApiError(404, 'Not Found', details)
+
+
+def bad_request(details):
+    return ApiError(400, 'Bad Request', details)
 
 
 def _decimal(text):
@@ -5583,17 +5629,6 @@ def certificate_not_after(der):
     return calendar.timegm(time.strptime(text[:14], '%Y%m%d%H%M%S'))
 
 
-def _self_test_client(sock):
-    if hasattr(ssl, 'SSLContext'):
-        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-        context.check_hostname = False  # novm
-        context.verify_mode = ssl.CERT_NONE
-        return context.wrap_socket(sock)
-    return legacy_handshake(getattr(ssl, 'wrap_socket')(
-        sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23,
-        do_handshake_on_connect=False))
-
-
 def tls_self_test(config, wrap, timeout=10.0):
     """A TLS handshake of the server's own `wrap` with a client over a socket pair. Python 2.6
     loads a key that does not match the certificate without a word (OpenSSL then drops the
@@ -5608,7 +5643,7 @@ def tls_self_test(config, wrap, timeout=10.0):
 
     def client():
         try:
-            tls = _self_test_client(client_end)
+            tls = client_tls(client_end, None, verify=False)
             seen['der'] = tls.getpeercert(True)
             tls.close()
         except Exception as exc:
@@ -6031,11 +6066,11 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             if self.server.stopping:
                 self.close_connection = True
             self.server.app.handle(self)
-        except ApiError as exc:
+        except (ApiError, ServiceError, StoreError) as exc:
             if not self.body_done:  # the rest of the request is still on the wire
                 self.close_connection = True
             try:
-                self.send_api_error(exc)
+                self.send_api_error(api_error(exc))
             except (socket.error, ssl.SSLError, IOError, OSError) as error:  # the client left
                 log.debug('connection to %s ended: %s', self.client_address[0], error)
                 self.close_connection = True
@@ -6156,16 +6191,41 @@ def stream_file(handle, write, start, length, buffer):
         length -= count
 
 
-def store_api_error(exc):
-    """A state database failure (StoreError) as an HTTP answer, logged once without a trace."""
+# Every domain error and its answer: (type, status, title); the first type that fits wins.
+ERROR_STATUSES = (
+    (NotFound, 404, 'Not Found'),
+    (InvalidRequest, 400, 'Bad Request'),
+    (WrongVm, 409, 'Conflict'),
+    (RangeNotSatisfiable, 416, 'Range Not Satisfiable'),
+    (NoSpace, 507, 'Insufficient Storage'),
+    (RepositoryUnavailable, 503, 'Service Unavailable'),
+    (TokenRefused, 401, 'Authentication failed'),
+    (LoginRefused, 401, 'Not Authorized'),
+    (TooManyLogins, 429, 'Too Many Requests'),
+    (ManagerUnavailable, 502, 'Bad Gateway'),
+    (StoreBusy, 503, 'Service Unavailable'),
+    (StoreFull, 507, 'Insufficient Storage'),
+    (ServiceError, 500, 'Internal Server Error'),
+    (StoreError, 500, 'Internal Server Error'),
+)
+
+
+def api_error(exc):
+    """A domain error (ServiceError, StoreError) as the ApiError that answers it; an ApiError
+    as it is. A state database failure is logged here, once, without a trace."""
+    if isinstance(exc, ApiError):
+        return exc
+    for kind, status, title in ERROR_STATUSES:
+        if isinstance(exc, kind):
+            break
+    if not isinstance(exc, StoreError):
+        return ApiError(status, title, exc.details, exc.headers)
     if isinstance(exc, StoreBusy):
         log.warning('%s', exc)
-        return ApiError(503, 'Service Unavailable', str(exc),
+        return ApiError(status, title, str(exc),
                         {'Retry-After': '%d' % math.ceil(STORE_BUSY_TIMEOUT)})
     log.error('%s', exc)
-    if isinstance(exc, StoreFull):
-        return ApiError(507, 'Insufficient Storage', str(exc))
-    return ApiError(500, 'Internal Server Error', str(exc))
+    return ApiError(status, title, str(exc))
 
 
 def warning_header(problems):
@@ -6248,7 +6308,7 @@ class ApiApplication(object):
         try:
             getattr(self, 'on_%s_%s' % (request.command.lower(), name))(request, params, query)
         except StoreError as exc:
-            raise store_api_error(exc)
+            raise api_error(exc)
 
     # -- authentication
     def on_post_login(self, request, params, query):
@@ -6358,8 +6418,7 @@ class ApiApplication(object):
                     raise RangeNotSatisfiable('send one Range header')
                 ranges = parse_range_header(range_headers[0], size)
             except RangeNotSatisfiable as exc:
-                raise ApiError(416, 'Range Not Satisfiable', str(exc),
-                               {'Content-Range': 'bytes */%d' % size})
+                raise RangeNotSatisfiable(exc.details, {'Content-Range': 'bytes */%d' % size})
         is_head = request.command == 'HEAD'
         if ranges is None:
             request.send_head(200, headers, size)
@@ -6464,32 +6523,19 @@ def certificate_matches_host(cert, host):
 
 
 class _VerifiedHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
-    """The client's HTTPS connection: the chain is checked by `context` (SSLContext) or, on
-    Python 2.6, by ssl.wrap_socket against ca_file; the name by certificate_matches_host (2.6
-    has no name check and 2.7's cannot match IP addresses), before any byte is sent.
-    verify False: no check at all (--insecure)."""
+    """The client's HTTPS connection: the chain is checked by client_tls against ca_file (the
+    system's CAs without one); the name by certificate_matches_host (2.6 has no name check and
+    2.7's cannot match IP addresses), before any byte is sent. verify False: no check at all
+    (--insecure)."""
 
-    def __init__(self, host, port, timeout, verify, ca_file=None, context=None):
+    def __init__(self, host, port, timeout, verify, ca_file=None):
         http_client.HTTPSConnection.__init__(self, host, port, timeout=timeout)  # novm
-        self._ovm_verify, self._ovm_ca_file, self._ovm_context = verify, ca_file, context
-
-    def _wrap(self, sock):
-        if self._ovm_context is not None:
-            kwargs = {}
-            if HAVE_SNI and _ip_address_bytes(self.host) is None:
-                kwargs['server_hostname'] = self.host
-            return self._ovm_context.wrap_socket(sock, **kwargs)
-        if self._ovm_verify:
-            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=self._ovm_ca_file)
-        else:
-            options = dict(cert_reqs=ssl.CERT_NONE)
-        return legacy_handshake(getattr(ssl, 'wrap_socket')(
-            sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
+        self._ovm_verify, self._ovm_ca_file = verify, ca_file
 
     def connect(self):
         sock = socket.create_connection((self.host, self.port), self.timeout)
         try:
-            tls = self._wrap(sock)
+            tls = client_tls(sock, self.host, self._ovm_ca_file, self._ovm_verify)
         except BaseException:
             sock.close()
             raise
@@ -6515,21 +6561,8 @@ class ExporterClient(object):
 
     def _connect(self):
         verify = not self.insecure
-        if hasattr(ssl, 'SSLContext'):
-            context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-            context.check_hostname = False  # novm (the connection checks the name)
-            if verify:
-                context.verify_mode = ssl.CERT_REQUIRED
-                if self.ca_file:
-                    context.load_verify_locations(self.ca_file)
-                else:
-                    context.load_default_certs()  # novm
-            else:
-                context.verify_mode = ssl.CERT_NONE
-            return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify,
-                                            context=context)
         ca_file = self.ca_file
-        if verify and not ca_file:  # Python 2.6 has no load_default_certs
+        if verify and not ca_file and not HAVE_SSLCONTEXT:  # 2.6 has no load_default_certs
             bundles = [path for path in CLIENT_CA_BUNDLES if os.path.isfile(path)]
             if not bundles:
                 raise ClientError(0, 'no CA bundle at %s: give --cacert (or --insecure)'
@@ -6735,7 +6768,7 @@ def manager_endpoint_resolver(config):
 
 def build_inventory(config):
     def probe(directory):
-        folder = os.path.join(directory, SNAPSHOTS_DIR_NAME)
+        folder = SnapshotFolders.base(directory)
         supported, reason = clone_supported(folder, create=os.path.isdir(directory))
         if not supported and config.demo:
             return True, 'demo: %s; snapshots will be sparse copies' % reason
@@ -6822,9 +6855,41 @@ def cli_error(message, status=2):
     return status
 
 
+def preflight(config, need_tls=True):
+    """The start-up checks that read the host: the state database, the Manager CA and the
+    TLS files (loaded as the server will). Raises ConfigError naming the key."""
+    def bad_key(key, what):
+        raise ConfigError('%s: key %r: %s' % (config.source, key, what))
+
+    try:
+        SnapshotStore.check_is_sqlite(config.db_file)
+    except StoreError as exc:
+        bad_key('db_file', str(exc))
+    if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
+        bad_key('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
+    if not need_tls:
+        return
+    for key in ('api.tls.certificate', 'api.tls.key'):
+        path = config.values[key]
+        if not path:
+            bad_key(key, 'is required (the service speaks HTTPS only)')
+        if not os.path.isfile(path):
+            bad_key(key, 'file %s does not exist' % path)
+    if config.api_tls_require_client_certificate and not config.api_tls_ca_certificate:
+        bad_key('api.tls.ca_certificate', 'is required when require_client_certificate = true')
+    try:
+        make_server_tls(config)
+    except TlsSetupError as exc:
+        bad_key(exc.key, str(exc))
+    except (ssl.SSLError, IOError, OSError, ValueError) as exc:
+        bad_key('api.tls', 'cannot load certificate/key: %s' % exc)
+
+
 def load_checked_config(path, need_tls=True):
     config = load_config(path)
-    for warning in validate_config(config, need_tls):
+    warnings = validate_config(config)
+    preflight(config, need_tls)
+    for warning in warnings:
         log.warning('%s', warning)
     return config
 
@@ -7073,8 +7138,8 @@ def demo_instructions(config, paths, server, password, folder):
         'ovm_exporter demo: a sample Oracle VM host in %s' % folder,
         'Login: user "admin", password "%s" (checked by a stand-in OVM Manager).' % password,
         'Snapshots of this folder are %s.' % (
-            'real copy-on-write clones' if clone_supported(os.path.join(
-                config.repository[0]['mount_point'], SNAPSHOTS_DIR_NAME))[0]
+            'real copy-on-write clones' if clone_supported(SnapshotFolders.base(
+                config.repository[0]['mount_point']))[0]
             else 'sparse copies (this filesystem cannot clone; on OVM they are OCFS2 reflinks)'),
         'Try these in another shell (bash), then press Ctrl-C here to stop and clean up:',
         '',
@@ -7121,6 +7186,7 @@ def command_demo(options, args):
         config = Config(config.values, 'demo')
         config.demo = True
         validate_config(config)
+        preflight(config)
 
         def announce(server):
             sys.stdout.write(demo_instructions(config, paths, server, password, folder) + '\n')
