@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ovm_exporter as ox  # noqa: E402
+from harness import LoopMount, median, option  # noqa: E402
 
 MIB = 1024 * 1024
 VM = '0004fb00000600000000000000000b01'
@@ -29,16 +30,6 @@ pause) kill -STOP "$pid" && while [ "$(cut -d' ' -f3 /proc/$pid/stat)" != T ]; d
 unpause) kill -CONT "$pid" ;;
 esac
 '''
-
-
-def option(name, default):
-    if name in sys.argv:
-        return sys.argv[sys.argv.index(name) + 1]
-    return default
-
-
-def run(cmd):
-    subprocess.check_call(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def make_disk(path, size, extents):
@@ -55,11 +46,6 @@ def make_disk(path, size, extents):
         os.close(fd)
 
 
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def main():
     disks = int(option('--disks', '3'))
     size = int(option('--size-mib', '1024')) * MIB
@@ -71,13 +57,10 @@ def main():
     try:
         base = option('--dir', None)
         if base is None:
-            image, base = os.path.join(work, 'fs.img'), os.path.join(work, 'mnt')
-            os.mkdir(base)
-            run(['truncate', '-s', '%dM' % (disks * size // MIB + 1024), image])
-            run(['mkfs.xfs', '-q', '-m', 'reflink=1', image])
-            run(['mount', '-o', 'loop', image, base])
-            mounted = base
-        repo = os.path.join(base, 'bench-pause-repo')
+            mounted = LoopMount(work, ['mkfs.xfs', '-q', '-m', 'reflink=1'],
+                                '%dM' % (disks * size // MIB + 1024))
+            base = mounted.path
+        repo = base if mounted else os.path.join(base, 'bench-pause-repo')  # a mount point
         for sub in ('VirtualDisks', 'VirtualMachines/' + VM):
             os.makedirs(os.path.join(repo, sub))
         paths = []
@@ -126,10 +109,7 @@ def main():
             domain.kill()
             domain.wait()
         if mounted:
-            for _ in range(20):
-                if subprocess.call(['umount', mounted]) == 0:
-                    break
-                time.sleep(0.25)
+            mounted.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
