@@ -32,6 +32,12 @@ esac
 '''
 
 
+def filesystem_type(path):
+    """The type of the mounted filesystem holding `path`: a repository must name it."""
+    entry = ox._mount_containing(os.path.realpath(path), ox.read_mount_table())
+    return entry[1]
+
+
 def make_disk(path, size, extents):
     step = (size // extents) // 4096 * 4096
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -60,7 +66,7 @@ def main():
             mounted = LoopMount(work, ['mkfs.xfs', '-q', '-m', 'reflink=1'],
                                 '%dM' % (disks * size // MIB + 1024))
             base = mounted.path
-        repo = base if mounted else os.path.join(base, 'bench-pause-repo')  # a mount point
+        repo = os.path.join(base, 'bench-pause-repo')
         for sub in ('VirtualDisks', 'VirtualMachines/' + VM):
             os.makedirs(os.path.join(repo, sub))
         paths = []
@@ -86,7 +92,8 @@ def main():
             values = dict((k, d) for k, kind, d in ox.CONFIG_SCHEMA)
             values.update({'db_file': os.path.join(work, 'state-%s.db' % mode),
                            'snapshot_pause': mode, 'xen_toolstack': xl,
-                           'repository': [{'id': 'bench', 'mount_point': repo}]})
+                           'repository': [{'id': 'bench', 'mount_point': repo,
+                                           'filesystem': filesystem_type(repo)}]})
             config = ox.Config(values)
             service = ox.build_application(config)[1]
             pauses, totals = [], []
