@@ -29,6 +29,8 @@ import array
 import ast
 import base64
 import binascii
+import bisect
+import collections
 import errno
 import fcntl
 import hashlib
@@ -79,6 +81,7 @@ if PY2:  # `novm`: tells the vermin checker these lines only run on Python 2
     text_type = unicode  # novm (noqa: F821)
     string_types = (str, unicode)  # novm (noqa: F821)
     integer_types = (int, long)  # novm (noqa: F821)
+    text_chr = unichr  # novm (noqa: F821)
 else:
     import http.client as http_client  # novm
     import http.server as http_server  # novm
@@ -88,6 +91,19 @@ else:
     text_type = str
     string_types = (str,)
     integer_types = (int,)
+    text_chr = chr
+
+# Feature flags: every test of what this Python or kernel has, in one place.
+izip = getattr(itertools, 'izip', zip)
+compress = getattr(itertools, 'compress', None)     # Python 2.7+
+O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+# hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
+# Tests set this to None to force the fallback.
+HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
+# True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
+# Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
+HAVE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
+HAVE_SNI = getattr(ssl, 'HAS_SNI', False)
 
 
 log = logging.getLogger('ovm_exporter')
@@ -98,6 +114,57 @@ def to_bytes(value, encoding='utf-8'):
     if isinstance(value, bytes):
         return value
     return value.encode(encoding)
+
+
+def to_text(value, fallback=None):
+    """Text from text, bytes (UTF-8 with undecodable bytes replaced; given a `fallback`
+    encoding, bytes that are not UTF-8 are decoded with it instead), None (u'') or anything
+    else (an exception too, whose Python 2 message may not be ASCII)."""
+    if isinstance(value, text_type):
+        return value
+    if value is None:
+        return u''
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode('utf-8', 'strict' if fallback else 'replace')
+        except UnicodeDecodeError:
+            return bytes(value).decode(fallback)
+    try:
+        return text_type(value)
+    except UnicodeError:
+        return to_text(str(value))
+
+
+def to_native(value, errors='strict'):
+    """ASCII text or bytes -> the native str type of this Python; errors='backslashreplace'
+    for messages that may hold other characters (Python 2)."""
+    if PY2 and isinstance(value, text_type):
+        return value.encode('ascii', errors)
+    if not PY2 and isinstance(value, bytes):
+        return value.decode('ascii', errors)
+    return value
+
+
+def _array_tobytes(arr):
+    if hasattr(arr, 'tobytes'):
+        return arr.tobytes()
+    return arr.tostring()
+
+
+def _array_frombytes(arr, data):
+    if hasattr(arr, 'frombytes'):
+        arr.frombytes(data)
+    else:
+        arr.fromstring(data)
+
+
+def _path_to_bytes(path):
+    if isinstance(path, bytes):
+        return path
+    fsencode = getattr(os, 'fsencode', None)
+    if fsencode is not None:
+        return fsencode(path)
+    return path.encode(sys.getfilesystemencoding() or 'utf-8')
 
 
 def text_repr(value):
@@ -145,6 +212,34 @@ def legacy_handshake(tls):
     return tls
 
 
+_IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
+
+
+def client_tls(sock, host, ca_file=None, verify=True):
+    """The client side of TLS on a connected socket (the OVM Manager check, the client, the
+    self-test), handshake done. With `verify` the chain is checked against ca_file (without
+    one: the system's CAs); never the name, which each caller checks its own way."""
+    if HAVE_SSLCONTEXT:
+        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
+        context.options |= getattr(ssl, 'OP_NO_SSLv2', 0) | getattr(ssl, 'OP_NO_SSLv3', 0)
+        context.check_hostname = False  # novm (2.7.9+, 3.4+); must precede verify_mode
+        context.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+        if verify and ca_file:
+            context.load_verify_locations(cafile=ca_file)
+        elif verify:
+            context.load_default_certs()  # novm
+        kwargs = {}
+        if HAVE_SNI and host and ':' not in host and not _IPV4_ADDRESS_RE.match(host):
+            kwargs['server_hostname'] = host
+        return context.wrap_socket(sock, **kwargs)
+    if verify:  # Python 2.6
+        options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file)
+    else:
+        options = dict(cert_reqs=ssl.CERT_NONE)
+    return legacy_handshake(getattr(ssl, 'wrap_socket')(
+        sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
+
+
 # ------------------------------------------------------ TOML config parser, Go durations ---
 # A TOML 1.0 subset parser (everything but dates and times) for the config file, because
 # Python 2.6 has no TOML parser and tomllib only exists from 3.11 on. For every document it
@@ -155,18 +250,13 @@ def legacy_handshake(tls):
 
 _TOML_MAX_NESTING = 100
 
-try:
-    _toml_unichr = unichr  # noqa: F821 (Python 2)
-except NameError:
-    _toml_unichr = chr
-
 _TOML_WS = u' \t'
 _TOML_WS_NL = u' \t\n'
 _TOML_BARE_KEY_CHARS = frozenset(
     u'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_')
 _TOML_KEY_START = _TOML_BARE_KEY_CHARS | frozenset(u'"\'')
 _TOML_HEX_DIGITS = frozenset(u'0123456789abcdefABCDEF')
-_TOML_CTRL = frozenset(_toml_unichr(code) for code in list(range(32)) + [127])
+_TOML_CTRL = frozenset(text_chr(code) for code in list(range(32)) + [127])
 # Characters not allowed raw in one-line strings and comments, and in multi-line strings.
 _TOML_ILLEGAL_LINE = _TOML_CTRL - frozenset(u'\t')
 _TOML_ILLEGAL_MULTILINE = _TOML_CTRL - frozenset(u'\t\n')
@@ -185,20 +275,13 @@ _TOML_FROZEN = 0      # an inline table or array: nothing may be added to it lat
 _TOML_EXPLICIT = 1    # a table defined by a [header] or by dotted keys: no [header] for it later
 
 
-def _toml_native(text):
-    """Unicode message -> the native str type (ASCII with escapes on Python 2)."""
-    if PY2 and isinstance(text, text_type):
-        return text.encode('ascii', 'backslashreplace')
-    return text
-
-
 class ConfigError(Exception):
     """A config file that cannot be used. str(e) is the whole message, e.g.
     "config.toml line 7: key 'api.port': expected a value, found 'abc'".
     Attributes: source, line (int or None), key (dotted text or None), reason."""
 
     def __init__(self, message, source=None, line=None, key=None, reason=None):
-        Exception.__init__(self, _toml_native(message))
+        Exception.__init__(self, to_native(message, 'backslashreplace'))
         self.source = source
         self.line = line
         self.key = key
@@ -228,16 +311,8 @@ def _toml_format_key(parts):
     return u'.'.join(out)
 
 
-def _toml_as_text(value):
-    if isinstance(value, text_type):
-        return value
-    if isinstance(value, bytes):
-        return value.decode('utf-8', 'replace')
-    return text_type(value)
-
-
 def _toml_error_message(source, line, key, reason):
-    head = _toml_as_text(source)
+    head = to_text(source)
     if line is not None:
         head = u'%s line %d' % (head, line)
     if key:
@@ -430,13 +505,22 @@ class _TomlParser(object):
             self.pos += 1
         return self.data
 
-    def table_header(self):
+    def _header_key(self, opening):
         start = self.pos
-        self.pos += 1
+        self.pos += len(opening)
         self.skip_ws()
         key = self.parse_key()
         self.errkey = key
-        name = _toml_format_key(key)
+        return start, key, _toml_format_key(key)
+
+    def _header_end(self, closing, what):
+        if not self.src.startswith(closing, self.pos):
+            raise self.error(u"expected '%s' at the end of the %s header, found %s"
+                             % (closing, what, self.found()))
+        self.pos += len(closing)
+
+    def table_header(self):
+        start, key, name = self._header_key(u'[')
         if self.flags.has(key, _TOML_FROZEN):
             raise self.error(u'table [%s] cannot be opened: it is already defined as an '
                              u'inline table or array' % name, start)
@@ -448,19 +532,11 @@ class _TomlParser(object):
         except _TomlNestError as exc:
             raise self.error(u'table [%s] cannot be opened: %s is already defined as a value'
                              % (name, _toml_format_key(exc.key)), start)
-        if not self.src.startswith(u']', self.pos):
-            raise self.error(u"expected ']' at the end of the table header, found "
-                             + self.found())
-        self.pos += 1
+        self._header_end(u']', u'table')
         return key
 
     def array_table_header(self):
-        start = self.pos
-        self.pos += 2
-        self.skip_ws()
-        key = self.parse_key()
-        self.errkey = key
-        name = _toml_format_key(key)
+        start, key, name = self._header_key(u'[[')
         if self.flags.has(key, _TOML_FROZEN):
             raise self.error(u'array of tables [[%s]] cannot be extended: it is already '
                              u'defined as an inline table or array' % name, start)
@@ -477,10 +553,7 @@ class _TomlParser(object):
         except _TomlNestError as exc:
             raise self.error(u'array of tables [[%s]] cannot be opened: %s is already defined'
                              u' as a table or value' % (name, _toml_format_key(exc.key)), start)
-        if not self.src.startswith(u']]', self.pos):
-            raise self.error(u"expected ']]' at the end of the array of tables header, found "
-                             + self.found())
-        self.pos += 2
+        self._header_end(u']]', u'array of tables')
         return key
 
     def key_value_statement(self, header):
@@ -792,10 +865,10 @@ class _TomlParser(object):
             if value > sys.maxunicode:
                 # Narrow Python 2 build: a surrogate pair, as decoding UTF-8 would give.
                 value -= 0x10000
-                parts.append(_toml_unichr(0xD800 + (value >> 10))
-                             + _toml_unichr(0xDC00 + (value & 0x3FF)))
+                parts.append(text_chr(0xD800 + (value >> 10))
+                             + text_chr(0xDC00 + (value & 0x3FF)))
             else:
-                parts.append(_toml_unichr(value))
+                parts.append(text_chr(value))
             return pos + 2 + size
         raise self.error(u"invalid escape '\\%s' in string (valid: \\b \\t \\n \\f \\r \\\" "
                          u"\\\\ \\uXXXX \\UXXXXXXXX)" % _toml_printable(code), pos)
@@ -829,7 +902,7 @@ def load_toml_file(path, limit=1024 * 1024):
         finally:
             handle.close()
     except (IOError, OSError) as exc:
-        reason = u'cannot read the file: %s' % _toml_as_text(exc.strerror or exc)
+        reason = u'cannot read the file: %s' % to_text(exc.strerror or exc)
         raise ConfigError(_toml_error_message(path, None, None, reason), source=path,
                           reason=reason)
     if len(data) > limit:
@@ -872,18 +945,18 @@ def _go_duration_nanoseconds(text):
     if rest == u'0':
         return 0
     if not rest:
-        raise ValueError(_toml_native(invalid))
+        raise ValueError(to_native(invalid, 'backslashreplace'))
     digits = u'0123456789'
     total = 0
     while rest:
         if not (rest[0] == u'.' or rest[0] in digits):
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         i = 0
         while i < len(rest) and rest[i] in digits:
             i += 1
         whole = int(rest[:i]) if i else 0
         if whole > _GO_DURATION_MAX:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         has_whole = i > 0
         rest = rest[i:]
         fraction, scale, has_fraction = 0, 1.0, False
@@ -906,31 +979,33 @@ def _go_duration_nanoseconds(text):
             has_fraction = i > 0
             rest = rest[i:]
         if not has_whole and not has_fraction:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         i = 0
         while i < len(rest) and not (rest[i] == u'.' or rest[i] in digits):
             i += 1
         if i == 0:
-            raise ValueError(_toml_native(u'missing unit in duration ' + quoted + hint))
+            raise ValueError(to_native(u'missing unit in duration ' + quoted + hint,
+                                       'backslashreplace'))
         unit_text, rest = rest[:i], rest[i:]
         unit = _GO_DURATION_UNITS.get(unit_text)
         if unit is None:
-            raise ValueError(_toml_native(u'unknown unit "%s" in duration %s%s'
-                                          % (_toml_printable(unit_text), quoted, hint)))
+            raise ValueError(to_native(u'unknown unit "%s" in duration %s%s'
+                                       % (_toml_printable(unit_text), quoted, hint),
+                                       'backslashreplace'))
         if whole > _GO_DURATION_MAX // unit:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
         whole *= unit
         if fraction > 0:
             whole += int(float(fraction) * (float(unit) / scale))
             if whole > _GO_DURATION_MAX:
-                raise ValueError(_toml_native(invalid))
+                raise ValueError(to_native(invalid, 'backslashreplace'))
         total += whole
         if total > _GO_DURATION_MAX:
-            raise ValueError(_toml_native(invalid))
+            raise ValueError(to_native(invalid, 'backslashreplace'))
     if negative:
         return -total
     if total > _GO_DURATION_MAX - 1:
-        raise ValueError(_toml_native(invalid))
+        raise ValueError(to_native(invalid, 'backslashreplace'))
     return total
 
 
@@ -983,6 +1058,14 @@ SNAPSHOT_PAUSE_MODES = ('auto', 'always', 'never')
 
 class Config(object):
     """The effective configuration: every key of CONFIG_SCHEMA, flattened with '_' for '.'."""
+    # The attributes, by name (set from `values` below):
+    db_file = ovm_endpoint = ovm_ca_certificate = ovm_certificate_fingerprint = None
+    ovm_fingerprint_file = ovm_timeout = log_file = log_level = ovs_agent_db_dir = None
+    snapshot_min_free_percent = snapshot_pause = snapshot_pause_max = xen_toolstack = None
+    jwt_secret = jwt_time_to_live = api_bind = api_port = api_max_connections = None
+    api_handshake_timeout = api_idle_timeout = api_login_max_failures = None
+    api_login_failure_window = api_tls_certificate = api_tls_key = None
+    api_tls_ca_certificate = api_tls_require_client_certificate = repository = None
 
     def __init__(self, values, source='<defaults>'):
         self.source = source
@@ -1061,34 +1144,34 @@ def _unknown_config_keys(document, prefix=''):
 
 
 def _coerce_config_value(source, key, kind, value):
-    def fail(what):
+    def bad_value(what):
         raise ConfigError('%s: key %s: %s' % (source, text_repr(key), what))
     if kind == 'str':
         if not isinstance(value, string_types):
-            fail('expected a string, found %s' % text_repr(value))
+            bad_value('expected a string, found %s' % text_repr(value))
         return text_type(value)
     if kind == 'int':
         if isinstance(value, bool) or not isinstance(value, integer_types):
-            fail('expected an integer, found %s' % text_repr(value))
+            bad_value('expected an integer, found %s' % text_repr(value))
         return int(value)
     if kind == 'bool':
         if not isinstance(value, bool):
-            fail('expected true or false, found %s' % text_repr(value))
+            bad_value('expected true or false, found %s' % text_repr(value))
         return value
     if kind == 'duration':
         if isinstance(value, bool):
-            fail('expected a duration such as "10s" or "168h"')
+            bad_value('expected a duration such as "10s" or "168h"')
         if isinstance(value, integer_types):
             return float(value)
         if not isinstance(value, string_types):
-            fail('expected a duration such as "10s" or "168h"')
+            bad_value('expected a duration such as "10s" or "168h"')
         try:
             return parse_go_duration(value)
         except ValueError as exc:
-            fail(str(exc))
+            bad_value(str(exc))
     if kind == 'list':
         if not isinstance(value, list) or [r for r in value if not isinstance(r, dict)]:
-            fail('expected [[%s]] tables' % key)
+            bad_value('expected [[%s]] tables' % key)
         return value
     raise AssertionError(kind)
 
@@ -1103,69 +1186,83 @@ def config_from_document(document, source):
     return Config(values, source)
 
 
-def validate_config(config, need_tls=True):
+class RepositoryConfigError(ConfigError):
+    """An invalid [[repository]] table in the configuration."""
+
+
+def check_repository_tables(configured, source='configuration'):
+    """Every rule for the config's [[repository]] tables, in one place: validate_config runs
+    it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
+    Raises RepositoryConfigError (a ConfigError)."""
+    def bad_table(index, field, what):
+        key = 'repository[%d]%s' % (index, field and '.' + field or '')
+        raise RepositoryConfigError('%s: key %r: %s'
+                                    % (source, key, to_native(what, 'backslashreplace')))
+
+    seen = {}
+    for index, table in enumerate(configured):
+        if not isinstance(table, dict):
+            bad_table(index, '', 'must be a [[repository]] table')
+        repo_id = table.get('id')
+        mount_point = table.get('mount_point')
+        if not isinstance(repo_id, (bytes, text_type)) or not to_text(repo_id).strip():
+            bad_table(index, 'id', 'is required and must be a non-empty string')
+        if not isinstance(mount_point, (bytes, text_type)) or \
+                not to_text(mount_point).strip().startswith('/'):
+            bad_table(index, 'mount_point', 'is required and must be an absolute path')
+        for field in ('filesystem', 'alias'):
+            if table.get(field) is not None and not isinstance(table.get(field),
+                                                               (bytes, text_type)):
+                bad_table(index, field, 'must be a string')
+        repo_id = to_text(repo_id).strip()
+        if repo_id in seen:
+            bad_table(index, 'id', u'repository id %s is listed twice (also repository[%d])'
+                      % (repo_id, seen[repo_id]))
+        seen[repo_id] = index
+
+
+def validate_config(config):
     """Raise ConfigError naming the first problem; return a list of warnings."""
     source = config.source
     warnings = []
 
-    def fail(key, what):
+    def bad_key(key, what):
         raise ConfigError('%s: key %r: %s' % (source, key, what))
 
     secret = to_bytes(config.jwt_secret)
     if not secret:
-        fail('jwt.secret', 'is empty; set a long random secret')
+        bad_key('jwt.secret', 'is empty; set a long random secret')
     if config.jwt_secret == PUBLISHED_EXAMPLE_SECRET:
-        fail('jwt.secret', 'is the example secret published in the Go service README; '
+        bad_key('jwt.secret', 'is the example secret published in the Go service README; '
                            'anybody could forge tokens. Generate a new one')
     if len(secret) < 32:
         warnings.append('jwt.secret is shorter than 32 bytes; use a longer random secret')
     if not 0 <= config.api_port <= 65535:
-        fail('api.port', 'must be between 1 and 65535 (0: any free port), found %d'
+        bad_key('api.port', 'must be between 1 and 65535 (0: any free port), found %d'
              % config.api_port)
     if config.jwt_time_to_live <= 0:
-        fail('jwt.time_to_live', 'must be positive')
+        bad_key('jwt.time_to_live', 'must be positive')
     for key in ('api.max_connections', 'api.login_max_failures'):
         if config.values[key] < 1:
-            fail(key, 'must be at least 1')
+            bad_key(key, 'must be at least 1')
     if not 0 <= config.snapshot_min_free_percent < 100:
-        fail('snapshot_min_free_percent', 'must be between 0 and 99')
+        bad_key('snapshot_min_free_percent', 'must be between 0 and 99')
     if config.snapshot_pause not in SNAPSHOT_PAUSE_MODES:
-        fail('snapshot_pause', 'must be one of %s' % ', '.join(SNAPSHOT_PAUSE_MODES))
+        bad_key('snapshot_pause', 'must be one of %s' % ', '.join(SNAPSHOT_PAUSE_MODES))
     if not 0 < config.snapshot_pause_max <= 300:
-        fail('snapshot_pause_max', 'must be more than 0s and at most 5m')
+        bad_key('snapshot_pause_max', 'must be more than 0s and at most 5m')
     if config.xen_toolstack and not os.path.isabs(config.xen_toolstack):
-        fail('xen_toolstack', 'must be an absolute path such as /usr/sbin/xl')
+        bad_key('xen_toolstack', 'must be an absolute path such as /usr/sbin/xl')
     if config.log_level.lower() not in LOG_LEVELS:
-        fail('log_level', 'must be one of %s' % ', '.join(LOG_LEVELS))
+        bad_key('log_level', 'must be one of %s' % ', '.join(LOG_LEVELS))
     if config.ovm_endpoint and not re.match(r'^https://[^/\s]+(/.*)?$', config.ovm_endpoint):
-        fail('ovm_endpoint', 'must be an https:// URL such as https://manager:7002')
+        bad_key('ovm_endpoint', 'must be an https:// URL such as https://manager:7002')
     if config.ovm_certificate_fingerprint:
         try:
             normalize_certificate_fingerprint(config.ovm_certificate_fingerprint)
         except ValueError as exc:
-            fail('ovm_certificate_fingerprint', str(exc))
-    try:
-        SnapshotStore.check_is_sqlite(config.db_file)
-    except StoreError as exc:
-        fail('db_file', str(exc))
-    if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
-        fail('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
+            bad_key('ovm_certificate_fingerprint', str(exc))
     check_repository_tables(config.repository or [], source)
-    if need_tls:
-        for key in ('api.tls.certificate', 'api.tls.key'):
-            path = config.values[key]
-            if not path:
-                fail(key, 'is required (the service speaks HTTPS only)')
-            if not os.path.isfile(path):
-                fail(key, 'file %s does not exist' % path)
-        if config.api_tls_require_client_certificate and not config.api_tls_ca_certificate:
-            fail('api.tls.ca_certificate', 'is required when require_client_certificate = true')
-        try:
-            make_server_tls(config)
-        except TlsSetupError as exc:
-            fail(exc.key, str(exc))
-        except (ssl.SSLError, IOError, OSError, ValueError) as exc:
-            fail('api.tls', 'cannot load certificate/key: %s' % exc)
     return warnings
 
 
@@ -1190,7 +1287,6 @@ def default_config():
 BDB_HASH_MAGIC = 0x061561
 BDB_BTREE_MAGIC = 0x053162
 _BDB_HASH_VERSIONS = (7, 8, 9)
-_BDB_P_INVALID = 0
 _BDB_P_HASH_UNSORTED = 2
 _BDB_P_OVERFLOW = 7
 _BDB_P_HASHMETA = 8
@@ -1429,13 +1525,6 @@ def read_bdb_hash(path):
 
 # --------------------------------------------------------------------------- pickles ---
 
-def _bdb_bytes_to_text(b):
-    try:
-        return b.decode('utf-8')
-    except UnicodeDecodeError:
-        return b.decode('latin-1')
-
-
 _TO_TEXT_MAX_DEPTH = 100
 _TO_TEXT_MAX_NODES = 1000000
 
@@ -1446,10 +1535,8 @@ def _to_text_walk(value, depth, budget):
         raise ValueError('structure too large')
     if depth > _TO_TEXT_MAX_DEPTH:
         raise ValueError('structure nested too deeply (or recursive)')
-    if isinstance(value, bytes):
-        return _bdb_bytes_to_text(value)
-    if isinstance(value, bytearray):
-        return _bdb_bytes_to_text(bytes(value))
+    if isinstance(value, (bytes, bytearray)):
+        return to_text(value, 'latin-1')
     if isinstance(value, dict):
         res = {}
         for k, v in value.items():
@@ -1462,7 +1549,7 @@ def _to_text_walk(value, depth, budget):
     return value
 
 
-def to_text(value):
+def to_text_tree(value):
     """Recursively turn bytes (Python 2 `str`) into text (UTF-8, else latin-1) inside dicts,
     lists and tuples; other values are returned unchanged.  Text is `unicode` on Python 2 and
     `str` on Python 3.  Raises ValueError for recursive, too deep or too large structures."""
@@ -1484,7 +1571,7 @@ def safe_unpickle(data):
     plain data (dict, list, tuple, str, unicode, int, long, float, bool, None).
 
     Python 2 `str` values become text (UTF-8, else latin-1, per string) on every Python, so the
-    result equals to_text(result).  Raises UnsafePickleError for a pickle asking for any global
+    result equals to_text_tree(result).  Raises UnsafePickleError for a pickle asking for any global
     and for every other failure (truncated, garbage, recursive)."""
     if not isinstance(data, bytes):
         raise UnsafePickleError('pickle data must be bytes, not %s' % type(data).__name__)
@@ -1497,7 +1584,7 @@ def safe_unpickle(data):
         else:
             unpickler = _SafeUnpickler(io.BytesIO(data))
         value = unpickler.load()
-        return to_text(value)
+        return to_text_tree(value)
     except UnsafePickleError:
         raise
     except Exception as e:
@@ -1512,7 +1599,7 @@ def read_ovs_agent_db(path):
     propagate as IOError/OSError."""
     result = {}
     for key, value in read_bdb_hash(path):
-        tkey = _bdb_bytes_to_text(key)
+        tkey = to_text(key, 'latin-1')
         try:
             result[tkey] = safe_unpickle(value)
         except UnsafePickleError as e:
@@ -1532,7 +1619,7 @@ def _ovsmeta_entries(mapping, path):
 
 def _ovsmeta_decode_value(value):
     try:
-        return to_text(json.loads(value.decode('utf-8')))
+        return to_text_tree(json.loads(value.decode('utf-8')))
     except (ValueError, UnicodeDecodeError):
         pass
     return safe_unpickle(value)
@@ -1548,7 +1635,7 @@ def sniff_ovsmeta(path):
         if stripped.startswith(b'\xef\xbb\xbf'):
             stripped = stripped[3:].lstrip()
         if stripped[:1] == b'{':
-            obj = to_text(json.loads(stripped.decode('utf-8')))
+            obj = to_text_tree(json.loads(stripped.decode('utf-8')))
             if not isinstance(obj, dict):
                 return {}
             return _ovsmeta_entries(obj, path)
@@ -1563,7 +1650,7 @@ def sniff_ovsmeta(path):
                 pairs = read_bdb_hash(path)
             res = {}
             for key, value in pairs:
-                tkey = _bdb_bytes_to_text(key)
+                tkey = to_text(key, 'latin-1')
                 try:
                     res[tkey] = _ovsmeta_decode_value(value)
                 except UnsafePickleError as e:
@@ -1577,7 +1664,7 @@ def sniff_ovsmeta(path):
 # ------------------------------------------------------- VM and repository discovery ---
 # Finds repositories (ovs-agent `repository` database or the config's [[repository]] tables),
 # the VMs in `<mount_point>/VirtualMachines/*/vm.cfg`, and their disks, and decides which
-# disks / VMs can be snapshotted (see api-contract.md "Virtual machines").
+# disks / VMs can be snapshotted (README "The API").
 # vm.cfg files are read with ast.parse + ast.literal_eval only: never eval/exec.
 
 
@@ -1589,7 +1676,6 @@ VM_CFG_MAX_OPERATORS = 5000
 VM_CFG_MAX_NESTING = 64  # bracket lines a multi-line value may nest (OVM writes 1)
 VM_CFG_MAX_WARNINGS = 20  # per file read line by line; then one line with the count
 VM_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
-VM_CFG_KEYS_NEEDED = ('name', 'uuid', 'OVM_simple_name', 'disk')
 DISK_MODES = ('r', 'ro', 'w', 'w!', 'rw')
 OVSMETA_OBJECT_TYPES_CLONABLE = ('', 'VIRTUAL_DISK')
 OVSMETA_OBJECT_TYPES_MEDIA = ('ISO',)
@@ -1612,29 +1698,6 @@ _DISCOVERY_TAP_FILE_PREFIXES = ('tap:aio:', 'tap:tapdisk:aio:', 'tap2:tapdisk:ai
 
 class VmConfigError(Exception):
     """A vm.cfg that cannot be read at all (too large, unreadable)."""
-
-
-class RepositoryConfigError(ConfigError):
-    """An invalid [[repository]] table in the configuration."""
-
-
-def discovery_text(value):
-    """Text (unicode) from bytes (UTF-8, undecodable bytes replaced), None ("") or a scalar."""
-    if isinstance(value, text_type):
-        return value
-    if value is None:
-        return u''
-    if isinstance(value, bytes):
-        return value.decode('utf-8', 'replace')
-    return text_type(value)
-
-
-def discovery_error_text(error):
-    """An exception (or message) as text, on Python 2 too (non-ASCII messages)."""
-    try:
-        return text_type(error)
-    except UnicodeError:
-        return discovery_text(str(error))
 
 
 def _discovery_is_ascii(text):
@@ -1732,7 +1795,7 @@ def _vm_cfg_literal(node_or_text):
     except ValueError:
         raise ValueError('')
     except Exception as e:  # SyntaxError, RecursionError, MemoryError, ...
-        raise ValueError(u'{0}: {1}'.format(type(e).__name__, discovery_error_text(e)))
+        raise ValueError(u'{0}: {1}'.format(type(e).__name__, to_text(e)))
 
 
 def _vm_cfg_node_kind(node):
@@ -1759,12 +1822,12 @@ def _vm_cfg_parse_ast(text, source):
         try:
             value = _vm_cfg_literal(stmt.value)
         except ValueError as e:
-            detail = discovery_error_text(e)
+            detail = to_text(e)
             log.warning('%s line %s: skipping %s: its value is a %s, not a literal%s', source, lineno,
                         ', '.join(keys), _vm_cfg_node_kind(stmt.value), detail and ' (' + detail + ')' or '')
             continue
         for key in keys:
-            result[discovery_text(key)] = value
+            result[to_text(key)] = value
     return result
 
 
@@ -1785,7 +1848,7 @@ def _vm_cfg_parse_lines(text, source):
         match = _DISCOVERY_LINE_ASSIGN_RE.match(line)
         if match is None:
             continue
-        key = discovery_text(match.group(1))
+        key = to_text(match.group(1))
         value_text = match.group(2).strip()
         if _vm_cfg_operator_count(value_text) > VM_CFG_MAX_OPERATORS:
             skipped += 1
@@ -1820,7 +1883,7 @@ def _vm_cfg_parse_lines(text, source):
         skipped += 1
         if skipped <= VM_CFG_MAX_WARNINGS:
             log.warning('%s line %s: skipping %s: not a literal%s', source, index, key,
-                        error and discovery_error_text(error) and u' (' + discovery_error_text(error) + u')' or u'')
+                        error and to_text(error) and u' (' + to_text(error) + u')' or u'')
     if skipped > VM_CFG_MAX_WARNINGS:
         log.warning('%s: skipped %d more values that are not literals', source,
                     skipped - VM_CFG_MAX_WARNINGS)
@@ -1843,7 +1906,7 @@ def parse_vm_cfg(text, source):
     if len(text) > VM_CFG_MAX_BYTES:
         raise VmConfigError(u'{0}: {1} characters, larger than the {2} bytes a vm.cfg may have'.format(
             source, len(text), VM_CFG_MAX_BYTES))
-    source = discovery_text(source)
+    source = to_text(source)
     # A coding cookie in a text (unicode) source is a SyntaxError on Python 2: blank it.
     lines = text.split('\n', 2)
     for i in range(min(2, len(lines))):
@@ -1856,9 +1919,9 @@ def parse_vm_cfg(text, source):
     try:
         return _vm_cfg_parse_ast(text, source)
     except Exception as e:  # SyntaxError, MemoryError ("s_push: parser stack overflow"), ...
-        detail = discovery_error_text(e)
+        detail = to_text(e)
         if isinstance(e, SyntaxError):
-            detail = u'line {0}: {1}'.format(e.lineno, discovery_error_text(e.msg))
+            detail = u'line {0}: {1}'.format(e.lineno, to_text(e.msg))
         log.warning('%s is not valid Python (%s); reading it line by line', source, detail)
         return _vm_cfg_parse_lines(text, source)
 
@@ -1870,7 +1933,7 @@ def read_vm_cfg_file(path):
         fd = open_regular_file(path)
     except OSError as e:
         if e.errno == errno.EINVAL:
-            raise VmConfigError(discovery_error_text(e.strerror))
+            raise VmConfigError(to_text(e.strerror))
         raise
     handle = os.fdopen(fd, 'rb')
     try:
@@ -1892,7 +1955,7 @@ def parse_disk_entry(entry):
     if not isinstance(entry, (bytes, text_type)):
         log.warning('disk entry %s is not a string; ignored', text_repr(entry))
         return None
-    entry = discovery_text(entry)
+    entry = to_text(entry)
     text = entry.strip()
     parts = text.rsplit(',', 2)
     if len(parts) != 3:
@@ -1947,7 +2010,7 @@ def parse_disk_entry(entry):
 
 
 def _repository_mount_point(value):
-    mount_point = discovery_text(value).strip()
+    mount_point = to_text(value).strip()
     if len(mount_point) > 1:
         mount_point = mount_point.rstrip('/') or '/'
     return mount_point
@@ -1956,9 +2019,9 @@ def _repository_mount_point(value):
 def make_repository_record(repo_id, values):
     """A repository record with text fields id, mount_point, filesystem, alias, manager_uuid,
     version, fs_location (missing -> "")."""
-    record = {'id': discovery_text(repo_id).strip()}
+    record = {'id': to_text(repo_id).strip()}
     for field in ('filesystem', 'alias', 'manager_uuid', 'version', 'fs_location'):
-        record[field] = discovery_text(values.get(field))
+        record[field] = to_text(values.get(field))
     record['mount_point'] = _repository_mount_point(values.get('mount_point'))
     return record
 
@@ -1971,40 +2034,10 @@ def _discovery_lookup(mapping, key):
     return mapping.get(other)
 
 
-def check_repository_tables(configured, source='configuration'):
-    """Every rule for the config's [[repository]] tables, in one place: validate_config runs
-    it at load time (check-config, serve, vms), so a bad table is a clear ConfigError there.
-    Returns the repository records; raises RepositoryConfigError (a ConfigError)."""
-    def fail(index, field, what):
-        key = 'repository[%d]%s' % (index, field and '.' + field or '')
-        raise RepositoryConfigError('%s: key %r: %s' % (source, key, _toml_native(what)))
-
-    records = []
-    seen = {}
-    for index, table in enumerate(configured):
-        if not isinstance(table, dict):
-            fail(index, '', 'must be a [[repository]] table')
-        repo_id = table.get('id')
-        mount_point = table.get('mount_point')
-        if not isinstance(repo_id, (bytes, text_type)) or not discovery_text(repo_id).strip():
-            fail(index, 'id', 'is required and must be a non-empty string')
-        if not isinstance(mount_point, (bytes, text_type)) or \
-                not discovery_text(mount_point).strip().startswith('/'):
-            fail(index, 'mount_point', 'is required and must be an absolute path')
-        for field in ('filesystem', 'alias'):
-            if table.get(field) is not None and not isinstance(table.get(field), (bytes, text_type)):
-                fail(index, field, 'must be a string')
-        record = make_repository_record(repo_id, table)
-        if record['id'] in seen:
-            fail(index, 'id', u'repository id %s is listed twice (also repository[%d])'
-                 % (record['id'], seen[record['id']]))
-        seen[record['id']] = index
-        records.append(record)
-    return records
-
-
-def _repositories_from_config(configured):
-    return check_repository_tables(configured)
+def configured_repositories(configured):
+    """Repository records for the config's [[repository]] tables (check_repository_tables)."""
+    check_repository_tables(configured)
+    return [make_repository_record(table.get('id'), table) for table in configured]
 
 
 def load_repositories(db_reader, db_dir, configured):
@@ -2013,18 +2046,18 @@ def load_repositories(db_reader, db_dir, configured):
     read with db_reader(path) -> {repo id: {field: value}} (its errors propagate). Records
     without a mount point are skipped with a warning. Database records are sorted by id."""
     if configured:
-        return _repositories_from_config(configured)
+        return configured_repositories(configured)
     path = os.path.join(db_dir, 'repository')
     raw = db_reader(path)
     records = []
-    for key in sorted(raw.keys(), key=discovery_text):
+    for key in sorted(raw.keys(), key=to_text):
         values = raw[key]
         if not isinstance(values, dict):
             log.warning('%s: record %s is not a dict; ignored', path, text_repr(key))
             continue
         text_values = {}
         for field, value in values.items():
-            text_values[discovery_text(field)] = value
+            text_values[to_text(field)] = value
         record = make_repository_record(key, text_values)
         if not record['mount_point'].startswith('/'):
             log.warning('%s: repository %s has no usable mount_point; ignored', path, record['id'])
@@ -2040,13 +2073,13 @@ def manager_ip_from_server_db(db_reader, db_dir):
     try:
         raw = db_reader(path)
     except Exception as e:
-        log.warning('cannot read the ovs-agent server database %s: %s', path, discovery_error_text(e))
+        log.warning('cannot read the ovs-agent server database %s: %s', path, to_text(e))
         return None
     value = _discovery_lookup(raw, u'manager_ip')
     if value is None or not isinstance(value, (bytes, text_type)):
         log.warning('%s holds no manager_ip', path)
         return None
-    value = discovery_text(value).strip()
+    value = to_text(value).strip()
     return value or None
 
 
@@ -2066,21 +2099,18 @@ class RepositoryDbLoader(object):
         self._records = None
         self._lock = threading.Lock()
         if self.configured:
-            self._records = _repositories_from_config(self.configured)
+            self._records = configured_repositories(self.configured)
 
     def __call__(self):
         if self.configured:
             return [dict(r) for r in self._records]
         path = os.path.join(self.db_dir, 'repository')
-        self._lock.acquire()
-        try:
+        with self._lock:
             key = _discovery_stat_key(os.stat(path))
             if key != self._key or self._records is None:
                 self._records = load_repositories(self.db_reader, self.db_dir, None)
                 self._key = key
             return [dict(r) for r in self._records]
-        finally:
-            self._lock.release()
 
 
 # ------------------------------------------------------------------ mounts and disk files ---
@@ -2114,8 +2144,8 @@ def read_mount_table(paths=MOUNT_TABLE_PATHS):
         for line in data.split(b'\n'):
             fields = line.split()
             if len(fields) >= 3:
-                entries.append((discovery_text(_mount_unescape(fields[1])),
-                                discovery_text(_mount_unescape(fields[2]))))
+                entries.append((to_text(_mount_unescape(fields[1])),
+                                to_text(_mount_unescape(fields[2]))))
         return entries
     return None
 
@@ -2147,12 +2177,12 @@ def repository_mount_problem(repo, mounts, plain_folder_ok=False):
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             return u'mount point {0} does not exist'.format(mount_point)
         return u'cannot read the mount point {0}: {1}'.format(
-            mount_point, discovery_error_text(e.strerror or e))
+            mount_point, to_text(e.strerror or e))
     if not stat.S_ISDIR(st.st_mode):
         return u'mount point {0} is not a directory'.format(mount_point)
     if plain_folder_ok:
         return None
-    expected = discovery_text(repo.get('filesystem')).strip().lower()
+    expected = to_text(repo.get('filesystem')).strip().lower()
     if mounts is None:
         try:
             parent = os.stat(os.path.join(real, '..'))
@@ -2218,14 +2248,14 @@ def disk_file_problem(path, mount_point, cache=None):
             real = os.path.realpath(real)
             st = os.lstat(real)  # still a link: a loop (or too deep)
     except EnvironmentError as e:
-        return None, u'cannot be read: {0}'.format(discovery_error_text(e.strerror or e))
+        return None, u'cannot be read: {0}'.format(to_text(e.strerror or e))
     if stat.S_ISLNK(st.st_mode):
         try:
             os.stat(real)
             why = u'a symbolic link that cannot be resolved'
         except EnvironmentError as e:
             why = u'a symbolic link that cannot be resolved: {0}'.format(
-                discovery_error_text(e.strerror or e))
+                to_text(e.strerror or e))
         return real, why
     if not stat.S_ISREG(st.st_mode):
         return real, u'{0}, not a regular file'.format(_file_type_name(st.st_mode))
@@ -2234,7 +2264,7 @@ def disk_file_problem(path, mount_point, cache=None):
         repo_st = _cached(cache, os.stat, repo_real)
     except EnvironmentError as e:
         return real, u'cannot read its repository {0}: {1}'.format(
-            mount_point, discovery_error_text(e.strerror or e))
+            mount_point, to_text(e.strerror or e))
     if not real.startswith(repo_real.rstrip('/') + '/'):
         return real, u'its real path {0} is outside the repository {1}'.format(real, mount_point)
     if st.st_dev != repo_st.st_dev:
@@ -2251,7 +2281,7 @@ def open_regular_file(path):
     """A read-only descriptor of the regular file `path`; NotRegularFileError for anything else
     (a FIFO is never waited on: O_NONBLOCK)."""
     flags = (os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_NOCTTY', 0)
-             | getattr(os, 'O_CLOEXEC', 0))
+             | O_CLOEXEC)
     fd = os.open(path, flags)
     try:
         mode = os.fstat(fd).st_mode
@@ -2283,6 +2313,11 @@ def vm_public_fields(vm):
     return result
 
 
+# A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
+# the problem to warn about again.
+Cached = collections.namedtuple('Cached', 'key value problem')
+
+
 class HostInventory(object):
     """The VMs of this host, found in every repository's VirtualMachines/*/vm.cfg.
 
@@ -2308,9 +2343,9 @@ class HostInventory(object):
         self.cfg_reads = 0        # vm.cfg files read and parsed (for tests and the CLI)
         self.probe_calls = 0      # clone_probe calls
         self._lock = threading.RLock()
-        self._cfg_cache = {}      # path -> (stat key, (cfg dict, [(entry, parsed)]) or None, problem)
-        self._meta_cache = {}     # repo id -> (stat key, {basename: meta}, problem)
-        self._probe_cache = {}    # (repo id, mount point) -> (time, ok, reason)
+        self._cfg_cache = {}      # path -> Cached(stat key, (cfg, [(entry, parsed)]) or None, ..)
+        self._meta_cache = {}     # repo id -> Cached(stat key, {basename: meta}, problem)
+        self._probe_cache = {}    # (repo id, mount point) -> Cached(time, ok, reason)
         self._repos = []
         self._warned = {}
         self._warnings = None
@@ -2327,20 +2362,17 @@ class HostInventory(object):
 
     def reset_caches(self):
         """Forget parsed vm.cfg files, .ovsmeta contents and clone probe results."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._cfg_cache = {}
             self._meta_cache = {}
             self._probe_cache = {}
-        finally:
-            self._lock.release()
 
     def _load_repositories(self):
         try:
             repos = self.repositories_loader()
         except Exception as e:
             self._warn('repositories', u'cannot read the repository list ({0}); using the last one read '
-                       u'({1} repositories)'.format(discovery_error_text(e), len(self._repos)))
+                       u'({1} repositories)'.format(to_text(e), len(self._repos)))
             return self._repos
         clean = []
         for repo in repos:
@@ -2359,11 +2391,8 @@ class HostInventory(object):
 
     def repositories(self):
         """The current repository records (copies)."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             return [dict(r) for r in self._load_repositories()]
-        finally:
-            self._lock.release()
 
     def _mount_problems(self, repos):
         if self.check_mounts is None:
@@ -2371,17 +2400,14 @@ class HostInventory(object):
         try:
             return self.check_mounts(repos)
         except Exception as e:
-            problem = u'cannot check the mounts: {0}'.format(discovery_error_text(e))
+            problem = u'cannot check the mounts: {0}'.format(to_text(e))
             return dict((repo['id'], problem) for repo in repos)
 
     def mount_problems(self, mount_points):
         """{mount point: None when the repository there can be used now, else why not}. A mount
         point that no repository names any more must be a mount point itself."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             by_mount_point = dict((r['mount_point'], r) for r in self._load_repositories())
-        finally:
-            self._lock.release()
         repos = []
         for mount_point in mount_points:
             repo = by_mount_point.get(mount_point)
@@ -2402,14 +2428,14 @@ class HostInventory(object):
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                 self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
-                    repo['id'], path, discovery_error_text(e)))
+                    repo['id'], path, to_text(e)))
             self._meta_cache.pop(repo['id'], None)
             return {}
         cached = self._meta_cache.get(repo['id'])
-        if cached is not None and cached[0] == key:
-            if cached[2]:
-                self._warn('ovsmeta:' + repo['id'], cached[2])
-            return cached[1]
+        if cached is not None and cached.key == key:
+            if cached.problem:
+                self._warn('ovsmeta:' + repo['id'], cached.problem)
+            return cached.value
         meta = {}
         problem = ''
         try:
@@ -2420,12 +2446,13 @@ class HostInventory(object):
                 if isinstance(values, dict):
                     entry = {}
                     for field, value in values.items():
-                        entry[discovery_text(field)] = value
-                    meta[discovery_text(name)] = entry
+                        entry[to_text(field)] = value
+                    meta[to_text(name)] = entry
         except Exception as e:
-            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(repo['id'], path, discovery_error_text(e))
+            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(
+                repo['id'], path, to_text(e))
             meta = {}
-        self._meta_cache[repo['id']] = (key, meta, problem)
+        self._meta_cache[repo['id']] = Cached(key, meta, problem)
         if problem:
             self._warn('ovsmeta:' + repo['id'], problem)
         return meta
@@ -2435,8 +2462,8 @@ class HostInventory(object):
         cache_key = (repo['id'], repo['mount_point'])
         now = self.clock()
         cached = self._probe_cache.get(cache_key)
-        if cached is not None and cached[0] <= now < cached[0] + self.probe_ttl:
-            return cached[1], cached[2]
+        if cached is not None and cached.key <= now < cached.key + self.probe_ttl:
+            return cached.value, cached.problem
         if not os.path.isdir(repo['mount_point']):
             ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
         else:
@@ -2444,16 +2471,15 @@ class HostInventory(object):
             try:
                 ok, reason = self.clone_probe(repo['mount_point'])
                 ok = bool(ok)
-                reason = discovery_text(reason)
+                reason = to_text(reason)
             except Exception as e:
-                ok, reason = False, u'clone probe failed: {0}'.format(discovery_error_text(e))
-        self._probe_cache[cache_key] = (now, ok, reason)
+                ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
+        self._probe_cache[cache_key] = Cached(now, ok, reason)
         return ok, reason
 
     def repository_clone_support(self, repo_id):
         """(ok, reason) for one repository id (probe cached as for listings); None if unknown."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             for repo in self._load_repositories():
                 if repo['id'] == repo_id:
                     problem = self._mount_problems([repo]).get(repo_id)
@@ -2461,8 +2487,6 @@ class HostInventory(object):
                         return False, problem
                     return self._probe(repo)
             return None
-        finally:
-            self._lock.release()
 
     def _read_cfg(self, path):
         """(parsed dict or None, problem text). Parses only when the file changed."""
@@ -2471,15 +2495,15 @@ class HostInventory(object):
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None, ''  # not a VM directory (or one being created / removed)
-            return None, u'cannot read {0}: {1}'.format(path, discovery_error_text(e))
+            return None, u'cannot read {0}: {1}'.format(path, to_text(e))
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing until written to
             return None, u'skipping VM: {0} is {1}, not a regular file'.format(
                 path, _file_type_name(st.st_mode))
         key = _discovery_stat_key(st)
         cached = self._cfg_cache.get(path)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached.key == key:
             self._cfg_seen[path] = cached
-            return cached[1], cached[2]
+            return cached.value, cached.problem
         self.cfg_reads += 1
         parsed, problem = None, ''
         try:
@@ -2494,12 +2518,12 @@ class HostInventory(object):
                     disks.append((entry, parse_disk_entry(entry)))
             parsed = (cfg, disks)
         except VmConfigError as e:
-            problem = u'skipping VM: {0}'.format(discovery_error_text(e))
+            problem = u'skipping VM: {0}'.format(to_text(e))
         except EnvironmentError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None, ''
-            problem = u'skipping VM: cannot read {0}: {1}'.format(path, discovery_error_text(e))
-        entry = (key, parsed, problem)
+            problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
+        entry = Cached(key, parsed, problem)
         self._cfg_seen[path] = entry
         return parsed, problem
 
@@ -2532,9 +2556,9 @@ class HostInventory(object):
         simple_name = cfg.get('OVM_simple_name')
         if not isinstance(simple_name, text_type) or not simple_name.strip():
             simple_name = name
-        uuid = cfg.get('uuid')
-        if not isinstance(uuid, text_type):
-            uuid = u''
+        vm_uuid = cfg.get('uuid')
+        if not isinstance(vm_uuid, text_type):
+            vm_uuid = u''
         reasons = []
         if parsed_disks is None:
             self._warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot compatible'.format(
@@ -2548,7 +2572,7 @@ class HostInventory(object):
         for entry, parsed in parsed_disks:
             if parsed is None:
                 unparsed.append(entry)
-                reasons.append(u'disk entry "{0}" is not understood'.format(discovery_text(entry)))
+                reasons.append(u'disk entry "{0}" is not understood'.format(to_text(entry)))
                 continue
             path = parsed['path']
             if not path:
@@ -2564,7 +2588,7 @@ class HostInventory(object):
                     disk['_repo_mountpoint'] = disk_repo['mount_point']
                     disk['_repo_id'] = disk_repo['id']
                     meta = metas[disk_repo['id']].get(basename) or {}
-                    object_type = discovery_text(meta.get('OBJECT_TYPE')).strip()
+                    object_type = to_text(meta.get('OBJECT_TYPE')).strip()
                     disk['_object_type'] = object_type
                     if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
                         kind = 'cdrom'
@@ -2606,7 +2630,7 @@ class HostInventory(object):
                        'compatible'.format(cfg_path, len(unparsed), name))
         if data_disks == 0 and not unparsed:
             reasons.append('no data disks')
-        return {'friendly_name': simple_name, 'name': name, 'uuid': uuid, 'disks': disks,
+        return {'friendly_name': simple_name, 'name': name, 'uuid': vm_uuid, 'disks': disks,
                 'snapshot_compatible': not reasons,
                 '_config_path': cfg_path, '_vm_dir': os.path.dirname(cfg_path),
                 '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
@@ -2644,7 +2668,7 @@ class HostInventory(object):
                     continue  # mounted repository without VMs
                 self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
                            'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
-                                               discovery_error_text(e.strerror or e)))
+                                               to_text(e.strerror or e)))
                 self._keep_cached_parses(vm_root)
                 continue
             ascii_names = []
@@ -2685,22 +2709,19 @@ class HostInventory(object):
 
     def list_vms(self):
         """Every VM of every repository, sorted by friendly_name then name."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             try:
                 return self._list_locked()
             finally:
                 self._warnings = None
                 self._cfg_seen = {}
                 self._path_cache = {}
-        finally:
-            self._lock.release()
 
     def get_vm(self, vm_id):
         """The VM named vm_id, or None."""
         if not isinstance(vm_id, (bytes, text_type)):
             return None
-        vm_id = discovery_text(vm_id)
+        vm_id = to_text(vm_id)
         if not VM_NAME_RE.match(vm_id):
             return None
         for vm in self.list_vms():
@@ -2716,10 +2737,10 @@ def format_vm_table(vms):
     for vm in vms:
         disks = []
         for disk in vm.get('disks', []):
-            disks.append(u'{0}:{1}({2})'.format(discovery_text(disk.get('device_name')),
-                                                 discovery_text(disk.get('name')),
+            disks.append(u'{0}:{1}({2})'.format(to_text(disk.get('device_name')),
+                                                 to_text(disk.get('name')),
                                                  disk.get('snapshot_compatible') and u'yes' or u'no'))
-        rows.append((discovery_text(vm.get('friendly_name')), discovery_text(vm.get('name')),
+        rows.append((to_text(vm.get('friendly_name')), to_text(vm.get('name')),
                      vm.get('snapshot_compatible') and u'yes' or u'no', u' '.join(disks) or u'-'))
     widths = [len(h) for h in header[:3]]
     for row in rows:
@@ -2790,7 +2811,6 @@ FIEMAP_EXTENT_NOT_ALIGNED = 0x100
 FIEMAP_EXTENT_DATA_INLINE = 0x200
 FIEMAP_EXTENT_DATA_TAIL = 0x400
 FIEMAP_EXTENT_UNWRITTEN = 0x800
-FIEMAP_EXTENT_MERGED = 0x1000
 FIEMAP_EXTENT_SHARED = 0x2000
 
 FIEMAP_EXTENT_UNRELIABLE = (FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC |
@@ -2813,11 +2833,6 @@ _CLONE_PROBE_PREFIX = '.ovm-exporter-probe-'
 _CLONE_PROBE_HOST_PREFIX = '%s%s-' % (_CLONE_PROBE_PREFIX,
                                       re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()))
 
-_izip = getattr(itertools, 'izip', zip)
-try:
-    _xrange = xrange
-except NameError:
-    _xrange = range
 
 
 def _u64_typecode():
@@ -2831,28 +2846,6 @@ def _u64_typecode():
 
 
 _U64_TYPECODE = _u64_typecode()
-
-
-def _array_tobytes(arr):
-    if hasattr(arr, 'tobytes'):
-        return arr.tobytes()
-    return arr.tostring()
-
-
-def _array_frombytes(arr, data):
-    if hasattr(arr, 'frombytes'):
-        arr.frombytes(data)
-    else:
-        arr.fromstring(data)
-
-
-def _path_to_bytes(path):
-    if isinstance(path, bytes):
-        return path
-    fsencode = getattr(os, 'fsencode', None)
-    if fsencode is not None:
-        return fsencode(path)
-    return path.encode(sys.getfilesystemencoding() or 'utf-8')
 
 
 # ------------------------------------------------------------------------------------ clone --
@@ -2926,7 +2919,7 @@ def _ocfs2_reflink(src_path, dst_path):
 def _ficlone(src_path, dst_path):
     """FICLONE into a new file (O_EXCL), then copy mode, owner and times from the source like
     the reflink's preserve=1 does. A failed clone removes the file it created."""
-    cloexec = getattr(os, 'O_CLOEXEC', 0)
+    cloexec = O_CLOEXEC
     src_fd = open_regular_file(src_path)
     try:
         st = os.fstat(src_fd)
@@ -3057,14 +3050,14 @@ class FiemapExtents(object):
         return len(self.logical)
 
     def __iter__(self):
-        return _izip(self.logical, self.length, self.physical, self.flags)
+        return izip(self.logical, self.length, self.physical, self.flags)
 
     def __getitem__(self, index):
         return (self.logical[index], self.length[index], self.physical[index],
                 self.flags[index])
 
     def tuples(self):
-        return list(_izip(self.logical, self.length, self.physical, self.flags))
+        return list(izip(self.logical, self.length, self.physical, self.flags))
 
     def __eq__(self, other):
         if isinstance(other, FiemapExtents):
@@ -3143,7 +3136,7 @@ def fiemap(fd, batch=_FIEMAP_DEFAULT_BATCH):
 
 def file_extents(path):
     """(FiemapExtents, size) of the file at `path`, both read through one descriptor."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+    fd = os.open(path, os.O_RDONLY | O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         return fiemap(fd), size
@@ -3163,13 +3156,10 @@ def _extent_columns(extents):
     return columns[0], columns[1], columns[2], columns[3]
 
 
-_compress = getattr(itertools, 'compress', None)     # Python 2.7+
-
-
 def _select(values, keep):
-    if _compress is not None:
-        return list(_compress(values, keep))
-    return [v for v, k in _izip(values, keep) if k]
+    if compress is not None:
+        return list(compress(values, keep))
+    return [v for v, k in izip(values, keep) if k]
 
 
 def _extent_runs(extents, limit):
@@ -3202,7 +3192,7 @@ def _extent_runs(extents, limit):
         for k in bad_index:
             unreliable[starts[k]] = physicals[k]
             physicals[k] = None
-    cut = _bisect_left(starts, limit)
+    cut = bisect.bisect_left(starts, limit)
     if cut < len(starts):
         del starts[cut:], ends[cut:], physicals[cut:]
     if ends and ends[-1] > limit:
@@ -3210,23 +3200,12 @@ def _extent_runs(extents, limit):
     return starts, ends, physicals, unreliable
 
 
-def _bisect_left(values, x):
-    lo, hi = 0, len(values)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if values[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 def _extent_runs_slow(logical, length, physical, flags, limit):
     """_extent_runs for input the kernel never gives: unsorted is sorted; where extents
     overlap, both runs become unreliable (reported as changed, never missed)."""
     starts, ends, physicals, unreliable = [], [], [], {}
     prev_end = 0
-    for lo, ln, ph, fl in sorted(_izip(logical, length, physical, flags)):
+    for lo, ln, ph, fl in sorted(izip(logical, length, physical, flags)):
         if ln <= 0 or fl & FIEMAP_EXTENT_UNWRITTEN or lo >= limit:
             continue
         end = min(lo + ln, limit)
@@ -3257,7 +3236,7 @@ def data_chunks(extents, size):
     starts, ends, physicals, unreliable = _extent_runs(extents, size)
     return [{'start': s, 'length': e - s,
              'physical_start': p if p is not None else unreliable[s]}
-            for s, e, p in _izip(starts, ends, physicals)]
+            for s, e, p in izip(starts, ends, physicals)]
 
 
 def squash_chunks(chunks):
@@ -3301,7 +3280,7 @@ def diff_chunks(old_extents, new_extents, new_size, old_size=None):
     o_phys.append(None)
     i = 0
     prev_end = 0
-    for s, e, p in _izip(n_start, n_end, n_phys):
+    for s, e, p in izip(n_start, n_end, n_phys):
         if o_start[i] == s:
             if o_end[i] == e and o_phys[i] == p and p is not None:
                 i += 1      # the same run in both: unchanged
@@ -3773,10 +3752,6 @@ STORE_INSTANCE_FILE_SUFFIX = '.instance-id'
 _INSTANCE_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 
 
-def snapshot_dir(repo_mountpoint, snapshot_id):
-    return os.path.join(repo_mountpoint, SNAPSHOTS_DIR_NAME, snapshot_id)
-
-
 class SnapshotStore(object):
     """Snapshot records in SQLite, safe to call from many threads.
 
@@ -4060,34 +4035,43 @@ class SnapshotStore(object):
 
 # -------------------------------------------------------------------- snapshot service ---
 
-class ApiError(Exception):
-    """An error with an HTTP status, a short title and a human sentence."""
+class ServiceError(Exception):
+    """What the service (or the authenticator) refuses or fails to do, in its own words; the
+    HTTP section maps each kind to a status and title (ERROR_STATUSES). `headers`: what a
+    client needs to retry (Retry-After, Content-Range)."""
 
-    def __init__(self, status, title, details, headers=None):
+    def __init__(self, details, headers=None):
         Exception.__init__(self, details)
-        self.status = status
-        self.title = title
         self.details = details
         self.headers = headers or {}
 
 
-def not_found(details):
-    return ApiError(404, 'Not Found', details)
+class NotFound(ServiceError):
+    """No such virtual machine, snapshot, disk or snapshot file."""
 
 
-def bad_request(details):
-    return ApiError(400, 'Bad Request', details)
+class InvalidRequest(ServiceError):
+    """Arguments the service cannot use, e.g. a VM that is not snapshot compatible."""
 
 
-def conflict(details):
-    return ApiError(409, 'Conflict', details)
+class WrongVm(ServiceError):
+    """A snapshot named under a virtual machine it does not belong to."""
 
 
-class RepositoryUnavailable(ApiError):
+class RangeNotSatisfiable(ServiceError):
+    """A byte range outside the disk."""
+
+
+class NoSpace(ServiceError):
+    """A repository too full to take (more) snapshot files."""
+
+
+class RepositoryUnavailable(ServiceError):
     """A repository that holds (or would hold) snapshot files is not mounted now."""
 
-    def __init__(self, details):
-        ApiError.__init__(self, 503, 'Service Unavailable', details)
+
+class ServiceFailure(ServiceError):
+    """Anything else that failed on the host (I/O, the toolstack, a pause that must happen)."""
 
 
 def remove_tree_quietly(path):
@@ -4137,6 +4121,94 @@ def copy_sparse(src, dst):
     return 'sparse_copy'
 
 
+class SnapshotFolders(object):
+    """The snapshot files on disk: <repository>/CoriolisSnapshots/<snapshot id>/<disk name>,
+    each folder with an owner file holding `owner` (the store's instance id: repositories are
+    shared by the servers of a pool, and start-up removes only its own orphans); their free
+    space, and how a disk gets into one (a clone; a sparse copy in the demo)."""
+
+    def __init__(self, owner, min_free_percent=0, demo=False):
+        self.owner = owner
+        self.min_free_percent = min_free_percent
+        self.demo = demo
+
+    @staticmethod
+    def base(mountpoint):
+        return os.path.join(mountpoint, SNAPSHOTS_DIR_NAME)
+
+    @classmethod
+    def folder(cls, mountpoint, snapshot_id):
+        return os.path.join(cls.base(mountpoint), snapshot_id)
+
+    def make(self, folder):
+        if not os.path.isdir(folder):
+            os.makedirs(folder, 0o700)
+            with open(os.path.join(folder, SNAPSHOT_OWNER_FILE), 'w') as owner:
+                owner.write(self.owner + '\n')
+
+    def remove(self, snapshot_id, mountpoints):
+        """Remove the snapshot's folder from every repository; True when nothing is left."""
+        clean = True
+        for mountpoint in sorted(set(mountpoints)):
+            clean = remove_tree_quietly(self.folder(mountpoint, snapshot_id)) and clean
+        return clean
+
+    def check_free_space(self, mountpoints):
+        minimum = self.min_free_percent
+        for mountpoint in mountpoints:
+            try:
+                st = os.statvfs(mountpoint)
+            except OSError as exc:
+                raise ServiceFailure('cannot read free space of %s: %s'
+                                     % (mountpoint, exc.strerror))
+            if st.f_blocks and 100.0 * st.f_bavail / st.f_blocks < minimum:
+                raise NoSpace('repository %s has less than %d%% free space; snapshots pin '
+                              'blocks and a full repository stops its VMs'
+                              % (mountpoint, minimum))
+
+    def copy(self, source, target):
+        try:
+            return clone_file(source, target)
+        except CloneError as exc:
+            if self.demo and exc.cannot_clone:
+                return copy_sparse(source, target)
+            raise
+
+    def made_here(self, folder):
+        """True when `folder` is a snapshot folder made by this exporter (its owner file)."""
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            return False
+        try:  # a pool peer's FIFO must not block the start-up
+            with os.fdopen(open_regular_file(os.path.join(folder, SNAPSHOT_OWNER_FILE))) as owner:
+                return owner.read(100).strip() == self.owner
+        except (IOError, OSError):
+            return False
+
+    def sweep(self, mountpoint, owned):
+        """Remove the orphan folders (ids not in `owned`) this exporter made in a repository,
+        and the probe files a crash left there. Returns how many folders went."""
+        base = self.base(mountpoint)
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return 0
+        removed = 0
+        for name in names:
+            path = os.path.join(base, name)
+            if UUID_RE.match(name) and name not in owned and self.made_here(path):
+                log.warning('removing orphan snapshot folder %s', path)
+                if remove_tree_quietly(path):
+                    removed += 1
+            elif name.startswith(_CLONE_PROBE_PREFIX):
+                try:  # left by a crash in the middle of a probe: ours, or a pool peer's
+                    if name.startswith(_CLONE_PROBE_HOST_PREFIX) or \
+                            os.lstat(path).st_mtime < time.time() - PROBE_FILE_MAX_AGE:
+                        os.unlink(path)
+                except OSError:
+                    pass
+        return removed
+
+
 def _is_missing(path):
     """True only when `path` provably does not exist (not for any other error)."""
     try:
@@ -4165,6 +4237,8 @@ class SnapshotService(object):
     """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
 
     def __init__(self, config, inventory, store):
+        self.folders = SnapshotFolders(store.instance_id, config.snapshot_min_free_percent,
+                                       config.demo)
         self.config = config
         self.inventory = inventory
         self.store = store
@@ -4198,7 +4272,7 @@ class SnapshotService(object):
     def _vm_or_404(self, vm_id):
         vm = self.inventory.get_vm(vm_id)
         if vm is None:
-            raise not_found('virtual machine %s not found on this host' % vm_id)
+            raise NotFound('virtual machine %s not found on this host' % vm_id)
         return vm
 
     def get_vm(self, vm_id, problems=None):
@@ -4211,38 +4285,16 @@ class SnapshotService(object):
     def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
         record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
         if record is None or record['state'] != 'ready':
-            raise not_found('%s %s not found' % (what, snapshot_id))
+            raise NotFound('%s %s not found' % (what, snapshot_id))
         if record['vm_id'] != vm_id:
-            raise conflict('%s %s belongs to virtual machine %s, not %s'
-                           % (what, snapshot_id, record['vm_id'], vm_id))
+            raise WrongVm('%s %s belongs to virtual machine %s, not %s'
+                          % (what, snapshot_id, record['vm_id'], vm_id))
         return record
-
-    def _check_free_space(self, mountpoints):
-        minimum = self.config.snapshot_min_free_percent
-        for mountpoint in mountpoints:
-            try:
-                st = os.statvfs(mountpoint)
-            except OSError as exc:
-                raise ApiError(500, 'Internal Server Error',
-                               'cannot read free space of %s: %s' % (mountpoint, exc.strerror))
-            if st.f_blocks and 100.0 * st.f_bavail / st.f_blocks < minimum:
-                raise ApiError(507, 'Insufficient Storage',
-                               'repository %s has less than %d%% free space; snapshots pin '
-                               'blocks and a full repository stops its VMs'
-                               % (mountpoint, minimum))
-
-    def _clone(self, source, target):
-        try:
-            return clone_file(source, target)
-        except CloneError as exc:
-            if self.config.demo and exc.cannot_clone:
-                return copy_sparse(source, target)
-            raise
 
     def create_snapshot(self, vm_id):
         vm = self._vm_or_404(vm_id)
         if not vm['snapshot_compatible']:
-            raise bad_request('virtual machine %s is not snapshot compatible: %s' % (
+            raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
                 vm_id, vm.get('_compat_reason') or 'it has no data disks'))
         snapshot_id = str(uuid.uuid4())
         disks = []
@@ -4252,7 +4304,7 @@ class SnapshotService(object):
             mountpoint = disk['_repo_mountpoint']
             disks.append({'name': disk['name'], 'parent_path': disk['path'],
                           'repo_mountpoint': mountpoint,
-                          'path': os.path.join(snapshot_dir(mountpoint, snapshot_id),
+                          'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
                                                disk['name'])})
         with self.vm_locks.get(vm_id):
             mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
@@ -4260,19 +4312,15 @@ class SnapshotService(object):
             for disk in disks:
                 real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
                 if why:
-                    raise bad_request('virtual machine %s is not snapshot compatible: disk %s: %s'
-                                      % (vm_id, disk['parent_path'], why))
+                    raise InvalidRequest('virtual machine %s is not snapshot compatible: disk '
+                                         '%s: %s' % (vm_id, disk['parent_path'], why))
                 disk['source'] = real
-            self._check_free_space(mountpoints)
+            self.folders.check_free_space(mountpoints)
             toolstack, consistency = self._cut_plan(vm_id, len(disks))
             self.store.record_intent(snapshot_id, vm_id, disks)
             try:
                 for disk in disks:
-                    folder = os.path.dirname(disk['path'])
-                    if not os.path.isdir(folder):
-                        os.makedirs(folder, 0o700)
-                        with open(os.path.join(folder, SNAPSHOT_OWNER_FILE), 'w') as owner:
-                            owner.write(self.store.instance_id + '\n')
+                    self.folders.make(os.path.dirname(disk['path']))
                 paused_ms = None
                 if toolstack is None:
                     methods = self._clone_each(snapshot_id, disks)
@@ -4304,7 +4352,7 @@ class SnapshotService(object):
     def _clone_each(self, snapshot_id, disks):
         methods = {}
         for disk in disks:
-            methods[disk['name']] = method = self._clone(disk['source'], disk['path'])
+            methods[disk['name']] = method = self.folders.copy(disk['source'], disk['path'])
             log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
         return methods
 
@@ -4318,16 +4366,14 @@ class SnapshotService(object):
             problem = ('no Xen toolstack: %s is not an executable file' % self.config.xen_toolstack
                        if self.config.xen_toolstack else 'no Xen toolstack (xl or xm) on PATH')
             if mode == 'always':
-                raise ApiError(500, 'Internal Server Error', 'snapshot_pause is "always" but '
-                               'there is %s' % problem)
+                raise ServiceFailure('snapshot_pause is "always" but there is %s' % problem)
             log.debug('snapshot of %s: %s; disks are cut one by one', vm_id, problem)
             return None, 'per-disk'
         try:
             status, output = run_command([toolstack, 'list', vm_id], TOOLSTACK_TIMEOUT)
         except ToolstackError as exc:
             if mode == 'always':
-                raise ApiError(500, 'Internal Server Error', 'cannot tell whether domain %s '
-                               'runs: %s' % (vm_id, exc))
+                raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, exc))
             log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
                         'cut one by one', vm_id, exc)
             return None, 'per-disk'
@@ -4359,8 +4405,7 @@ class SnapshotService(object):
             if not isinstance(exc, ToolstackError):
                 raise
             if always:
-                raise ApiError(500, 'Internal Server Error', 'cannot pause domain %s: %s'
-                               % (vm_id, exc))
+                raise ServiceFailure('cannot pause domain %s: %s' % (vm_id, exc))
             log.warning('snapshot %s: cannot pause domain %s (%s); disks are cut one by one',
                         snapshot_id, vm_id, exc)
             return self._clone_each(snapshot_id, disks), 'per-disk', None
@@ -4375,7 +4420,7 @@ class SnapshotService(object):
                        'watchdog unpaused it before every disk was cloned'
                        % (vm_id, self.config.snapshot_pause_max))
             if always:
-                raise ApiError(500, 'Internal Server Error', message)
+                raise ServiceFailure(message)
             log.warning('snapshot %s: %s; it counts as cut one by one', snapshot_id, message)
             return methods, 'per-disk', None
         return methods, 'paused', pause.paused_ms
@@ -4417,10 +4462,7 @@ class SnapshotService(object):
                 absent[0], problems[absent[0]], consequence))
 
     def _undo_create(self, snapshot_id, disks):
-        clean = True
-        for mountpoint in sorted(set(d['repo_mountpoint'] for d in disks)):
-            clean = remove_tree_quietly(snapshot_dir(mountpoint, snapshot_id)) and clean
-        if clean:
+        if self.folders.remove(snapshot_id, [d['repo_mountpoint'] for d in disks]):
             try:
                 self.store.forget(snapshot_id)
             except StoreError as exc:  # a 'creating' record is never listed; start-up drops it
@@ -4429,21 +4471,18 @@ class SnapshotService(object):
 
     @staticmethod
     def _clone_failure(exc):
-        if isinstance(exc, (ApiError, StoreError)):
+        if isinstance(exc, (ServiceError, StoreError)):
             return exc
-        if isinstance(exc, CloneError):
-            if exc.cannot_clone:
-                return bad_request(str(exc))
+        if isinstance(exc, CloneError) and exc.cannot_clone:
+            return InvalidRequest(str(exc))
+        if isinstance(exc, EnvironmentError):  # CloneError too
+            plain = isinstance(exc, CloneError)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return ApiError(507, 'Insufficient Storage', str(exc))
-            return ApiError(500, 'Internal Server Error', str(exc))
-        if isinstance(exc, (IOError, OSError)):
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return ApiError(507, 'Insufficient Storage', 'no space left: %s' % exc)
-            return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
+                return NoSpace(str(exc) if plain else 'no space left: %s' % exc)
+            return ServiceFailure(str(exc) if plain else 'snapshot failed: %s' % exc)
         if isinstance(exc, Exception):
             log.error('snapshot failed: %s', traceback.format_exc())
-            return ApiError(500, 'Internal Server Error', 'snapshot failed: %s' % exc)
+            return ServiceFailure('snapshot failed: %s' % exc)
         return exc  # KeyboardInterrupt, SystemExit: cleaned up, keep going up
 
     @staticmethod
@@ -4456,7 +4495,7 @@ class SnapshotService(object):
         """The error for a snapshot file that cannot be found."""
         self._check_mounted([disk['repo_mountpoint']], 'snapshot %s is kept and can be read '
                             'again once it is mounted' % snapshot_id)
-        return not_found('the snapshot file %s is missing' % disk['path'])
+        return NotFound('the snapshot file %s is missing' % disk['path'])
 
     def _disk_map_or_404(self, snapshot_id, disk):
         try:
@@ -4472,8 +4511,8 @@ class SnapshotService(object):
         if compare_to is not None:
             base = self._snapshot_or_404(vm_id, compare_to, 'compareTo snapshot')
             if base['seq'] >= record['seq']:
-                raise bad_request('compareTo snapshot %s is not older than %s'
-                                  % (compare_to, snapshot_id))
+                raise InvalidRequest('compareTo snapshot %s is not older than %s'
+                                     % (compare_to, snapshot_id))
         return self._snapshot_view(record, squash, base)
 
     def _snapshot_view(self, record, squash, base=None):
@@ -4504,9 +4543,7 @@ class SnapshotService(object):
                 views.append(self._snapshot_view(record, squash))
             except RepositoryUnavailable as exc:
                 log.warning('not listing snapshot %s of %s: %s', record['id'], vm_id, exc.details)
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+            except NotFound:
                 now = self.store.get(record['id'])
                 if now is not None and now['state'] == 'ready':
                     raise
@@ -4517,8 +4554,8 @@ class SnapshotService(object):
         if record is None:
             return
         if record['vm_id'] != vm_id:
-            raise conflict('snapshot %s belongs to virtual machine %s, not %s'
-                           % (snapshot_id, record['vm_id'], vm_id))
+            raise WrongVm('snapshot %s belongs to virtual machine %s, not %s'
+                          % (snapshot_id, record['vm_id'], vm_id))
         with self.vm_locks.get(vm_id):
             self._delete_record(record)
 
@@ -4536,13 +4573,9 @@ class SnapshotService(object):
                             'snapshot %s was not deleted; try again once it is mounted'
                             % record['id'])
         self.store.mark_deleting(record['id'])
-        clean = True
-        for mountpoint in sorted(set(d['repo_mountpoint'] for d in record['disks'])):
-            clean = remove_tree_quietly(snapshot_dir(mountpoint, record['id'])) and clean
-        if not clean:
-            raise ApiError(500, 'Internal Server Error',
-                           'could not remove every file of snapshot %s; it stays marked for '
-                           'deletion and is retried at the next start' % record['id'])
+        if not self.folders.remove(record['id'], [d['repo_mountpoint'] for d in record['disks']]):
+            raise ServiceFailure('could not remove every file of snapshot %s; it stays marked '
+                                 'for deletion and is retried at the next start' % record['id'])
         self.store.forget(record['id'])
 
     def _ready_record(self, vm_id, snapshot_id):
@@ -4571,7 +4604,7 @@ class SnapshotService(object):
                         raise self._missing_file(snapshot_id, disk)
                     raise
                 return handle, os.fstat(handle.fileno()).st_size
-        raise not_found('snapshot %s has no disk %s' % (snapshot_id, disk_name))
+        raise NotFound('snapshot %s has no disk %s' % (snapshot_id, disk_name))
 
     def disk_checksum(self, vm_id, snapshot_id, disk_name, start=0, length=None,
                       block_size=None):
@@ -4580,22 +4613,21 @@ class SnapshotService(object):
         handle, size = self.open_disk(vm_id, snapshot_id, disk_name)
         try:
             if start >= size and (start or size):
-                raise ApiError(416, 'Range Not Satisfiable', 'start %d is not below the disk '
-                               'size %d' % (start, size), {'Content-Range': 'bytes */%d' % size})
+                raise RangeNotSatisfiable('start %d is not below the disk size %d' % (start, size),
+                                          {'Content-Range': 'bytes */%d' % size})
             if length is not None and length < 1:
-                raise bad_request('length must be at least 1')
+                raise InvalidRequest('length must be at least 1')
             end = size if length is None else min(size, start + length)
             if block_size is not None:
                 if block_size < 1 or block_size % 4096:
-                    raise bad_request('block_size must be a positive multiple of 4096')
+                    raise InvalidRequest('block_size must be a positive multiple of 4096')
                 if (end - start + block_size - 1) // block_size > CHECKSUM_MAX_BLOCKS:
-                    raise bad_request('at most %d blocks per answer: ask for a shorter length '
-                                      'or a larger block_size' % CHECKSUM_MAX_BLOCKS)
+                    raise InvalidRequest('at most %d blocks per answer: ask for a shorter '
+                                         'length or a larger block_size' % CHECKSUM_MAX_BLOCKS)
             try:
                 extents = fiemap(handle)
             except EnvironmentError as exc:
-                raise ApiError(500, 'Internal Server Error', 'cannot read the extent map of '
-                               '%s: %s' % (disk_name, exc))
+                raise ServiceFailure('cannot read the extent map of %s: %s' % (disk_name, exc))
             checksum, blocks = range_checksums(handle, extents, size, start, end - start,
                                                block_size)
         finally:
@@ -4638,50 +4670,22 @@ class SnapshotService(object):
                 try:
                     self._delete_record(record)
                     summary['finished_deletes'] += 1
-                except ApiError as exc:
+                except ServiceError as exc:
                     log.error('%s', exc.details)
             else:
                 missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
                 if missing:
                     log.error('snapshot %s of %s lost its files (%s); forgetting it',
                               record['id'], record['vm_id'], ', '.join(missing))
-                    for mountpoint in mountpoints:
-                        remove_tree_quietly(snapshot_dir(mountpoint, record['id']))
+                    self.folders.remove(record['id'], mountpoints)
                     self.store.forget(record['id'])
                     summary['vanished'] += 1
         owned = set(record['id'] for record in self.store.list_all())
         for mountpoint in sorted(problems):
             if problems[mountpoint]:
                 continue
-            base = os.path.join(mountpoint, SNAPSHOTS_DIR_NAME)
-            try:
-                names = os.listdir(base)
-            except OSError:
-                continue
-            for name in names:
-                path = os.path.join(base, name)
-                if UUID_RE.match(name) and name not in owned and self._made_here(path):
-                    log.warning('removing orphan snapshot folder %s', path)
-                    if remove_tree_quietly(path):
-                        summary['orphans_removed'] += 1
-                elif name.startswith(_CLONE_PROBE_PREFIX):
-                    try:  # left by a crash in the middle of a probe: ours, or a pool peer's
-                        if name.startswith(_CLONE_PROBE_HOST_PREFIX) or \
-                                os.lstat(path).st_mtime < time.time() - PROBE_FILE_MAX_AGE:
-                            os.unlink(path)
-                    except OSError:
-                        pass
+            summary['orphans_removed'] += self.folders.sweep(mountpoint, owned)
         return summary
-
-    def _made_here(self, folder):
-        """True when `folder` is a snapshot folder made by this exporter (its owner file)."""
-        if os.path.islink(folder) or not os.path.isdir(folder):
-            return False
-        try:  # a pool peer's FIFO must not block the start-up
-            with os.fdopen(open_regular_file(os.path.join(folder, SNAPSHOT_OWNER_FILE))) as owner:
-                return owner.read(100).strip() == self.store.instance_id
-        except (IOError, OSError):
-            return False
 
 # ------------------------------------------------- authentication: JWT, Manager login, brake ---
 #
@@ -4713,13 +4717,6 @@ class SnapshotService(object):
 
 
 
-# hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
-# Tests set this to None to force the fallback.
-AUTH_HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
-
-# True where ssl.SSLContext exists (2.7.9+, every 3.x). Tests set it to False to force the
-# Python 2.6 code path (ssl.wrap_socket) on interpreters that still have ssl.wrap_socket.
-AUTH_TLS_USE_SSLCONTEXT = hasattr(ssl, 'SSLContext')
 
 JWT_MAX_TOKEN_LENGTH = 4096
 JWT_MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
@@ -4730,16 +4727,6 @@ MANAGER_ANSWER_LIMIT = 4 * 1024 * 1024
 _MANAGER_HTTP_EXCEPTION = http_client.HTTPException  # novm (httplib on Python 2)
 _JWT_SEGMENT_RE = re.compile(r'^[A-Za-z0-9_-]*$')
 _FINGERPRINT_HEX_RE = re.compile(r'^[0-9a-fA-F]{64}$')
-_IPV4_ADDRESS_RE = re.compile(r'^[0-9]+(\.[0-9]+){3}$')
-
-
-def _auth_native_str(value):
-    """ASCII bytes or text -> the native str type of this Python."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode('ascii')
-    return value.encode('ascii')
 
 
 # ---------------------------------------------------------------------- constant-time compare
@@ -4763,7 +4750,7 @@ def constant_time_equal(a, b):
     """True when byte strings a and b are equal; time does not depend on where they differ."""
     a = to_bytes(a)
     b = to_bytes(b)
-    compare = AUTH_HMAC_COMPARE_DIGEST
+    compare = HMAC_COMPARE_DIGEST
     if compare is not None:
         return bool(compare(a, b))
     return _auth_constant_time_equal_fallback(a, b)
@@ -4775,8 +4762,20 @@ class TokenError(Exception):
     """A bearer token is malformed, forged, of the wrong algorithm or expired."""
 
 
+class TokenRefused(ServiceError):
+    """A request without a valid bearer token."""
+
+
+class LoginRefused(ServiceError):
+    """The OVM Manager rejected a user name and password."""
+
+
+class TooManyLogins(ServiceError):
+    """The brute-force brake holds logins from this address or for this user name."""
+
+
 def _jwt_b64encode(raw):
-    return _auth_native_str(base64.urlsafe_b64encode(raw).rstrip(b'='))
+    return to_native(base64.urlsafe_b64encode(raw).rstrip(b'='))
 
 
 def _jwt_b64decode(segment, what):
@@ -4891,7 +4890,7 @@ def mint_login_token(user, secret, ttl_seconds, issuer='ovm_exporter', now=None)
 
 # ------------------------------------------------------------------- OVM Manager login check
 
-class ManagerUnavailable(Exception):
+class ManagerUnavailable(ServiceError):
     """The OVM Manager could not give an answer (down, timeout, TLS failure, odd status)."""
 
 
@@ -5007,32 +5006,8 @@ class _ManagerTlsCheck(object):
         self.seen_fingerprint = None
 
     def wrap(self, sock, host):
-        ca_file = self.ca_file
-        if AUTH_TLS_USE_SSLCONTEXT:
-            protocol = getattr(ssl, 'PROTOCOL_TLS_CLIENT', None)
-            if protocol is None:
-                protocol = ssl.PROTOCOL_SSLv23
-            context = ssl.SSLContext(protocol)  # novm (guarded by AUTH_TLS_USE_SSLCONTEXT)
-            context.options |= getattr(ssl, 'OP_NO_SSLv2', 0) | getattr(ssl, 'OP_NO_SSLv3', 0)
-            # No name check, by design (see the section comment); must precede verify_mode.
-            context.check_hostname = False  # novm (2.7.9+, 3.4+: only with SSLContext)
-            if ca_file:
-                context.load_verify_locations(cafile=ca_file)
-                context.verify_mode = ssl.CERT_REQUIRED
-            else:
-                context.verify_mode = ssl.CERT_NONE
-            kwargs = {}
-            if getattr(ssl, 'HAS_SNI', False) and host and ':' not in host \
-                    and not _IPV4_ADDRESS_RE.match(host):
-                kwargs['server_hostname'] = host
-            return context.wrap_socket(sock, **kwargs)
-        legacy_wrap = getattr(ssl, 'wrap_socket')
-        if ca_file:
-            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca_file)
-        else:
-            options = dict(cert_reqs=ssl.CERT_NONE)
-        return legacy_handshake(legacy_wrap(sock, ssl_version=ssl.PROTOCOL_SSLv23,
-                                            do_handshake_on_connect=False, **options))
+        # No name check, by design (see the section comment).
+        return client_tls(sock, host, self.ca_file, verify=bool(self.ca_file))
 
     def check_peer(self, tls_sock):
         der = tls_sock.getpeercert(True)
@@ -5143,7 +5118,7 @@ class ManagerClient(object):
     """
 
     def __init__(self, endpoint, timeout=10.0, ca_file=None, fingerprint=None, tofu_path=None):
-        endpoint = _auth_native_str(endpoint.strip()).rstrip('/')
+        endpoint = to_native(endpoint.strip()).rstrip('/')
         if not endpoint.lower().startswith('https://') or len(endpoint) <= len('https://'):
             raise ValueError('ovm_endpoint must be an https:// URL, not {0}'.format(
                 text_repr(endpoint)))
@@ -5252,7 +5227,7 @@ class ManagerClient(object):
         opener.add_handler(_ManagerHTTPSHandler(tls_check))
         credentials = base64.b64encode(user_bytes + b':' + password_bytes)
         request = urllib_request.Request(self.url)
-        request.add_header('Authorization', 'Basic ' + _auth_native_str(credentials))
+        request.add_header('Authorization', 'Basic ' + to_native(credentials))
         request.add_header('Accept', 'application/json')
         request.add_header('User-Agent', 'ovm_exporter')
         try:
@@ -5303,11 +5278,8 @@ class LoginBrake(object):
         self._last_sweep = clock()
 
     def __len__(self):
-        self._lock.acquire()
-        try:
+        with self._lock:
             return len(self._failures)
-        finally:
-            self._lock.release()
 
     @staticmethod
     def _keys(address, user):
@@ -5382,21 +5354,17 @@ class LoginBrake(object):
 
     def begin(self, address, user):
         keys = self._keys(address, user)
-        self._lock.acquire()
-        try:
+        with self._lock:
             wait = self._wait(keys, self._clock())
             if not wait:
                 for key in keys:
                     self._in_flight[key] = self._in_flight.get(key, 0) + 1
             return wait
-        finally:
-            self._lock.release()
 
     def end(self, address, user, accepted):
         """accepted: True (a success), False (a failure) or None (no answer: not counted)."""
         keys = self._keys(address, user)
-        self._lock.acquire()
-        try:
+        with self._lock:
             for key in keys:
                 count = self._in_flight.get(key, 0) - 1
                 if count > 0:
@@ -5407,29 +5375,18 @@ class LoginBrake(object):
                 self._succeeded(keys, user)
             elif accepted is not None:
                 self._failed(keys, user, self._clock())
-        finally:
-            self._lock.release()
 
     def retry_after(self, address, user=None):
-        self._lock.acquire()
-        try:
+        with self._lock:
             return self._wait(self._keys(address, user), self._clock())
-        finally:
-            self._lock.release()
 
     def record_failure(self, address, user=None):
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._failed(self._keys(address, user), user, self._clock())
-        finally:
-            self._lock.release()
 
     def record_success(self, address, user=None):
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._succeeded(self._keys(address, user), user)
-        finally:
-            self._lock.release()
 
 
 TOKEN_CACHE_SIZE = 1024
@@ -5450,9 +5407,8 @@ class Authenticator(object):
     def login(self, username, password, address):
         wait = self.brake.begin(address, username)
         if wait:
-            raise ApiError(429, 'Too Many Requests',
-                           'too many failed logins from %s or for this user name; retry in %d '
-                           'seconds' % (address, wait), {'Retry-After': str(wait)})
+            raise TooManyLogins('too many failed logins from %s or for this user name; retry '
+                                'in %d seconds' % (address, wait), {'Retry-After': str(wait)})
         accepted = None
         try:
             accepted = self._check(username, password, address)
@@ -5461,15 +5417,15 @@ class Authenticator(object):
         if not accepted:
             log.warning('login of %s from %s rejected by the OVM Manager', text_repr(username),
                         address)
-            raise ApiError(401, 'Not Authorized', 'the OVM Manager rejected this user name '
-                                                  'and password')
+            raise LoginRefused('the OVM Manager rejected this user name and password')
         return mint_login_token(username, self.secret, self.config.jwt_time_to_live)
 
     def _check(self, username, password, address):
         endpoint = self.resolve_endpoint()
         if not endpoint:
-            raise ApiError(502, 'Bad Gateway', 'no OVM Manager to check the login with: set '
-                           'ovm_endpoint, or check manager_ip in the ovs-agent server database')
+            raise ManagerUnavailable('no OVM Manager to check the login with: set '
+                                     'ovm_endpoint, or check manager_ip in the ovs-agent server '
+                                     'database')
         config = self.config
         try:
             manager = ManagerClient(endpoint, config.ovm_timeout, config.ovm_ca_certificate or None,
@@ -5478,13 +5434,13 @@ class Authenticator(object):
             return manager.check_login(username, password)
         except (ManagerUnavailable, ValueError) as exc:
             log.error('login of %s from %s: %s', text_repr(username), address, exc)
-            raise ApiError(502, 'Bad Gateway', str(exc))
+            raise ManagerUnavailable(str(exc))
 
     def verify_request(self, authorization):
-        """`Authorization` header -> the token's user name, or ApiError 401."""
+        """`Authorization` header -> the token's user name, or TokenRefused."""
         scheme, _, token = (authorization or '').strip().partition(' ')
         if scheme.lower() != 'bearer' or not token.strip():
-            raise ApiError(401, 'Authentication failed', self.INVALID_TOKEN)
+            raise TokenRefused(self.INVALID_TOKEN)
         token = token.strip()
         known = self._verified.get(token)
         if known is not None and known[0] > time.time():
@@ -5493,7 +5449,7 @@ class Authenticator(object):
             claims = jwt_decode(token, self.secret)
         except TokenError:
             self._verified.pop(token, None)
-            raise ApiError(401, 'Authentication failed', self.INVALID_TOKEN)
+            raise TokenRefused(self.INVALID_TOKEN)
         user = claims.get('user')
         user = user if isinstance(user, string_types) else '-'
         if len(self._verified) >= TOKEN_CACHE_SIZE:
@@ -5546,8 +5502,24 @@ HTTP_REASONS = {200: 'OK', 206: 'Partial Content', 400: 'Bad Request', 401: 'Una
                 505: 'HTTP Version Not Supported', 507: 'Insufficient Storage'}
 
 
-class RangeNotSatisfiable(Exception):
-    pass
+class ApiError(Exception):
+    """An HTTP answer to a request: a status, a short title and a human sentence. Domain
+    errors become one in api_error."""
+
+    def __init__(self, status, title, details, headers=None):
+        Exception.__init__(self, details)
+        self.status = status
+        self.title = title
+        self.details = details
+        self.headers = headers or {}
+
+
+def not_found(details):
+    return ApiError(404, 'Not Found', details)
+
+
+def bad_request(details):
+    return ApiError(400, 'Bad Request', details)
 
 
 def _decimal(text):
@@ -5738,17 +5710,6 @@ def certificate_not_after(der):
     return calendar.timegm(time.strptime(text[:14], '%Y%m%d%H%M%S'))
 
 
-def _self_test_client(sock):
-    if hasattr(ssl, 'SSLContext'):
-        context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-        context.check_hostname = False  # novm
-        context.verify_mode = ssl.CERT_NONE
-        return context.wrap_socket(sock)
-    return legacy_handshake(getattr(ssl, 'wrap_socket')(
-        sock, cert_reqs=ssl.CERT_NONE, ssl_version=ssl.PROTOCOL_SSLv23,
-        do_handshake_on_connect=False))
-
-
 def tls_self_test(config, wrap, timeout=10.0):
     """A TLS handshake of the server's own `wrap` with a client over a socket pair. Python 2.6
     loads a key that does not match the certificate without a word (OpenSSL then drops the
@@ -5763,7 +5724,7 @@ def tls_self_test(config, wrap, timeout=10.0):
 
     def client():
         try:
-            tls = _self_test_client(client_end)
+            tls = client_tls(client_end, None, verify=False)
             seen['der'] = tls.getpeercert(True)
             tls.close()
         except Exception as exc:
@@ -6698,13 +6659,13 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             self.body_done = (not self.headers.get('Transfer-Encoding')
                               and self.content_length == 0)
             self.server.app.handle(self)
-        except ApiError as exc:
+        except (ApiError, ServiceError, StoreError) as exc:
             if not self.body_done:  # the rest of the request is still on the wire
                 self.close_connection = True
             if self.command is None:
                 self.command = '-'
             try:
-                self.send_api_error(exc)
+                self.send_api_error(api_error(exc))
             except (socket.error, ssl.SSLError, IOError, OSError) as error:  # the client left
                 log.debug('connection to %s ended: %s', self.client_address[0], error)
                 self.close_connection = True
@@ -6831,16 +6792,41 @@ def stream_file(handle, write, start, length, buffer):
         length -= count
 
 
-def store_api_error(exc):
-    """A state database failure (StoreError) as an HTTP answer, logged once without a trace."""
+# Every domain error and its answer: (type, status, title); the first type that fits wins.
+ERROR_STATUSES = (
+    (NotFound, 404, 'Not Found'),
+    (InvalidRequest, 400, 'Bad Request'),
+    (WrongVm, 409, 'Conflict'),
+    (RangeNotSatisfiable, 416, 'Range Not Satisfiable'),
+    (NoSpace, 507, 'Insufficient Storage'),
+    (RepositoryUnavailable, 503, 'Service Unavailable'),
+    (TokenRefused, 401, 'Authentication failed'),
+    (LoginRefused, 401, 'Not Authorized'),
+    (TooManyLogins, 429, 'Too Many Requests'),
+    (ManagerUnavailable, 502, 'Bad Gateway'),
+    (StoreBusy, 503, 'Service Unavailable'),
+    (StoreFull, 507, 'Insufficient Storage'),
+    (ServiceError, 500, 'Internal Server Error'),
+    (StoreError, 500, 'Internal Server Error'),
+)
+
+
+def api_error(exc):
+    """A domain error (ServiceError, StoreError) as the ApiError that answers it; an ApiError
+    as it is. A state database failure is logged here, once, without a trace."""
+    if isinstance(exc, ApiError):
+        return exc
+    for kind, status, title in ERROR_STATUSES:
+        if isinstance(exc, kind):
+            break
+    if not isinstance(exc, StoreError):
+        return ApiError(status, title, exc.details, exc.headers)
     if isinstance(exc, StoreBusy):
         log.warning('%s', exc)
-        return ApiError(503, 'Service Unavailable', str(exc),
+        return ApiError(status, title, str(exc),
                         {'Retry-After': '%d' % math.ceil(STORE_BUSY_TIMEOUT)})
     log.error('%s', exc)
-    if isinstance(exc, StoreFull):
-        return ApiError(507, 'Insufficient Storage', str(exc))
-    return ApiError(500, 'Internal Server Error', str(exc))
+    return ApiError(status, title, str(exc))
 
 
 def warning_header(problems):
@@ -6950,7 +6936,7 @@ class ApiApplication(object):
         try:
             handler(request, params, query)
         except StoreError as exc:
-            raise store_api_error(exc)
+            raise api_error(exc)
 
     # -- authentication
     def on_post_login(self, request, params, query):
@@ -7058,8 +7044,7 @@ class ApiApplication(object):
                     raise RangeNotSatisfiable('send one Range header')
                 ranges = parse_range_header(range_headers[0], size)
             except RangeNotSatisfiable as exc:
-                raise ApiError(416, 'Range Not Satisfiable', str(exc),
-                               {'Content-Range': 'bytes */%d' % size})
+                raise RangeNotSatisfiable(exc.details, {'Content-Range': 'bytes */%d' % size})
         is_head = request.command == 'HEAD'
         if ranges is None:
             request.send_head(200, headers, size)
@@ -7167,32 +7152,19 @@ def certificate_matches_host(cert, host):
 
 
 class _VerifiedHTTPSConnection(http_client.HTTPSConnection):  # novm (httplib on 2)
-    """The client's HTTPS connection: the chain is checked by `context` (SSLContext) or, on
-    Python 2.6, by ssl.wrap_socket against ca_file; the name by certificate_matches_host (2.6
-    has no name check and 2.7's cannot match IP addresses), before any byte is sent.
-    verify False: no check at all (--insecure)."""
+    """The client's HTTPS connection: the chain is checked by client_tls against ca_file (the
+    system's CAs without one); the name by certificate_matches_host (2.6 has no name check and
+    2.7's cannot match IP addresses), before any byte is sent. verify False: no check at all
+    (--insecure)."""
 
-    def __init__(self, host, port, timeout, verify, ca_file=None, context=None):
+    def __init__(self, host, port, timeout, verify, ca_file=None):
         http_client.HTTPSConnection.__init__(self, host, port, timeout=timeout)  # novm
-        self._ovm_verify, self._ovm_ca_file, self._ovm_context = verify, ca_file, context
-
-    def _wrap(self, sock):
-        if self._ovm_context is not None:
-            kwargs = {}
-            if getattr(ssl, 'HAS_SNI', False) and _ip_address_bytes(self.host) is None:
-                kwargs['server_hostname'] = self.host
-            return self._ovm_context.wrap_socket(sock, **kwargs)
-        if self._ovm_verify:
-            options = dict(cert_reqs=ssl.CERT_REQUIRED, ca_certs=self._ovm_ca_file)
-        else:
-            options = dict(cert_reqs=ssl.CERT_NONE)
-        return legacy_handshake(getattr(ssl, 'wrap_socket')(
-            sock, ssl_version=ssl.PROTOCOL_SSLv23, do_handshake_on_connect=False, **options))
+        self._ovm_verify, self._ovm_ca_file = verify, ca_file
 
     def connect(self):
         sock = socket.create_connection((self.host, self.port), self.timeout)
         try:
-            tls = self._wrap(sock)
+            tls = client_tls(sock, self.host, self._ovm_ca_file, self._ovm_verify)
         except BaseException:
             sock.close()
             raise
@@ -7218,21 +7190,8 @@ class ExporterClient(object):
 
     def _connect(self):
         verify = not self.insecure
-        if hasattr(ssl, 'SSLContext'):
-            context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_CLIENT', ssl.PROTOCOL_SSLv23))  # novm
-            context.check_hostname = False  # novm (the connection checks the name)
-            if verify:
-                context.verify_mode = ssl.CERT_REQUIRED
-                if self.ca_file:
-                    context.load_verify_locations(self.ca_file)
-                else:
-                    context.load_default_certs()  # novm
-            else:
-                context.verify_mode = ssl.CERT_NONE
-            return _VerifiedHTTPSConnection(self.host, self.port, self.timeout, verify,
-                                            context=context)
         ca_file = self.ca_file
-        if verify and not ca_file:  # Python 2.6 has no load_default_certs
+        if verify and not ca_file and not HAVE_SSLCONTEXT:  # 2.6 has no load_default_certs
             bundles = [path for path in CLIENT_CA_BUNDLES if os.path.isfile(path)]
             if not bundles:
                 raise ClientError(0, 'no CA bundle at %s: give --cacert (or --insecure)'
@@ -7577,7 +7536,7 @@ def manager_endpoint_resolver(config):
 
 def build_inventory(config):
     def probe(directory):
-        folder = os.path.join(directory, SNAPSHOTS_DIR_NAME)
+        folder = SnapshotFolders.base(directory)
         supported, reason = clone_supported(folder, create=os.path.isdir(directory))
         if not supported and config.demo:
             return True, 'demo: %s; snapshots will be sparse copies' % reason
@@ -7663,14 +7622,46 @@ def serve(config, pid_file=None, ready=None):
     return running
 
 
-def fail(message, status=2):
+def cli_error(message, status=2):
     sys.stderr.write('ovm_exporter: error: %s\n' % message)
     return status
 
 
+def preflight(config, need_tls=True):
+    """The start-up checks that read the host: the state database, the Manager CA and the
+    TLS files (loaded as the server will). Raises ConfigError naming the key."""
+    def bad_key(key, what):
+        raise ConfigError('%s: key %r: %s' % (config.source, key, what))
+
+    try:
+        SnapshotStore.check_is_sqlite(config.db_file)
+    except StoreError as exc:
+        bad_key('db_file', str(exc))
+    if config.ovm_ca_certificate and not os.path.isfile(config.ovm_ca_certificate):
+        bad_key('ovm_ca_certificate', 'file %s does not exist' % config.ovm_ca_certificate)
+    if not need_tls:
+        return
+    for key in ('api.tls.certificate', 'api.tls.key'):
+        path = config.values[key]
+        if not path:
+            bad_key(key, 'is required (the service speaks HTTPS only)')
+        if not os.path.isfile(path):
+            bad_key(key, 'file %s does not exist' % path)
+    if config.api_tls_require_client_certificate and not config.api_tls_ca_certificate:
+        bad_key('api.tls.ca_certificate', 'is required when require_client_certificate = true')
+    try:
+        make_server_tls(config)
+    except TlsSetupError as exc:
+        bad_key(exc.key, str(exc))
+    except (ssl.SSLError, IOError, OSError, ValueError) as exc:
+        bad_key('api.tls', 'cannot load certificate/key: %s' % exc)
+
+
 def load_checked_config(path, need_tls=True):
     config = load_config(path)
-    for warning in validate_config(config, need_tls):
+    warnings = validate_config(config)
+    preflight(config, need_tls)
+    for warning in warnings:
         log.warning('%s', warning)
     return config
 
@@ -7679,13 +7670,13 @@ def command_serve(options, args):
     try:
         config = load_checked_config(options.config)
     except ConfigError as exc:
-        return fail(str(exc))
+        return cli_error(str(exc))
     setup_logging(config, options.debug)
     try:
         running = serve(config, options.pid_file)
     except (StoreError, socket.error, OSError) as exc:
         log.error('%s', exc)
-        return fail(str(exc), 1)
+        return cli_error(str(exc), 1)
     if running:  # stuck connection threads: exit without the interpreter's teardown
         logging.shutdown()
         os._exit(0)
@@ -7696,7 +7687,7 @@ def command_check_config(options, args):
     try:
         config = load_checked_config(options.config)
     except ConfigError as exc:
-        return fail(str(exc))
+        return cli_error(str(exc))
     print('# %s is valid; effective configuration (secrets hidden):' % options.config)
     for line in config.describe():
         print(line)
@@ -7708,14 +7699,14 @@ def command_vms(options, args):
         try:
             config = load_checked_config(options.config, need_tls=False)
         except ConfigError as exc:
-            return fail(str(exc))
+            return cli_error(str(exc))
     else:
         config = default_config()
     inventory = build_inventory(config)
     try:
         vms = [vm_public_fields(vm) for vm in inventory.list_vms()]
     except (BerkeleyDBError, IOError, OSError) as exc:
-        return fail('cannot list repositories: %s' % exc, 1)
+        return cli_error('cannot list repositories: %s' % exc, 1)
     if options.json:
         print(json.dumps(vms, indent=2, sort_keys=True))
     else:
@@ -7919,8 +7910,8 @@ def demo_instructions(config, paths, server, password, folder):
         'ovm_exporter demo: a sample Oracle VM host in %s' % folder,
         'Login: user "admin", password "%s" (checked by a stand-in OVM Manager).' % password,
         'Snapshots of this folder are %s.' % (
-            'real copy-on-write clones' if clone_supported(os.path.join(
-                config.repository[0]['mount_point'], SNAPSHOTS_DIR_NAME))[0]
+            'real copy-on-write clones' if clone_supported(SnapshotFolders.base(
+                config.repository[0]['mount_point']))[0]
             else 'sparse copies (this filesystem cannot clone; on OVM they are OCFS2 reflinks)'),
         'Try these in another shell (bash), then press Ctrl-C here to stop and clean up:',
         '',
@@ -7946,7 +7937,7 @@ def command_demo(options, args):
         try:
             paths = make_certificates(folder)
         except (OSError, RuntimeError) as exc:
-            return fail('the demo needs the openssl command to make a certificate: %s' % exc)
+            return cli_error('the demo needs the openssl command to make a certificate: %s' % exc)
         password = binascii.hexlify(os.urandom(6)).decode('ascii')
         config = default_config()
         config.demo = True
@@ -7967,6 +7958,7 @@ def command_demo(options, args):
         config = Config(config.values, 'demo')
         config.demo = True
         validate_config(config)
+        preflight(config)
 
         def announce(server):
             sys.stdout.write(demo_instructions(config, paths, server, password, folder) + '\n')
@@ -8000,7 +7992,7 @@ def command_client(options, args):
     usage = ('client commands: vms | snapshot VM | download VM SNAPSHOT DISK IMAGE '
              '[--compare-to OLDER] [--verify]  (with --url, --user, --cacert or --insecure)')
     if not args or not options.url:
-        return fail(usage)
+        return cli_error(usage)
     password = os.environ.get('OVM_EXPORTER_PASSWORD')
     if password is None:
         import getpass
@@ -8021,10 +8013,10 @@ def command_client(options, args):
                 print('%s: sha256 matches the server%s' % (args[4], repaired and (
                     ' after %d bytes were downloaded again' % repaired) or ''))
         else:
-            return fail(usage)
+            return cli_error(usage)
     except (ClientError, socket.error, ssl.SSLError, http_client.HTTPException, IOError,
             OSError) as exc:
-        return fail(str(exc), 1)
+        return cli_error(str(exc), 1)
     finally:
         client.close()
     return 0

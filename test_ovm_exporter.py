@@ -55,6 +55,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import ovm_exporter as ox  # noqa: E402
+import harness  # noqa: E402
+from harness import (EXPORTER, PY26, PY26_PREFIX, PY27, PYTHONS, installed_pythons,  # noqa: E402
+                     python_file, run)
 
 try:
     import tomllib
@@ -406,7 +409,7 @@ def tls_path(request, monkeypatch):
     """Run a test with SSLContext (2.7.9+/3.x) and, where ssl.wrap_socket still exists
     (< 3.12), with the Python 2.6 code path forced. The 2.6 path is also run under 2.7 and,
     for real, under CPython 2.6.9 by test_login_under_other_interpreters."""
-    monkeypatch.setattr(ox, 'AUTH_TLS_USE_SSLCONTEXT', request.param == 'sslcontext')
+    monkeypatch.setattr(ox, 'HAVE_SSLCONTEXT', request.param == 'sslcontext')
     return request.param
 
 
@@ -432,14 +435,10 @@ FUTURE = 4102444800  # 2100-01-01
 
 # ============================================ fixtures: exporter processes and sample hosts ===
 
-EXPORTER = os.path.join(HERE, 'ovm_exporter.py')
-PYENV_VERSIONS = '/root/.pyenv/versions'
-# '2.6.9' is the dom0's interpreter (2.6.6 there), built by .ci/test from ../shared/py26.
+# The interpreters are harness.PYTHONS; '3' is the one running pytest.
 FULL_SUITE_PYTHONS = ['3', '2.7.18', '2.6.9']  # every server test runs under these
-SUBSET_PYTHONS = ['3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0']
+SUBSET_PYTHONS = [v for v in PYTHONS if v not in FULL_SUITE_PYTHONS + [harness.RUNNING_PYTHON]]
 ADMIN, ADMIN_PASSWORD = 'admin', 'Welcome1'
-PY26_PREFIX = os.environ.get('OVM_EXPORTER_PY26', '/var/cache/py269')
-PY26 = os.path.join(PY26_PREFIX, 'bin', 'python2.6')
 # The interpreter of servers started without one; OVM_EXPORTER_TEST_PYTHON=2.6.9 runs every
 # server test under the dom0's interpreter (a slow, thorough check).
 DEFAULT_SERVER_PYTHON = os.environ.get('OVM_EXPORTER_TEST_PYTHON', '3')
@@ -448,51 +447,31 @@ DEFAULT_SERVER_PYTHON = os.environ.get('OVM_EXPORTER_TEST_PYTHON', '3')
 def python_path(version):
     """'3' is the interpreter running pytest; '2.6.9' is the CPython 2.6.9 that .ci/test
     builds (../shared/py26/build.sh); others come from pyenv."""
-    if version == '3':
-        return sys.executable
-    if version == '2.6.9':
-        if not os.path.exists(PY26):
-            pytest.skip('CPython 2.6.9 is not built at %s (../shared/py26/build.sh %s)'
-                        % (PY26, PY26_PREFIX))
-        return PY26
-    path = os.path.join(PYENV_VERSIONS, version, 'bin', 'python')
+    path = python_file(version)
+    if version == '2.6.9' and not os.path.exists(path):
+        pytest.skip('CPython 2.6.9 is not built at %s (../shared/py26/build.sh %s)'
+                    % (path, PY26_PREFIX))
     if not os.path.exists(path):
         pytest.skip('interpreter %s is not installed (pyenv install %s)' % (version, version))
     return path
 
 
-def need_root():
+def need_root(*tools):
+    """The one root check: loop mounts (and the tools they need) or skip."""
     if os.geteuid() != 0:
         pytest.skip('needs root for loop mounts (CI runs as root)')
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip('needs %s (apt-get install xfsprogs btrfs-progs e2fsprogs util-linux)'
+                        % tool)
 
 
-def run(command, **kwargs):
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               **kwargs)
-    output = process.communicate()[0].decode('utf-8', 'replace')
-    if process.returncode != 0:
-        raise AssertionError('%s failed (%d): %s' % (command, process.returncode, output))
-    return output
-
-
-class LoopMount(object):
-    """A filesystem image on a loop device, mounted in a temporary folder."""
+class LoopMount(harness.LoopMount):
+    """harness.LoopMount, skipping the test where it cannot be made."""
 
     def __init__(self, folder, mkfs, size='3G'):
-        need_root()
-        self.image = os.path.join(folder, 'fs.img')
-        self.path = os.path.join(folder, 'mnt')
-        os.mkdir(self.path)
-        run(['truncate', '-s', size, self.image])
-        run(mkfs + [self.image])
-        run(['mount', '-o', 'loop', self.image, self.path])
-
-    def close(self):
-        for _ in range(20):
-            if subprocess.call(['umount', self.path]) == 0:
-                break
-            time.sleep(0.25)
-        os.unlink(self.image)
+        need_root(mkfs[0])
+        harness.LoopMount.__init__(self, folder, mkfs, size)
 
 
 @pytest.fixture(scope='session')
@@ -752,9 +731,6 @@ except ImportError:  # Python < 3.11
 
 # ------------------------------------------------------------------------------ fixtures
 MODULE_DIR = os.path.dirname(os.path.abspath(ox.__file__))
-PYENV = '/root/.pyenv/versions'
-OTHER_PYTHONS = ['2.6.9', '2.7.18', '3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.11.7',
-                 '3.12.1', '3.13.0']
 
 needs_tomllib = pytest.mark.skipif(tomllib is None, reason='tomllib needs Python 3.11+')
 
@@ -1599,26 +1575,19 @@ def interpreter_inputs(tmp_path_factory):
     durations = [text for text, _ns in GO_DURATION_CASES]
     docs_file = folder / 'docs.json'
     docs_file.write_bytes(json.dumps({'docs': docs, 'durations': durations}).encode('utf-8'))
-    reference = json.loads(run_checked([sys.executable, str(script), MODULE_DIR,
-                                        str(docs_file)]))
+    reference = json.loads(run([sys.executable, str(script), MODULE_DIR,
+                                        str(docs_file)], merge_stderr=False))
     return script, docs_file, docs, reference
 
 
-def run_checked(argv):
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err.decode('utf-8', 'replace')
-    return out.decode('utf-8')
-
-
-@pytest.mark.parametrize('version', OTHER_PYTHONS)
+@pytest.mark.parametrize('version', PYTHONS)
 def test_same_results_on_every_interpreter(version, interpreter_inputs):
     """Python 2.6, 2.7 and 3.6-3.13 give the same values and types as this Python (on 2 every
     key and string is unicode), the same error lines and, for ASCII, the same messages;
     where tomllib exists in that interpreter, it agrees on what is valid."""
     python = python_path(version)
     script, docs_file, docs, reference = interpreter_inputs
-    results = json.loads(run_checked([python, str(script), MODULE_DIR, str(docs_file)]))
+    results = json.loads(run([python, str(script), MODULE_DIR, str(docs_file)], merge_stderr=False))
     assert len(results) == len(docs) + len(GO_DURATION_CASES)
     for (text, nanoseconds), want, got in zip(GO_DURATION_CASES, reference, results):
         if nanoseconds is None:
@@ -1773,8 +1742,6 @@ def test_go_duration_against_real_go(tmp_path):
     assert len([a for a in answers if a.startswith('ok')]) > 100
 
 
-PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
-PYENV_ROOT = '/root/.pyenv/versions'
 
 # ========================================================= Berkeley DB reader and pickles ===
 
@@ -1918,15 +1885,6 @@ def need_tool(name):
     return path
 
 
-def run_tool(cmd, stdin=None):
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    out, err = p.communicate(stdin)
-    if p.returncode != 0:
-        raise AssertionError('%r failed (%d): %s' % (cmd, p.returncode, err.decode('utf-8', 'replace')))
-    return out
-
-
 def escape_for_db_load(b):
     """db_load -T line: printable ASCII as is, backslash doubled, everything else \\xx."""
     out = []
@@ -1940,26 +1898,29 @@ def escape_for_db_load(b):
     return ''.join(out)
 
 
+def db_load_text(path, text, args=()):
+    """db5.3_load <args> -f <a file holding text> path."""
+    txt = path + '.txt'
+    with open(txt, 'w') as f:
+        f.write(text)
+    run(['db5.3_load'] + list(args) + ['-f', txt, path])
+    return path
+
+
 def db_load(path, pairs, options=(), extra=()):
     lines = []
     for k, v in pairs:
         lines.append(escape_for_db_load(k))
         lines.append(escape_for_db_load(v))
-    txt = path + '.pairs.txt'
-    with open(txt, 'w') as f:
-        f.write('\n'.join(lines) + ('\n' if lines else ''))
-    cmd = ['db5.3_load', '-T', '-t', 'hash']
+    args = ['-T', '-t', 'hash']
     for o in options:
-        cmd += ['-c', o]
-    cmd += list(extra)
-    cmd += ['-f', txt, path]
-    run_tool(cmd)
-    return path
+        args += ['-c', o]
+    return db_load_text(path, '\n'.join(lines) + ('\n' if lines else ''), args + list(extra))
 
 
 def db_dump_pairs(path):
     """Parse `db5.3_dump -p` back into a sorted list of (key, value) bytes."""
-    out = run_tool(['db5.3_dump', '-p', path])
+    out = run(['db5.3_dump', '-p', path], merge_stderr=False, text=False)
     lines = out.split(b'\n')
     i = lines.index(b'HEADER=END') + 1
     items = []
@@ -1997,7 +1958,8 @@ def py2_pickles(spec):
         '    res[name] = [(binascii.hexlify(k), binascii.hexlify(cPickle.dumps(v, proto)))\n'
         '                 for k, v in sorted(d.items())]\n'
         'sys.stdout.write(json.dumps(res))\n')
-    out = run_tool([PY27, '-c', script], json.dumps(spec).encode('ascii'))
+    out = run([PY27, '-c', script], json.dumps(spec).encode('ascii'), merge_stderr=False,
+              text=False)
     res = {}
     for name, pairs in json.loads(out.decode('ascii')).items():
         res[name] = [(binascii.unhexlify(k), binascii.unhexlify(v)) for k, v in pairs]
@@ -2043,7 +2005,7 @@ def perl_delete(path, keys):
     with open(kf, 'w') as f:
         for k in keys:
             f.write(binascii.hexlify(k).decode('ascii') + '\n')
-    run_tool(['perl', '-e', PERL_DELETE, path, kf])
+    run(['perl', '-e', PERL_DELETE, path, kf])
 
 
 # --------------------------------------------------------------------------- fixtures -----
@@ -2109,7 +2071,7 @@ def deleted_db(tmp_path_factory, pickles, tools):
     if not shutil.which('perl'):
         pytest.skip('perl not installed')
     try:
-        run_tool(['perl', '-MDB_File', '-e', '1'])
+        run(['perl', '-MDB_File', '-e', '1'])
     except AssertionError:
         pytest.skip('perl DB_File not available (Debian libperl5.36 / perl)')
     d = str(tmp_path_factory.mktemp('bdbdel'))
@@ -2242,13 +2204,9 @@ def test_refuses_encrypted(tmp_path, tools):
 
 
 def test_refuses_sub_databases(tmp_path, tools):
-    txt = str(tmp_path / 'sub.txt')
-    with open(txt, 'w') as f:
-        for name in ('sub1', 'sub2'):
-            f.write('VERSION=3\nformat=print\ntype=hash\ndatabase=%s\nHEADER=END\n a\n 1\nDATA=END\n'
-                    % name)
-    path = str(tmp_path / 'sub.db')
-    run_tool(['db5.3_load', '-f', txt, path])
+    path = db_load_text(str(tmp_path / 'sub.db'), ''.join(
+        'VERSION=3\nformat=print\ntype=hash\ndatabase=%s\nHEADER=END\n a\n 1\nDATA=END\n' % name
+        for name in ('sub1', 'sub2')))
     with pytest.raises(ox.BerkeleyDBError) as e:
         ox.read_bdb_hash(path)
     assert 'sub-database' in str(e.value) and path in str(e.value)
@@ -2298,11 +2256,7 @@ def test_refuses_duplicate_flag_even_without_duplicates(tmp_path, tools):
 
 
 def test_refuses_btree(tmp_path, tools):
-    txt = str(tmp_path / 'bt.txt')
-    with open(txt, 'w') as f:
-        f.write('a\n1\n')
-    path = str(tmp_path / 'bt.db')
-    run_tool(['db5.3_load', '-T', '-t', 'btree', '-f', txt, path])
+    path = db_load_text(str(tmp_path / 'bt.db'), 'a\n1\n', ['-T', '-t', 'btree'])
     with pytest.raises(ox.BerkeleyDBError) as e:
         ox.read_bdb_hash(path)
     assert 'btree' in str(e.value)
@@ -2600,7 +2554,7 @@ def test_protocol2_object_pickled_by_python2(tmp_path, tools):
         'for obj in (Repo(), Old(), Evil(), set([1])):\n'
         '    for proto in (0, 2):\n'
         '        print(binascii.hexlify(cPickle.dumps(obj, proto)))\n' % marker)
-    out = run_tool([PY27, '-c', script]).decode('ascii').split()
+    out = run([PY27, '-c', script], merge_stderr=False).split()
     assert len(out) == 8
     for h in out:
         with pytest.raises(ox.UnsafePickleError):
@@ -2661,15 +2615,15 @@ def test_recursive_and_exponential_pickles():
 
 
 def test_to_text():
-    assert ox.to_text(b'caf\xc3\xa9') == u'caf\u00e9'
-    assert ox.to_text(b'caf\xe9') == u'caf\u00e9'
-    v = ox.to_text({b'k': [b'a', (b'b', 1, None, True, 1.5)], u'u': {b'x': bytearray(b'y')}})
+    assert ox.to_text_tree(b'caf\xc3\xa9') == u'caf\u00e9'
+    assert ox.to_text_tree(b'caf\xe9') == u'caf\u00e9'
+    v = ox.to_text_tree({b'k': [b'a', (b'b', 1, None, True, 1.5)], u'u': {b'x': bytearray(b'y')}})
     assert v == {u'k': [u'a', (u'b', 1, None, True, 1.5)], u'u': {u'x': u'y'}}
     assert type(v[u'k'][1]) is tuple
     loop = []
     loop.append(loop)
     with pytest.raises(ValueError):
-        ox.to_text(loop)
+        ox.to_text_tree(loop)
 
 
 # --------------------------------------------------------------------------- .ovsmeta -----
@@ -2741,32 +2695,19 @@ for h in json.loads(sys.argv[2]):
     except ox.UnsafePickleError:
         hostile.append('refused')
 out['hostile'] = hostile
-out['to_text'] = [type(ox.to_text(b'x')) is type(u''), ox.to_text({b'a': b'caf\xe9'})]
+out['to_text'] = [type(ox.to_text_tree(b'x')) is type(u''), ox.to_text_tree({b'a': b'caf\xe9'})]
 sys.stdout.write(json.dumps(out, sort_keys=True))
 '''
-
-
-def interpreters():
-    res = []
-    if os.path.isdir(PYENV_ROOT):
-        for v in sorted(os.listdir(PYENV_ROOT)):
-            exe = os.path.join(PYENV_ROOT, v, 'bin', 'python')
-            if os.path.exists(exe) and (v.startswith('2.7') or v.startswith('3.')):
-                res.append(exe)
-    if os.path.exists(PY26):  # the dom0's interpreter
-        res.append(PY26)
-    return res
 
 
 def run_runner(exe, paths, marker):
     hostile = [binascii.hexlify(p.replace(b'MARKER', marker.encode('ascii'))).decode('ascii')
                for p in HOSTILE_PICKLES]
-    out = run_tool([exe, '-c', RUNNER, HERE, json.dumps(hostile)] + paths)
-    return json.loads(out.decode('utf-8'))
+    return json.loads(run([exe, '-c', RUNNER, HERE, json.dumps(hostile)] + paths, merge_stderr=False))
 
 
 def test_same_results_on_python27_and_every_python3(dbs, deleted_db, tmp_path):
-    assert PY27 in interpreters()
+    assert PY27 in installed_pythons()
     marker = str(tmp_path / 'pwned_sub')
     paths = [p for p, _l, _e in sorted(dbs.values())] + [deleted_db[0]]
     junk = str(tmp_path / 'junk.db')
@@ -2779,7 +2720,7 @@ def test_same_results_on_python27_and_every_python3(dbs, deleted_db, tmp_path):
     # the subprocess result equals what this process computes directly
     p = dbs['repository_p0'][0]
     assert reference[p]['values'] == REPOSITORY_EXPECTED
-    for exe in interpreters():
+    for exe in installed_pythons():
         got = run_runner(exe, paths, marker)
         assert got == reference, exe
     assert not os.path.exists(marker)
@@ -2804,7 +2745,6 @@ def test_one_megabyte_reads_fast(tmp_path, tools):
     assert best < 2.0, 'reading %d bytes took %.3f s' % (size, best)
 
 
-PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
 FICLONE = 0x40049409
 
 REPO_A = u'0004fb00000300000000000000000a0a'   # XFS reflink loop mount
@@ -2877,28 +2817,12 @@ def make_vm(repo_mp, dirname, text):
     write(os.path.join(repo_mp, 'VirtualMachines', dirname, 'vm.cfg'), text)
 
 
-def need_root_and_tools():
-    if os.geteuid() != 0:
-        pytest.skip('needs root to loop-mount an XFS reflink filesystem')
-    if shutil.which('mkfs.xfs') is None:
-        pytest.skip('needs mkfs.xfs (apt-get install xfsprogs)')
-
-
 @pytest.fixture(scope='module')
 def xfs_mount(tmp_path_factory):
-    need_root_and_tools()
-    base = str(tmp_path_factory.mktemp('xfs'))
-    img = os.path.join(base, 'img')
-    mnt = os.path.join(base, 'mnt')
-    os.mkdir(mnt)
-    subprocess.check_call(['truncate', '-s', '512M', img])
-    subprocess.check_call(['mkfs.xfs', '-q', '-m', 'reflink=1', img])
-    subprocess.check_call(['mount', '-o', 'loop', img, mnt])
-    try:
-        yield mnt
-    finally:
-        if subprocess.call(['umount', mnt]) != 0:
-            subprocess.call(['umount', '-l', mnt])
+    mount = LoopMount(str(tmp_path_factory.mktemp('xfs')), ['mkfs.xfs', '-q', '-m', 'reflink=1'],
+                      '512M')
+    yield mount.path
+    mount.close()
 
 
 def disk_line(path, dev, mode):
@@ -3282,10 +3206,8 @@ sys.stdout.write(out)
 '''
 
 
-PYENV_PYTHONS = sorted(
-    os.path.join('/root/.pyenv/versions', v, 'bin', 'python')
-    for v in (os.listdir('/root/.pyenv/versions') if os.path.isdir('/root/.pyenv/versions') else []))
-PYENV_PYTHONS.append(PY26)  # and the dom0's interpreter (fails, as it must, where it is not built)
+# Every interpreter, also one that is missing (fails, as it must, where it is not built)
+PYENV_PYTHONS = [python_file(v) for v in PYTHONS]
 
 
 def run_listing(interpreter, script, args_path, lang):
@@ -3749,12 +3671,7 @@ def test_manager_ip_from_server_db(host, tmp_path, caplog):
 
 
 MODULE_FILE = ox.__file__
-PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
-OTHER_PYTHONS = [p for p in
-                 [PY26, '/root/.pyenv/versions/2.7.18/bin/python'] +
-                 ['/root/.pyenv/versions/{0}/bin/python'.format(v) for v in
-                  ('3.6.15', '3.7.16', '3.8.18', '3.9.18', '3.10.13', '3.12.1', '3.13.0')]
-                 if os.path.exists(p)]
+OTHER_PYTHONS = [p for p in installed_pythons() if p != python_file(harness.RUNNING_PYTHON)]
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -3763,40 +3680,14 @@ MIB = 1024 * 1024
 
 # ------------------------------------------------------------------------------ fixtures --
 
-def _need_root():
-    if os.geteuid() != 0:
-        pytest.skip('needs root: loop-mounts real XFS/btrfs/ext4 filesystems')
-    for tool in ('mkfs.xfs', 'mkfs.btrfs', 'mkfs.ext4', 'filefrag', 'fallocate'):
-        if shutil.which(tool) is None:
-            pytest.skip('needs {0} (apt-get install xfsprogs btrfs-progs e2fsprogs '
-                        'util-linux)'.format(tool))
-
-
-def _run(cmd):
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if p.returncode != 0:
-        raise RuntimeError('{0} failed: {1}'.format(cmd, p.stderr.decode('utf-8', 'replace')))
-    return p.stdout.decode('utf-8', 'replace')
-
-
 def _loop_mount(mkfs_cmd, size, name):
-    _need_root()
+    need_root('filefrag', 'fallocate')
     base = tempfile.mkdtemp(prefix='ovmx-extents-{0}-'.format(name))
-    img = os.path.join(base, 'img')
-    mnt = os.path.join(base, 'mnt')
-    os.mkdir(mnt)
-    with open(img, 'wb') as f:
-        f.truncate(size)
-    mounted = False
     try:
-        _run(mkfs_cmd + [img])
-        _run(['mount', '-o', 'loop', img, mnt])
-        mounted = True
-        yield mnt
+        mount = LoopMount(base, mkfs_cmd, size)
+        yield mount.path
+        mount.close()
     finally:
-        if mounted:
-            if subprocess.call(['umount', mnt]) != 0:
-                subprocess.call(['umount', '-l', mnt])
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -3820,9 +3711,9 @@ def ext4_dir():
 
 @pytest.fixture(scope='session')
 def tmpfs_dir():
-    _need_root()
+    need_root()
     mnt = tempfile.mkdtemp(prefix='ovmx-extents-tmpfs-')
-    _run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', mnt])
+    run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', mnt])
     try:
         yield mnt
     finally:
@@ -3963,7 +3854,7 @@ def test_clone_across_filesystems_is_exdev(xfs_dir, btrfs_dir):
 def test_clone_out_of_space_leaves_no_destination(xfs_dir):
     """A clone that hits ENOSPC (a nearly full 1 KiB-block XFS, cloning a file of many
     extents needs new metadata blocks) raises CloneError and removes the half-made file."""
-    _need_root()
+    need_root()
     gen = _loop_mount(['mkfs.xfs', '-q', '-f', '-m', 'reflink=1', '-b', 'size=1024'],
                       300 * MIB, 'xfs-full')
     mnt = next(gen)
@@ -4030,13 +3921,13 @@ def test_clone_supported_on_missing_or_readonly_directory(xfs_dir):
     assert ok is False and 'does-not-exist' in reason
     d = tempfile.mkdtemp(dir=xfs_dir)
     try:
-        _run(['mount', '--bind', '-o', 'ro', d, d])
+        run(['mount', '--bind', '-o', 'ro', d, d])
         try:
             ok, reason = ox.clone_supported(d)
             assert ok is False and 'Read-only' in reason
             assert os.listdir(d) == []
         finally:
-            _run(['umount', d])
+            run(['umount', d])
     finally:
         shutil.rmtree(d)
 
@@ -4052,7 +3943,7 @@ _FILEFRAG_LINE = re.compile(r'^\s*\d+:\s*(\d+)\.\.\s*(\d+):\s*(\d+)\.\.\s*(\d+):
 
 
 def _filefrag(path):
-    out = _run(['filefrag', '-v', '-s', '-b1', path])
+    out = run(['filefrag', '-v', '-s', '-b1', path])
     result = []
     for line in out.splitlines():
         m = _FILEFRAG_LINE.match(line)
@@ -4079,7 +3970,7 @@ def _make_fragmented_file(path, blocks, block=4096):
     finally:
         os.close(fd)
     end = 2 * blocks * block
-    _run(['fallocate', '-o', str(end + 10 * block), '-l', str(8 * block), path])
+    run(['fallocate', '-o', str(end + 10 * block), '-l', str(8 * block), path])
     _pwrite(path, end + 40 * block, b'tail' * 1000)
 
 
@@ -4450,11 +4341,11 @@ def _random_ops(rnd, live, rounds_ops, max_size):
                 os.pwrite(fd, os.urandom(n), min(off, max_size - n))
             elif r < 0.7:
                 off = rnd.randrange(0, size)
-                _run(['fallocate', '-p', '-o', str(off), '-l',
+                run(['fallocate', '-p', '-o', str(off), '-l',
                       str(rnd.choice([4096, 100000, 1 * MIB])), live])
             elif r < 0.78:
                 off = rnd.randrange(0, size) // 4096 * 4096
-                _run(['fallocate', '-n', '-o', str(off), '-l', str(rnd.choice([4096, 65536])),
+                run(['fallocate', '-n', '-o', str(off), '-l', str(rnd.choice([4096, 65536])),
                       live])
             elif r < 0.86:
                 os.ftruncate(fd, rnd.randrange(size // 2, size))
@@ -4487,7 +4378,7 @@ def test_diff_rebuilds_newer_snapshot_from_older_image(workdir):
     rnd = random.Random(4242 if 'xfs' in workdir else 4343)
     live = os.path.join(workdir, 'live.img')
     _write_random(live, 12 * MIB + 1234, seed=3)
-    _run(['fallocate', '-p', '-o', str(2 * MIB), '-l', str(MIB), live])
+    run(['fallocate', '-p', '-o', str(2 * MIB), '-l', str(MIB), live])
     snaps = []
     for k in range(6):
         snap = os.path.join(workdir, 'snap{0}'.format(k))
@@ -4606,7 +4497,7 @@ CTE_CASES = [
 
 @pytest.mark.parametrize('a,b,expected', CTE_CASES)
 def test_constant_time_equal_with_compare_digest(a, b, expected):
-    assert ox.AUTH_HMAC_COMPARE_DIGEST is not None
+    assert ox.HMAC_COMPARE_DIGEST is not None
     assert ox.constant_time_equal(a, b) is expected
 
 
@@ -4619,14 +4510,14 @@ def test_constant_time_equal_fallback_forced(a, b, expected, monkeypatch):
         calls.append((x, y))
         return real(x, y)
 
-    monkeypatch.setattr(ox, 'AUTH_HMAC_COMPARE_DIGEST', None)
+    monkeypatch.setattr(ox, 'HMAC_COMPARE_DIGEST', None)
     monkeypatch.setattr(ox, '_auth_constant_time_equal_fallback', spy)
     assert ox.constant_time_equal(a, b) is expected
     assert len(calls) == 1
 
 
 def test_jwt_verification_works_on_the_fallback(monkeypatch):
-    monkeypatch.setattr(ox, 'AUTH_HMAC_COMPARE_DIGEST', None)
+    monkeypatch.setattr(ox, 'HMAC_COMPARE_DIGEST', None)
     token = ox.jwt_encode({'user': 'u', 'exp': FUTURE}, SECRET)
     assert ox.jwt_decode(token, SECRET)['user'] == 'u'
     with pytest.raises(ox.TokenError):
@@ -5174,7 +5065,7 @@ paths = ((hasattr(ssl, 'SSLContext') and ['sslcontext'] or []) +
          (hasattr(ssl, 'wrap_socket') and ['wrap_socket'] or []))
 out['paths'] = paths
 for path in paths:
-    ox.AUTH_TLS_USE_SSLCONTEXT = path == 'sslcontext'
+    ox.HAVE_SSLCONTEXT = path == 'sslcontext'
     tofu = os.path.join(cfg['tmp'], path + '.tofu')
     attempt(path + ':tofu_first', tofu_path=tofu)
     f = open(tofu)
@@ -5200,7 +5091,7 @@ try:
     out['tampered'] = 'accepted'
 except ox.TokenError:
     out['tampered'] = 'rejected'
-ox.AUTH_HMAC_COMPARE_DIGEST = None
+ox.HMAC_COMPARE_DIGEST = None
 out['fallback_ok'] = ox.jwt_decode(token, secret)['user']
 out['fallback_bad'] = ox.constant_time_equal(b'abc', b'abd')
 out['has_sslcontext'] = hasattr(ssl, 'SSLContext')
@@ -5208,19 +5099,17 @@ out['version'] = list(sys.version_info[:2])
 sys.stdout.write(json.dumps(out))
 '''
 
-PYENV = '/root/.pyenv/versions'
 # pyenv's, and the dom0's CPython 2.6.9 (test_required_interpreters_are_present needs it).
-INTERPRETERS = sorted(glob.glob(os.path.join(PYENV, '*', 'bin', 'python'))) + [PY26]
+INTERPRETERS = [python_file(v) for v in PYTHONS]
 
 
 def test_required_interpreters_are_present():
     for v in ('2.7.18', '3.12.1', '3.13.0'):
-        assert os.path.join(PYENV, v, 'bin', 'python') in INTERPRETERS
+        assert os.path.exists(python_file(v))
     assert os.path.exists(PY26), 'CPython 2.6.9: ../shared/py26/build.sh %s' % PY26_PREFIX
 
 
-@pytest.mark.parametrize('python', INTERPRETERS, ids=[
-    '2.6.9' if p == PY26 else p.split(os.sep)[-3] for p in INTERPRETERS])
+@pytest.mark.parametrize('python', INTERPRETERS, ids=PYTHONS)
 def test_login_under_other_interpreters(python, manager, other_manager, certs, tmp_path):
     if python == PY26:
         python_path('2.6.9')  # skips, with how to build it, where it is missing
@@ -5405,6 +5294,13 @@ def write_config(folder, text, certs=None):
         handle.write(text)
     os.chmod(path, 0o600)
     return path
+
+
+def test_config_attributes_are_declared_by_name():
+    """Every CONFIG_SCHEMA key is a Config attribute written out by name (grep finds it)."""
+    declared = set(name for name, value in vars(ox.Config).items()
+                   if value is None and not name.startswith('_'))
+    assert declared == set(key.replace('.', '_') for key, _kind, _default in ox.CONFIG_SCHEMA)
 
 
 def base_config_text(folder, certs, secret='s' * 40, port='5544'):
@@ -7050,6 +6946,7 @@ def fill_filesystem(path):
             size //= 2
 
 
+@pytest.mark.root
 def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_path):
     mount = LoopMount(str(tmp_path), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
     try:
@@ -7298,6 +7195,7 @@ def test_state_database_made_immutable_answers_5xx_and_the_process_stays_up(
     shutil.rmtree(folder)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_host, tmp_path,
                                                          python):
@@ -7328,6 +7226,7 @@ def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_h
         mount.close()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_on_a_full_filesystem_answers_507_and_makes_nothing(
         exporter_factory, xfs_host, tmp_path, python):
@@ -7416,6 +7315,7 @@ def restart(exporter):
     return exporter.login()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporter_factory,
                                                                          tmp_path, python):
@@ -7496,6 +7396,7 @@ def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporte
             mount_a.close()
 
 
+@pytest.mark.root
 def test_repository_mount_checks(tmp_path):
     """The mount table decides: a mount point with a space (\\040), the filesystem type a
     repository names, a plain folder where a mount point is expected."""
@@ -7896,8 +7797,7 @@ SYSV = '/etc/init.d/' + NAME
 UPSTART = '/etc/init/' + NAME + '.conf'
 UNIT = '/etc/systemd/system/' + NAME + '.service'
 PIDFILE = '/var/run/' + NAME + '.pid'
-PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
-PY313 = '/root/.pyenv/versions/3.13.0/bin/python'
+PY313 = python_file('3.13.0')
 
 SHELLS = [['sh'], ['dash'], ['bash'], ['busybox', 'sh']]
 

@@ -16,14 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ovm_exporter as ox  # noqa: E402
+from harness import option  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-def option(name, default):
-    if name in sys.argv:
-        return sys.argv[sys.argv.index(name) + 1]
-    return default
 
 
 def drop_caches():

@@ -8,7 +8,6 @@ import array
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,14 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ovm_exporter as ox  # noqa: E402
+from harness import LoopMount, option  # noqa: E402
 
 BLOCK = 4096
-
-
-def option(name, default):
-    if name in sys.argv:
-        return sys.argv[sys.argv.index(name) + 1]
-    return default
 
 
 cpu_seconds = getattr(time, 'process_time', None) or time.clock  # py2: clock() is CPU time
@@ -142,26 +136,16 @@ def synthetic_table(sizes, repeat):
         del old, new, raw, dec, chunks, go
 
 
-def run(cmd):
-    subprocess.check_call(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def real_table(counts, repeat):
     if os.geteuid() != 0:
         print('\nReal FIEMAP: skipped (needs root for a loop-mounted XFS)')
         return
     base = tempfile.mkdtemp(prefix='bench-extents-')
-    img = os.path.join(base, 'img')
-    mnt = os.path.join(base, 'mnt')
-    os.mkdir(mnt)
-    need = max(counts) * 2 * 1024 + 512 * 1024 * 1024
-    with open(img, 'wb') as f:
-        f.truncate(need)
-    mounted = False
+    mounted = None
     try:
-        run(['mkfs.xfs', '-q', '-f', '-m', 'reflink=1', '-b', 'size=1024', img])
-        run(['mount', '-o', 'loop', img, mnt])
-        mounted = True
+        mounted = LoopMount(base, ['mkfs.xfs', '-q', '-f', '-m', 'reflink=1', '-b', 'size=1024'],
+                            max(counts) * 2 * 1024 + 512 * 1024 * 1024)
+        mnt = mounted.path
         print('\nReal FIEMAP on XFS (1 KiB blocks, every other block written; CPU s, best of {0})'
               .format(repeat))
         print('{0:>10} {1:>10} {2:>10} {3:>10} {4:>12} {5:>12}'.format(
@@ -189,7 +173,7 @@ def real_table(counts, repeat):
             os.unlink(path)
     finally:
         if mounted:
-            subprocess.call(['umount', mnt])
+            mounted.close()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ovm_exporter as ox  # noqa: E402
+from harness import LoopMount, median, option  # noqa: E402
 
 MIB = 1024 * 1024
 VM = '0004fb00000600000000000000000b01'
@@ -31,20 +32,10 @@ esac
 '''
 
 
-def option(name, default):
-    if name in sys.argv:
-        return sys.argv[sys.argv.index(name) + 1]
-    return default
-
-
 def filesystem_type(path):
     """The type of the mounted filesystem holding `path`: a repository must name it."""
     entry = ox._mount_containing(os.path.realpath(path), ox.read_mount_table())
     return entry[1]
-
-
-def run(cmd):
-    subprocess.check_call(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def make_disk(path, size, extents):
@@ -61,11 +52,6 @@ def make_disk(path, size, extents):
         os.close(fd)
 
 
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def main():
     disks = int(option('--disks', '3'))
     size = int(option('--size-mib', '1024')) * MIB
@@ -77,12 +63,9 @@ def main():
     try:
         base = option('--dir', None)
         if base is None:
-            image, base = os.path.join(work, 'fs.img'), os.path.join(work, 'mnt')
-            os.mkdir(base)
-            run(['truncate', '-s', '%dM' % (disks * size // MIB + 1024), image])
-            run(['mkfs.xfs', '-q', '-m', 'reflink=1', image])
-            run(['mount', '-o', 'loop', image, base])
-            mounted = base
+            mounted = LoopMount(work, ['mkfs.xfs', '-q', '-m', 'reflink=1'],
+                                '%dM' % (disks * size // MIB + 1024))
+            base = mounted.path
         repo = os.path.join(base, 'bench-pause-repo')
         for sub in ('VirtualDisks', 'VirtualMachines/' + VM):
             os.makedirs(os.path.join(repo, sub))
@@ -133,10 +116,7 @@ def main():
             domain.kill()
             domain.wait()
         if mounted:
-            for _ in range(20):
-                if subprocess.call(['umount', mounted]) == 0:
-                    break
-                time.sleep(0.25)
+            mounted.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,7 +9,6 @@ from __future__ import print_function
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -17,19 +16,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ovm_exporter as ox  # noqa: E402
+from harness import LoopMount, option  # noqa: E402
 
 MIB = 1024 * 1024
 BLOCK = 4096
-
-
-def option(name, default):
-    if name in sys.argv:
-        return sys.argv[sys.argv.index(name) + 1]
-    return default
-
-
-def run(cmd):
-    subprocess.check_call(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def go_bytes(old, new, size):
@@ -101,19 +91,12 @@ def scenario(mnt, live, size, writes, rnd, label):
 
 def bench_fs(fs, size, writes_list):
     base = tempfile.mkdtemp(prefix='bench-precision-')
-    img = os.path.join(base, 'img')
-    mnt = os.path.join(base, 'mnt')
-    os.mkdir(mnt)
-    with open(img, 'wb') as f:
-        f.truncate(2 * size + 512 * MIB)
-    mounted = False
+    mounted = None
     try:
-        if fs == 'xfs':
-            run(['mkfs.xfs', '-q', '-f', '-m', 'reflink=1', img])
-        else:
-            run(['mkfs.btrfs', '-q', '-f', img])
-        run(['mount', '-o', 'loop', img, mnt])
-        mounted = True
+        mkfs = (['mkfs.xfs', '-q', '-f', '-m', 'reflink=1'] if fs == 'xfs'
+                else ['mkfs.btrfs', '-q', '-f'])
+        mounted = LoopMount(base, mkfs, 2 * size + 512 * MIB)
+        mnt = mounted.path
         live = os.path.join(mnt, 'disk.img')
         fill(live, size, 1)
         rnd = random.Random(2)
@@ -130,7 +113,7 @@ def bench_fs(fs, size, writes_list):
                                        *row[5:]))
     finally:
         if mounted:
-            subprocess.call(['umount', mnt])
+            mounted.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
