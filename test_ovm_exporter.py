@@ -51,12 +51,14 @@ from socketserver import ThreadingMixIn
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.join(HERE, 'bench')]
 
 import ovm_exporter as ox  # noqa: E402
-import harness  # noqa: E402
+import harness  # noqa: E402  (bench/harness.py, shared with the benchmarks)
 from harness import (EXPORTER, PY26, PY26_PREFIX, PY27, PYTHONS, installed_pythons,  # noqa: E402
                      python_file, run)
+
+pytest_plugins = ['harness']  # its hooks set the markers root, slow and qemu
 
 try:
     import tomllib
@@ -6797,7 +6799,7 @@ def fill_filesystem(path):
             size //= 2
 
 
-@pytest.mark.root
+@harness.needs_root
 def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_path):
     mount = LoopMount(str(tmp_path), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
     try:
@@ -7046,7 +7048,7 @@ def test_state_database_made_immutable_answers_5xx_and_the_process_stays_up(
     shutil.rmtree(folder)
 
 
-@pytest.mark.root
+@harness.needs_root
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_host, tmp_path,
                                                          python):
@@ -7077,7 +7079,7 @@ def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_h
         mount.close()
 
 
-@pytest.mark.root
+@harness.needs_root
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_on_a_full_filesystem_answers_507_and_makes_nothing(
         exporter_factory, xfs_host, tmp_path, python):
@@ -7166,7 +7168,7 @@ def restart(exporter):
     return exporter.login()
 
 
-@pytest.mark.root
+@harness.needs_root
 @pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporter_factory,
                                                                          tmp_path, python):
@@ -7247,7 +7249,7 @@ def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporte
             mount_a.close()
 
 
-@pytest.mark.root
+@harness.needs_root
 def test_repository_mount_checks(tmp_path):
     """The mount table decides: a mount point with a space (\\040), the filesystem type a
     repository names, a plain folder where a mount point is expected."""
