@@ -6840,6 +6840,8 @@ def serve(config, pid_file=None, ready=None):
             ready(server)
         running = server.serve_forever()
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stopping already: a repeated signal
+            signal.signal(signum, signal.SIG_IGN)       # must not kill the exit half-way
         service.store.close()
         if pid_file:
             try:
