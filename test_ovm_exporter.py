@@ -5812,6 +5812,19 @@ def test_token_tampering_is_401(exporter):
     assert exporter.request('GET', '/api/v1/vms', token=good)[0] == 200
 
 
+def test_json_depth_check_reads_unterminated_strings_in_one_pass():
+    """A login body of escaped quotes with no closing one made the depth check's string pattern
+    rescan to the end from every quote: quadratic, about 12 s of GIL for a 64 KiB body."""
+    body = '["' + '\\"' * 30000
+    matches = list(ox._JSON_STRING_RE.finditer(body))
+    assert [(m.start(), m.end()) for m in matches] == [(1, len(body))]
+    with pytest.raises(ValueError):
+        ox.json_loads_bounded(body)
+    assert ox.json_loads_bounded('[' * 32 + '"[[[\\"{"' + ']' * 32) is not None
+    with pytest.raises(ValueError):
+        ox.json_loads_bounded('"\\""' + '[' * 33)
+
+
 def test_deeply_nested_json_is_401_or_400_not_a_recursion_error(exporter, manager_for_exporter):
     secret = ox.to_bytes(exporter.secret)
     claims = b'{"user":"admin","exp":4102444800,"x":' + b'[' * 1400 + b']' * 1400 + b'}'
