@@ -183,7 +183,9 @@ def json_dumps(obj):
 
 
 JSON_MAX_DEPTH = 32
-_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# The closing quote is optional: an unterminated string ends the text in one match (with a
+# required quote, every escaped quote would start a new scan to the end: quadratic).
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')
 _JSON_BRACKET_RE = re.compile(r'[\[\]{}]')
 
 
@@ -191,8 +193,8 @@ def json_loads_bounded(text, max_depth=JSON_MAX_DEPTH):
     """json.loads for untrusted text whose arrays/objects nest at most max_depth deep.
 
     Deeper input raises ValueError before the (recursive) decoder sees it. Brackets inside
-    strings do not count; an unterminated string makes the rest count, which only errs on
-    the side of refusing (such text is not JSON anyway)."""
+    strings do not count; an unterminated string runs to the end of the text, where the
+    decoder stops at it without nesting further."""
     depth = 0
     for match in _JSON_BRACKET_RE.finditer(_JSON_STRING_RE.sub('""', text)):
         if match.group() in '[{':
@@ -1224,7 +1226,7 @@ def check_repository_tables(configured, source='configuration'):
 def validate_config(config):
     """Raise ConfigError naming the first problem; return a list of warnings."""
     source = config.source
-    warnings = []
+    problems = []
 
     def bad_key(key, what):
         raise ConfigError('%s: key %r: %s' % (source, key, what))
@@ -1234,12 +1236,12 @@ def validate_config(config):
         bad_key('jwt.secret', 'is empty; set a long random secret')
     if config.jwt_secret == PUBLISHED_EXAMPLE_SECRET:
         bad_key('jwt.secret', 'is the example secret published in the Go service README; '
-                           'anybody could forge tokens. Generate a new one')
+                'anybody could forge tokens. Generate a new one')
     if len(secret) < 32:
-        warnings.append('jwt.secret is shorter than 32 bytes; use a longer random secret')
+        problems.append('jwt.secret is shorter than 32 bytes; use a longer random secret')
     if not 0 <= config.api_port <= 65535:
         bad_key('api.port', 'must be between 1 and 65535 (0: any free port), found %d'
-             % config.api_port)
+                % config.api_port)
     if config.jwt_time_to_live <= 0:
         bad_key('jwt.time_to_live', 'must be positive')
     for key in ('api.max_connections', 'api.login_max_failures'):
@@ -1263,7 +1265,7 @@ def validate_config(config):
         except ValueError as exc:
             bad_key('ovm_certificate_fingerprint', str(exc))
     check_repository_tables(config.repository or [], source)
-    return warnings
+    return problems
 
 
 def load_config(path):
@@ -1931,10 +1933,8 @@ def read_vm_cfg_file(path):
     Raises VmConfigError (too large, not a regular file) or EnvironmentError (unreadable)."""
     try:
         fd = open_regular_file(path)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            raise VmConfigError(to_text(e.strerror))
-        raise
+    except NotRegularFileError as e:
+        raise VmConfigError(to_text(e.strerror))
     handle = os.fdopen(fd, 'rb')
     try:
         st = os.fstat(handle.fileno())
@@ -2951,8 +2951,8 @@ def clone_file(src_path, dst_path):
     try:
         return _clone_file(src_path, dst_path)
     except NotRegularFileError as e:  # not "cannot clone", although its errno is EINVAL
-        raise CloneError(e.errno, 'cannot clone {0!r} to {1!r}: {2}'.format(
-            src_path, dst_path, e.strerror), src_path, dst_path)
+        raise CloneError(e.errno, 'cannot clone %s to %s: %s' % (
+            text_repr(src_path), text_repr(dst_path), e.strerror), src_path, dst_path)
 
 
 def _clone_file(src_path, dst_path):
@@ -7659,10 +7659,10 @@ def preflight(config, need_tls=True):
 
 def load_checked_config(path, need_tls=True):
     config = load_config(path)
-    warnings = validate_config(config)
+    problems = validate_config(config)
     preflight(config, need_tls)
-    for warning in warnings:
-        log.warning('%s', warning)
+    for problem in problems:
+        log.warning('%s', problem)
     return config
 
 

@@ -52,12 +52,14 @@ from socketserver import ThreadingMixIn
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.join(HERE, 'bench')]
 
 import ovm_exporter as ox  # noqa: E402
-import harness  # noqa: E402
+import harness  # noqa: E402  (bench/harness.py, shared with the benchmarks)
 from harness import (EXPORTER, PY26, PY26_PREFIX, PY27, PYTHONS, installed_pythons,  # noqa: E402
                      python_file, run)
+
+pytest_plugins = ['harness']  # its hooks set the markers root, slow and qemu
 
 try:
     import tomllib
@@ -5812,6 +5814,19 @@ def test_token_tampering_is_401(exporter):
     assert exporter.request('GET', '/api/v1/vms', token=good)[0] == 200
 
 
+def test_json_depth_check_reads_unterminated_strings_in_one_pass():
+    """A login body of escaped quotes with no closing one made the depth check's string pattern
+    rescan to the end from every quote: quadratic, about 12 s of GIL for a 64 KiB body."""
+    body = '["' + '\\"' * 30000
+    matches = list(ox._JSON_STRING_RE.finditer(body))
+    assert [(m.start(), m.end()) for m in matches] == [(1, len(body))]
+    with pytest.raises(ValueError):
+        ox.json_loads_bounded(body)
+    assert ox.json_loads_bounded('[' * 32 + '"[[[\\"{"' + ']' * 32) is not None
+    with pytest.raises(ValueError):
+        ox.json_loads_bounded('"\\""' + '[' * 33)
+
+
 def test_deeply_nested_json_is_401_or_400_not_a_recursion_error(exporter, manager_for_exporter):
     secret = ox.to_bytes(exporter.secret)
     claims = b'{"user":"admin","exp":4102444800,"x":' + b'[' * 1400 + b']' * 1400 + b'}'
@@ -6946,7 +6961,7 @@ def fill_filesystem(path):
             size //= 2
 
 
-@pytest.mark.root
+@harness.needs_root
 def test_full_repository_answers_507_and_leaves_nothing(exporter_factory, tmp_path):
     mount = LoopMount(str(tmp_path), ['mkfs.xfs', '-q', '-m', 'reflink=1'], '320M')
     try:
@@ -7195,7 +7210,7 @@ def test_state_database_made_immutable_answers_5xx_and_the_process_stays_up(
     shutil.rmtree(folder)
 
 
-@pytest.mark.root
+@harness.needs_root
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_host, tmp_path,
                                                          python):
@@ -7226,7 +7241,7 @@ def test_state_database_on_a_filesystem_turned_read_only(exporter_factory, xfs_h
         mount.close()
 
 
-@pytest.mark.root
+@harness.needs_root
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_on_a_full_filesystem_answers_507_and_makes_nothing(
         exporter_factory, xfs_host, tmp_path, python):
@@ -7315,7 +7330,7 @@ def restart(exporter):
     return exporter.login()
 
 
-@pytest.mark.root
+@harness.needs_root
 @pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporter_factory,
                                                                          tmp_path, python):
@@ -7396,7 +7411,7 @@ def test_unmounted_repository_loses_no_snapshot_and_gets_nothing_written(exporte
             mount_a.close()
 
 
-@pytest.mark.root
+@harness.needs_root
 def test_repository_mount_checks(tmp_path):
     """The mount table decides: a mount point with a space (\\040), the filesystem type a
     repository names, a plain folder where a mount point is expected."""

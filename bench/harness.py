@@ -1,12 +1,20 @@
 """What the tests (test_ovm_exporter.py, its first section) and the benchmarks (bench/) share:
 the interpreters, one way to run a command, loop-mounted filesystems, command-line options and
-medians. Standard library only (no pytest), Python 3. Benchmarks: sys.path.insert(0, ROOT)."""
+medians, and the test markers. Python 3; the benchmarks need no pytest (bench/ is their
+script folder, so `import harness` finds this file); the tests load it as a pytest plugin.
+
+Markers for test_ovm_exporter.py, set from what each test uses:
+  root  - loop mounts (and mount, chattr, /etc): needs root, as CI runs;
+  qemu  - OCFS2 volumes inside the qemu guest (.ci/ocfs2-guest.sh);
+  slow  - starts exporter servers or other interpreters (2.6.9, 2.7, every pyenv 3.x).
+`pytest -m "not root"` needs no root; `-m "not root and not slow and not qemu"` is quick.
+(PYTEST_DONT_REWRITE: the tests import this module before pytest loads it as a plugin.)"""
 import os
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EXPORTER = os.path.join(HERE, 'ovm_exporter.py')
 PYENV_VERSIONS = '/root/.pyenv/versions'
 PY26_PREFIX = os.environ.get('OVM_EXPORTER_PY26', '/var/cache/py269')
@@ -80,3 +88,40 @@ def option(name, default):
 def median(values):
     values = sorted(values)
     return values[len(values) // 2]
+
+
+# ------------------------------------------------------------ pytest plugin: test markers ---
+
+def _pytest_mark():
+    import pytest  # only the tests load this part
+    return pytest.mark
+
+
+ROOT_FIXTURES = frozenset(['xfs', 'ext4', 'xfs_mount', 'xfs_dir', 'btrfs_dir', 'ext4_dir',
+                           'tmpfs_dir', 'workdir'])
+INTERPRETER_PARAMS = ('python', 'version', 'interpreter')
+SLOW_FIXTURES = frozenset(['exporter_factory', 'root'])  # servers; install.sh runs
+
+
+def needs_root(function):
+    """Mark a test `root` that makes its own loop mount (no root fixture says so)."""
+    function.needs_root = True
+    return function
+
+
+def pytest_configure(config):
+    for line in __doc__.split('Markers for')[1].splitlines()[1:4]:
+        config.addinivalue_line('markers', line.strip().replace(' - ', ': ', 1))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if (ROOT_FIXTURES & set(getattr(item, 'fixturenames', ()))
+                or getattr(getattr(item, 'function', None), 'needs_root', False)):
+            item.add_marker(_pytest_mark().root)
+        if 'ocfs2' in item.name:
+            item.add_marker(_pytest_mark().qemu)
+        params = getattr(getattr(item, 'callspec', None), 'params', {})
+        if SLOW_FIXTURES & set(getattr(item, 'fixturenames', ())) or [
+                name for name in INTERPRETER_PARAMS if params.get(name, '3') != '3']:
+            item.add_marker(_pytest_mark().slow)
