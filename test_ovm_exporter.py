@@ -8811,6 +8811,7 @@ pause)
     kill -STOP "$pid" || exit 1
     while [ "$(cut -d' ' -f3 "/proc/$pid/stat")" != T ]; do :; done
     echo paused >> "$dir/events"
+    if [ -e "$dir/fail-after-pause" ]; then echo "libxl: error: pause timed out" >&2; exit 3; fi
     if [ -e "$dir/kill-exporter-on-pause" ]; then kill -9 "$PPID"; fi
     if [ -e "$dir/term-exporter-on-pause" ]; then kill -TERM "$PPID"; fi
     if [ -e "$dir/stop-exporter-on-pause" ]; then kill -STOP "$PPID"; fi
@@ -8824,6 +8825,7 @@ pause)
     fi
     exit 0 ;;
 unpause)
+    if [ -e "$dir/fail-unpause" ]; then echo "libxl: error: domain_unpause failed" >&2; exit 3; fi
     kill -CONT "$pid" || exit 1
     echo unpaused >> "$dir/events"
     if [ -e "$dir/pause-pending" ]; then
@@ -9161,6 +9163,28 @@ def test_a_pause_landing_after_the_watchdogs_unpause_is_undone(exporter_factory,
     exporter.start()
     assert 'was left paused' not in exporter.log() and 'was recorded as paused' \
         not in exporter.log()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_a_failed_pause_that_paused_stays_recorded_until_unpaused(exporter_factory, xen,
+                                                                   python):
+    """`xl pause` pauses the domain but exits 3, and `xl unpause` fails: the pause stays
+    recorded (the exporter saw the domain still paused), and the next start unpauses it."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, python=python)
+    xen.behave('fail-after-pause')
+    xen.behave('fail-unpause')
+    snapshot = exporter.client().create_snapshot(PAUSE_VM)
+    assert snapshot['consistency'] == 'per-disk', snapshot
+    assert xen.state() == 'T'
+    assert 'could not unpause domain %s' % PAUSE_VM in exporter.log()
+    xen.behave('fail-after-pause', False)
+    xen.behave('fail-unpause', False)
+    exporter.stop()
+    exporter.start()
+    assert ('domain %s was left paused by an interrupted snapshot: unpaused' % PAUSE_VM
+            in exporter.log())
+    assert xen.state() != 'T'
 
 
 @pytest.mark.parametrize('python', server_pythons())
