@@ -3457,7 +3457,8 @@ WATCHDOG_UNPAUSE_ATTEMPTS = 3
 # release() kills a watchdog still running this long after its deadline and its unpause tries
 WATCHDOG_REAP_MARGIN = 5.0
 # what `xl list NAME` / `xm list NAME` print for a domain that does not exist on this server
-NO_SUCH_DOMAIN_RE = re.compile(r'invalid domain identifier|does not exist|not found', re.I)
+NO_SUCH_DOMAIN_RE = re.compile(
+    r'invalid domain identifier|domain\b[^\n]*\b(does not exist|not found)', re.I)
 # Python 3.12+ warns about every fork in a process with threads; the watchdog child only makes
 # system calls (see _watchdog_child).
 warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks',

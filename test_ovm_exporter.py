@@ -9108,6 +9108,8 @@ def test_only_an_unknown_domain_counts_as_stopped():
     assert not ox.xen_domain_absent(0, 'Name ID Mem VCPUs State Time(s)\n')
     assert not ox.xen_domain_absent(1, 'libxl: error: cannot open xenstore\n')
     assert not ox.xen_domain_absent(1, '')
+    assert not ox.xen_domain_absent(127, 'sh: 1: xenstore-read: not found\n')
+    assert ox.xen_domain_absent(1, '%s is an invalid domain identifier (rc=-6)\n' % PAUSE_VM)
 
 
 @pytest.mark.parametrize('python', server_pythons())
