@@ -3633,7 +3633,8 @@ class DomainPause(object):
     """One pause of a Xen domain: arm() forks the watchdog, pause() pauses (raises
     ToolstackError), release() has the watchdog unpause and waits for it. After release():
     `unpaused` (the unpause command succeeded), `overran` (the watchdog's deadline came first),
-    `paused_ms` (pause end to unpause end, when pause() succeeded)."""
+    `paused_ms` (pause end to unpause end, when pause() succeeded), `killed` (the watchdog
+    outlived its deadline and unpause tries: killed, nothing unpaused)."""
 
     def __init__(self, toolstack, domain, max_seconds):
         self.toolstack, self.domain, self.max_seconds = toolstack, domain, max_seconds
