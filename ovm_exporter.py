@@ -3454,6 +3454,11 @@ WATCHDOG_OVERRAN = 1
 WATCHDOG_UNPAUSE_FAILED = 2
 WATCHDOG_CRASHED = 4
 WATCHDOG_UNPAUSE_ATTEMPTS = 3
+# release() kills a watchdog still running this long after its deadline and its unpause tries
+WATCHDOG_REAP_MARGIN = 5.0
+# what `xl list NAME` / `xm list NAME` print for a domain that does not exist on this server
+NO_SUCH_DOMAIN_RE = re.compile(
+    r'invalid domain identifier|domain\b[^\n]*\b(does not exist|not found)', re.I)
 # Python 3.12+ warns about every fork in a process with threads; the watchdog child only makes
 # system calls (see _watchdog_child).
 warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks',
@@ -3543,6 +3548,12 @@ def xen_domain_state(list_output, domain):
     return ''
 
 
+def xen_domain_absent(status, output):
+    """True when a `list NAME` exit status and output say positively that no such domain
+    exists on this server (not a toolstack that failed for another reason)."""
+    return status != 0 and bool(NO_SUCH_DOMAIN_RE.search(output))
+
+
 def _command_text(chunks):
     return b''.join(chunks)[:TOOLSTACK_OUTPUT_LIMIT].decode('utf-8', 'replace')
 
@@ -3622,12 +3633,13 @@ class DomainPause(object):
     """One pause of a Xen domain: arm() forks the watchdog, pause() pauses (raises
     ToolstackError), release() has the watchdog unpause and waits for it. After release():
     `unpaused` (the unpause command succeeded), `overran` (the watchdog's deadline came first),
-    `paused_ms` (pause end to unpause end, when pause() succeeded)."""
+    `paused_ms` (pause end to unpause end, when pause() succeeded), `killed` (the watchdog
+    outlived its deadline and unpause tries: killed, nothing unpaused)."""
 
     def __init__(self, toolstack, domain, max_seconds):
         self.toolstack, self.domain, self.max_seconds = toolstack, domain, max_seconds
         self.pid = self.write_fd = self.paused_at = self.paused_ms = None
-        self.unpaused = self.overran = False
+        self.unpaused = self.overran = self.killed = False
 
     def arm(self):
         self.deadline = time.time() + self.max_seconds
@@ -3650,7 +3662,10 @@ class DomainPause(object):
 
     def pause(self):
         argv = [self.toolstack, 'pause', self.domain]
-        status, output = run_command(argv, max(0.1, self.deadline - time.time()))
+        remaining = self.deadline - time.time()
+        if remaining <= 0:
+            raise ToolstackError(argv, 'not run: snapshot_pause_max had already passed')
+        status, output = run_command(argv, remaining)
         if status != 0:
             raise ToolstackError(argv, 'failed with exit status %d' % status, output)
         self.paused_at = time.time()
@@ -3660,20 +3675,47 @@ class DomainPause(object):
             return
         os.close(self.write_fd)
         pid, self.pid = self.pid, None
+        give_up_at = (self.deadline + WATCHDOG_UNPAUSE_ATTEMPTS * TOOLSTACK_TIMEOUT +
+                      WATCHDOG_REAP_MARGIN)
         while True:
             try:
-                status = os.waitpid(pid, 0)[1]
-                break
+                done, status = os.waitpid(pid, os.WNOHANG)
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else WATCHDOG_CRASHED
+                continue
+            if done:
+                break
+            if time.time() > give_up_at:
+                self._kill(pid)
+                status = None
+                break
+            time.sleep(0.001)
+        if status is None:
+            code = WATCHDOG_OVERRAN | WATCHDOG_UNPAUSE_FAILED
+        else:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else WATCHDOG_CRASHED
         if code & WATCHDOG_CRASHED:
             code |= WATCHDOG_UNPAUSE_FAILED
         self.unpaused = not code & WATCHDOG_UNPAUSE_FAILED
         self.overran = bool(code & WATCHDOG_OVERRAN)
         if self.paused_at is not None:
             self.paused_ms = int(math.ceil((time.time() - self.paused_at) * 1000))
+
+    def _kill(self, pid):
+        """The watchdog hangs past its deadline and every unpause try: SIGKILL and reap it."""
+        self.killed = True
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINTR:
+                    return
 
 
 # ------------------------------------------------------------------------ snapshot store ---
@@ -4377,8 +4419,16 @@ class SnapshotService(object):
             log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
                         'cut one by one', vm_id, exc)
             return None, 'per-disk'
-        if status != 0:
+        if xen_domain_absent(status, output):
             return None, 'stopped'
+        if status != 0:
+            problem = ToolstackError([toolstack, 'list', vm_id],
+                                     'failed with exit status %d' % status, output)
+            if mode == 'always':
+                raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, problem))
+            log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
+                        'cut one by one', vm_id, problem)
+            return None, 'per-disk'
         if 'p' in xen_domain_state(output, vm_id):
             # Paused by someone else: nothing runs, and our unpause would end their pause.
             log.info('snapshot of %s: its domain is already paused; left as it is', vm_id)
@@ -4427,11 +4477,51 @@ class SnapshotService(object):
 
     def _release(self, pause, vm_id, expect_paused):
         pause.release()
-        if pause.unpaused or not expect_paused:
+        if pause.killed:
+            log.error('the pause watchdog of domain %s still ran %gs after snapshot_pause_max '
+                      'and its unpause tries: killed; the exporter unpauses the domain itself',
+                      vm_id, WATCHDOG_UNPAUSE_ATTEMPTS * TOOLSTACK_TIMEOUT + WATCHDOG_REAP_MARGIN)
+        if pause.killed or pause.overran or not expect_paused:
+            # The pause may have landed after the watchdog's unpause (a timed-out, killed
+            # `xl pause`, or a watchdog that unpaused at once): ask the toolstack.
+            unpaused = self._unpause_if_paused(pause.toolstack, vm_id)
+        else:
+            unpaused = pause.unpaused
+        if unpaused:
             self.store.forget_pause(vm_id)
         else:
             log.error('could not unpause domain %s with %s unpause; unpause it by hand; the '
                       'next start of the exporter tries again', vm_id, pause.toolstack)
+
+    def _unpause_if_paused(self, toolstack, vm_id):
+        """Unpause the domain when `list` shows it paused -> True once it is seen not paused."""
+        for attempt in range(WATCHDOG_UNPAUSE_ATTEMPTS + 1):
+            try:
+                status, output = run_command([toolstack, 'list', vm_id], TOOLSTACK_TIMEOUT)
+            except ToolstackError as exc:
+                log.error('cannot tell whether domain %s is still paused: %s', vm_id, exc)
+                return False
+            if xen_domain_absent(status, output):
+                return True
+            if status != 0:
+                log.error('cannot tell whether domain %s is still paused: `%s list` says: %s',
+                          vm_id, toolstack, output.strip() or 'exit status %d' % status)
+                return False
+            if 'p' not in xen_domain_state(output, vm_id):
+                return True
+            if attempt == WATCHDOG_UNPAUSE_ATTEMPTS:
+                return False
+            log.warning('domain %s was still paused after the watchdog unpaused it: unpausing '
+                        'it again', vm_id)
+            try:
+                status, output = run_command([toolstack, 'unpause', vm_id], TOOLSTACK_TIMEOUT)
+            except ToolstackError as exc:
+                log.error('domain %s is still paused: %s', vm_id, exc)
+                continue
+            if status != 0:
+                log.error('domain %s is still paused: `%s unpause` says: %s', vm_id, toolstack,
+                          output.strip() or 'exit status %d' % status)
+        return False
 
     def unpause_leftovers(self):
         """At start-up: unpause the domains a killed exporter may have left paused."""

@@ -8989,24 +8989,42 @@ pid=$(cat "$dir/$2.pid" 2>/dev/null)
 case "$1" in
 list)
     if [ -e "$dir/hang-list" ]; then exec sleep 600; fi
+    if [ -e "$dir/fail-list" ]; then echo "libxl: error: cannot open xenstore" >&2; exit 1; fi
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         state=r-----; [ "$(cut -d' ' -f3 "/proc/$pid/stat")" = T ] && state=--p---
         echo "Name  ID  Mem VCPUs State Time(s)"; echo "$2  7  512  2  $state  1.0"; exit 0
     fi
-    echo "$2 is an invalid domain identifier (rc=-6)" >&2; exit 1 ;;
+    echo "Invalid domain identifier \"$2\"" >&2; exit 1 ;;
 pause)
     if [ -e "$dir/fail-pause" ]; then echo "libxl: error: domain_pause failed: -3" >&2; exit 3; fi
     if [ -e "$dir/hang-pause" ]; then exec sleep 600; fi
+    # a hung pause whose effect lands right after the watchdog's unpause (see unpause)
+    if [ -e "$dir/late-pause" ]; then : > "$dir/pause-pending"; exec sleep 600; fi
     kill -STOP "$pid" || exit 1
     while [ "$(cut -d' ' -f3 "/proc/$pid/stat")" != T ]; do :; done
     echo paused >> "$dir/events"
+    if [ -e "$dir/fail-after-pause" ]; then echo "libxl: error: pause timed out" >&2; exit 3; fi
     if [ -e "$dir/kill-exporter-on-pause" ]; then kill -9 "$PPID"; fi
     if [ -e "$dir/term-exporter-on-pause" ]; then kill -TERM "$PPID"; fi
     if [ -e "$dir/stop-exporter-on-pause" ]; then kill -STOP "$PPID"; fi
+    if [ -e "$dir/stop-watchdog-on-pause" ]; then
+        for stat in /proc/[0-9]*/stat; do
+            set -- $(cat "$stat" 2>/dev/null)
+            if [ "$4" = "$PPID" ] && [ "$1" != $$ ]; then
+                kill -STOP "$1"; echo "$1" >> "$dir/stopped-pids"
+            fi
+        done
+    fi
     exit 0 ;;
 unpause)
+    if [ -e "$dir/fail-unpause" ]; then echo "libxl: error: domain_unpause failed" >&2; exit 3; fi
     kill -CONT "$pid" || exit 1
     echo unpaused >> "$dir/events"
+    if [ -e "$dir/pause-pending" ]; then
+        rm "$dir/pause-pending"; kill -STOP "$pid"
+        while [ "$(cut -d' ' -f3 "/proc/$pid/stat")" != T ]; do :; done
+        echo paused-late >> "$dir/events"
+    fi
     exit 0 ;;
 esac
 echo "unknown command $1" >&2; exit 2
@@ -9273,6 +9291,131 @@ def test_toolstack_that_fails_or_hangs(exporter_factory, xen, python):
     assert '/nonexistent/xl' in document['details']
     assert snapshot_folders(xen.host.repo) == []
     assert always.client().create_snapshot(PAUSE_VM)['consistency'] == 'paused'
+
+
+def test_only_an_unknown_domain_counts_as_stopped():
+    """xl's and xm's answers for a domain that does not exist here; any other failure is not."""
+    assert ox.xen_domain_absent(1, 'Invalid domain identifier "%s"\n' % PAUSE_VM)
+    assert ox.xen_domain_absent(1, "Error: Domain '%s' does not exist.\n" % PAUSE_VM)
+    assert not ox.xen_domain_absent(0, 'Name ID Mem VCPUs State Time(s)\n')
+    assert not ox.xen_domain_absent(1, 'libxl: error: cannot open xenstore\n')
+    assert not ox.xen_domain_absent(1, '')
+    assert not ox.xen_domain_absent(127, 'sh: 1: xenstore-read: not found\n')
+    assert ox.xen_domain_absent(1, '%s is an invalid domain identifier (rc=-6)\n' % PAUSE_VM)
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_a_failing_xl_list_is_not_stopped(exporter_factory, xen, python):
+    """`xl list VM` fails for another reason than an unknown domain: "auto" cuts disk by disk
+    (the VM may run), "always" answers 500 naming the command and its output; only xl's
+    "Invalid domain identifier" gives "stopped"."""
+    xen.start_writer()
+    auto = pause_exporter(exporter_factory, xen, 'auto', python=python)
+    always = pause_exporter(exporter_factory, xen, 'always', python=python)
+    xen.behave('fail-list')
+    snapshot = auto.client().create_snapshot(PAUSE_VM)
+    assert snapshot['consistency'] == 'per-disk' and 'paused_ms' not in snapshot
+    assert 'cannot tell whether its domain runs' in auto.log()
+    document, _ = error_of(always, 'POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, 500,
+                           always.login())
+    for word in ('list %s' % PAUSE_VM, 'exit status 1', 'cannot open xenstore'):
+        assert word in document['details'], document
+    assert 'pause' not in xen.calls()
+    auto.client().call('DELETE', '/vms/%s/snapshots' % PAUSE_VM)
+    assert snapshot_folders(xen.host.repo) == []
+    xen.behave('fail-list', False)
+    xen.writer.kill()
+    xen.writer.wait()
+    assert always.client().create_snapshot(PAUSE_VM)['consistency'] == 'stopped'
+
+
+@pytest.mark.parametrize('python', server_pythons())
+@pytest.mark.parametrize('mode', ['auto', 'always'])
+def test_a_pause_landing_after_the_watchdogs_unpause_is_undone(
+        exporter_factory, xen, mode, python):
+    """`xl pause` hangs and is killed at snapshot_pause_max, but its pause lands just after the
+    watchdog's unpause (the stand-in re-pauses in `unpause`): the exporter sees the domain
+    paused, unpauses it before answering, and forgets the pause only then."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, mode, pause_max='2s', python=python)
+    xen.behave('late-pause')
+    token = exporter.login()
+    status, _, data = exporter.request('POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM,
+                                       token=token)
+    document = json.loads(data.decode('utf-8'))
+    with open(os.path.join(xen.folder, 'events')) as handle:
+        assert handle.read().split() == ['unpaused', 'paused-late', 'unpaused']
+    assert xen.state() != 'T', 'the domain stayed paused'
+    if mode == 'auto':
+        assert status == 200 and document['consistency'] == 'per-disk', document
+    else:
+        assert status == 500 and 'did not finish within' in document['details'], document
+        assert snapshot_folders(xen.host.repo) == []
+    assert 'domain %s was still paused after the watchdog' % PAUSE_VM in exporter.log()
+    xen.behave('late-pause', False)
+    exporter.stop()
+    exporter.start()
+    assert 'was left paused' not in exporter.log() and 'was recorded as paused' \
+        not in exporter.log()
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_a_failed_pause_that_paused_stays_recorded_until_unpaused(
+        exporter_factory, xen, python):
+    """`xl pause` pauses the domain but exits 3, and `xl unpause` fails: the pause stays
+    recorded (the exporter saw the domain still paused), and the next start unpauses it."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, python=python)
+    xen.behave('fail-after-pause')
+    xen.behave('fail-unpause')
+    snapshot = exporter.client().create_snapshot(PAUSE_VM)
+    assert snapshot['consistency'] == 'per-disk', snapshot
+    assert xen.state() == 'T'
+    assert 'could not unpause domain %s' % PAUSE_VM in exporter.log()
+    xen.behave('fail-after-pause', False)
+    xen.behave('fail-unpause', False)
+    exporter.stop()
+    exporter.start()
+    assert ('domain %s was left paused by an interrupted snapshot: unpaused' % PAUSE_VM
+            in exporter.log())
+    assert xen.state() != 'T'
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_a_hung_watchdog_is_killed_and_the_domain_unpaused(exporter_factory, xen, python):
+    """Timing test (about 40 s: snapshot_pause_max + 3 x 10 s unpause tries + 5 s): the
+    watchdog hangs (SIGSTOP from the stand-in xl): the exporter stops waiting for it after
+    its whole budget, kills it, unpauses the domain itself and answers; the VM lock is free."""
+    xen.start_writer()
+    exporter = pause_exporter(exporter_factory, xen, pause_max='2s', python=python)
+    token = exporter.login()
+    xen.behave('stop-watchdog-on-pause')
+    answers = []
+    connection = exporter.connection(timeout=2 + 30 + 5 + 60)
+    thread = threading.Thread(target=lambda: answers.append(exporter.request(
+        'POST', '/api/v1/vms/%s/snapshots' % PAUSE_VM, token=token, connection=connection)))
+    thread.start()
+    stopped = os.path.join(xen.folder, 'stopped-pids')
+    try:
+        thread.join(2 + 30 + 5 + 60)
+        assert answers, 'no answer: the exporter waits for the hung watchdog'
+    finally:
+        xen.behave('stop-watchdog-on-pause', False)
+        if os.path.exists(stopped):
+            for pid in open(stopped).read().split():
+                try:
+                    os.kill(int(pid), signal.SIGCONT)
+                except OSError:
+                    pass
+        thread.join(60)
+        connection.close()
+    assert os.path.exists(stopped)
+    status, _, data = answers[0]
+    document = json.loads(data.decode('utf-8'))
+    assert status == 200 and document['consistency'] == 'per-disk', document
+    assert xen.state() != 'T', 'the domain stayed paused'
+    assert 'the pause watchdog of domain %s still ran' % PAUSE_VM in exporter.log()
+    assert exporter.client().create_snapshot(PAUSE_VM)['consistency'] == 'paused'
 
 
 def test_store_adds_the_new_columns_to_an_old_database(tmp_path):
