@@ -5863,7 +5863,7 @@ def make_server_tls(config):
 def _server_tls_wrap(config, require_client):
     certfile, keyfile = config.api_tls_certificate, config.api_tls_key
     cafile = config.api_tls_ca_certificate or None
-    if hasattr(ssl, 'SSLContext'):
+    if HAVE_SSLCONTEXT:
         context = ssl.SSLContext(getattr(ssl, 'PROTOCOL_TLS_SERVER', ssl.PROTOCOL_SSLv23))  # novm
         if hasattr(context, 'minimum_version'):
             context.minimum_version = ssl.TLSVersion.TLSv1_2  # novm
@@ -6850,13 +6850,6 @@ class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
             raise bad_request('the request body ended early')
         self.body_done = True
         return body
-
-    def finish(self):
-        # Python 2 flushes the response buffer here: a client that hung up is no error.
-        try:
-            http_server.BaseHTTPRequestHandler.finish(self)
-        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
-            log.debug('connection to %s ended: %s', self.client_address[0], exc)
 
     # -- all methods go through ApiApplication.handle
     def do_GET(self):
