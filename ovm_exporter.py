@@ -97,6 +97,7 @@ else:
 izip = getattr(itertools, 'izip', zip)
 compress = getattr(itertools, 'compress', None)     # Python 2.7+
 O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+os_pread = getattr(os, 'pread', None)               # Python 3.3+
 # hmac.compare_digest exists from 2.7.7 / 3.3; Python 2.6 uses the pure-Python fallback.
 # Tests set this to None to force the fallback.
 HMAC_COMPARE_DIGEST = getattr(hmac, 'compare_digest', None)
@@ -4682,6 +4683,17 @@ class SnapshotService(object):
             self._ready[snapshot_id] = record
         return record
 
+    @property
+    def generation(self):
+        """Changes whenever a snapshot is made, deleted or reconciled."""
+        return self.store.generation
+
+    def has_ready_record(self, vm_id, snapshot_id):
+        """Whether the index holds this snapshot, so that open_disk needs no state database."""
+        record = self._ready.get(snapshot_id)
+        return (record is not None and record['vm_id'] == vm_id
+                and self.store.generation == self._ready_generation)
+
     def open_disk(self, vm_id, snapshot_id, disk_name):
         """Return (open binary file, size) of one snapshot disk."""
         record = self._ready_record(vm_id, snapshot_id)
@@ -5391,6 +5403,7 @@ class LoginBrake(object):
         return stamps
 
     def _sweep(self, now):
+        self.app.close_stale_files()
         horizon = now - self.window_seconds
         for key in list(self._failures.keys()):
             if self._failures[key][-1][0] <= horizon:
@@ -5569,6 +5582,7 @@ DECIMAL_RE = re.compile(r'[0-9]{1,20}\Z')
 STREAM_BUFFER_SIZE = 1 << 20
 QUEUE_WAIT_SECONDS = 2.0
 QUICK_RANGE_LIMIT = 256 << 10  # a range up to this size is answered by the front end itself
+QUICK_FILES = 64               # disk files the front end keeps open for its quick answers
 SEND_CHUNK = 256 << 10
 SHUTDOWN_GRACE_SECONDS = 30.0
 SHUTDOWN_CUT_SECONDS = 5.0
@@ -5719,13 +5733,6 @@ def access_log_time(timestamp):
     return cache[1]
 
 
-def header_values(headers, name):
-    """Every value of a repeated header (Python 2's get() returns the last, 3's the first)."""
-    if hasattr(headers, 'get_all'):
-        return headers.get_all(name) or []
-    return headers.getheaders(name)  # novm (Python 2's mimetools.Message)
-
-
 # An access-log field is one run of printable ASCII without quotes or backslashes: anything
 # else becomes \xNN, so that one request is one log line whatever its headers hold.
 LOG_UNSAFE_RE = re.compile(u'[^\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]')
@@ -5733,6 +5740,7 @@ LOG_SECRET_PARAMETER_RE = re.compile(
     u'([?&;][^=&;#\\s]*(?:token|jwt|passw|secret|auth|key)[^=&;#\\s]*=)[^&;#\\s]*',
     re.IGNORECASE)
 LOG_JWT_RE = re.compile(u'eyJ[A-Za-z0-9_.=%+/-]*')
+LOG_PLAIN_RE = re.compile(u'[\\x20\\x21\\x23-\\x3c\\x3e-\\x5b\\x5d-\\x7e]*\\Z')  # safe, no "="
 
 
 def _log_escape(match):
@@ -5748,7 +5756,10 @@ def log_field(value, limit):
         return '-'
     if isinstance(value, bytes):
         value = value.decode('latin-1')
-    value = LOG_SECRET_PARAMETER_RE.sub(u'\\1[redacted]', value[:limit])
+    value = value[:limit]
+    if LOG_PLAIN_RE.match(value) and 'eyJ' not in value:  # nothing to escape or redact
+        return str(value)
+    value = LOG_SECRET_PARAMETER_RE.sub(u'\\1[redacted]', value)
     value = LOG_JWT_RE.sub(u'[redacted]', value)
     return str(LOG_UNSAFE_RE.sub(_log_escape, value))
 
@@ -5940,8 +5951,10 @@ class RequestHeaders(object):
         return len(self._order)
 
 
-class RequestHead(object):
-    """A parsed request line and headers, or the error that answers a malformed one."""
+class Request(object):
+    """One request as the application sees it: the parsed head (or the ApiError that answers
+    a malformed one), who sent it, and its body through read_body(). No socket, no handler:
+    the connection layer sets `client_address` and `read` (n -> up to n body bytes)."""
 
     def __init__(self, requestline, method=None, target=None, version=None, headers=None,
                  keep_alive=False, error=None):
@@ -5952,7 +5965,84 @@ class RequestHead(object):
         self.headers = headers
         self.keep_alive = keep_alive
         self.error = error
-        self.route = None  # (target, urlsplit, route) once ApiApplication has looked
+        self.route = None  # (urlsplit, route) once ApiApplication has looked
+        self.client_address = None
+        self.read = None
+        self.user = '-'
+        self.content_length = 0
+        self.body_done = False  # the whole request is read: the connection can go on
+        self.close = False      # the connection must close after the answer
+        self.quick = False      # answered by the front end (ApiApplication.is_quick)
+
+    def check_body_framing(self):
+        """Content-Length as a number (0 without). Every value, of repeated headers and
+        comma lists, must be the same plain decimal number: else 400 (RFC 9112 6.3)."""
+        values = []
+        for value in self.headers.get_all('Content-Length', ()):
+            values.extend(part.strip(' \t') for part in value.split(','))
+        lengths = set(_decimal(value) for value in values)
+        if None in lengths:
+            raise bad_request('Content-Length must be a plain decimal number of bytes')
+        if len(lengths) > 1:
+            raise bad_request('the request has conflicting Content-Length values')
+        self.content_length = lengths.pop() if lengths else 0
+        self.body_done = not self.headers.get('Transfer-Encoding') and not self.content_length
+
+    def read_body(self, limit=BODY_LIMIT):
+        if self.headers.get('Transfer-Encoding'):
+            raise ApiError(411, 'Length Required', 'send the request body with Content-Length')
+        length = self.content_length
+        if length > limit:
+            self.close = True
+            if length <= 16 * limit:  # drain it, so that the client reads our answer
+                while length > 0:
+                    length -= len(self.read(min(length, 65536)) or b'x' * length)
+                self.body_done = True
+            raise ApiError(413, 'Payload Too Large', 'the request body exceeds %d bytes' % limit)
+        body = self.read(length) if length else b''
+        if len(body) != length:
+            raise bad_request('the request body ended early')
+        self.body_done = True
+        return body
+
+
+class Response(object):
+    """An answer: a status, header pairs, and a body of bytes or of `parts` of an open
+    `file`: (part head or None, start, length) each, then `tail`. Whoever sends it closes
+    it."""
+
+    def __init__(self, status, headers=(), body=b'', file=None, parts=(), tail=b'',
+                 closes_file=True):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.file = file
+        self.parts = parts
+        self.tail = tail
+        self.closes_file = closes_file
+
+    @classmethod
+    def json(cls, status, obj, headers=()):
+        return cls(status, [('Content-Type', 'application/json')] + list(headers),
+                   to_bytes(json_dumps(obj)))
+
+    @classmethod
+    def error(cls, exc):
+        """The answer to an ApiError."""
+        return cls.json(exc.status, {'error': exc.title, 'details': exc.details},
+                        sorted(exc.headers.items()))
+
+    def length(self):
+        if self.file is None:
+            return len(self.body)
+        total = len(self.tail)
+        for head, _, length in self.parts:
+            total += length if head is None else len(head) + length + 2
+        return total
+
+    def close(self):
+        if self.file is not None and self.closes_file:
+            self.file.close()
 
 
 def _native_text(raw):
@@ -5989,8 +6079,8 @@ def _strip_line_end(line):
 
 
 def parse_request_head(data):
-    """A whole request head (bytes up to and with the empty line) -> RequestHead. Bounded:
-    no line, count or total beyond the limits; malformed heads get a RequestHead with the
+    """A whole request head (bytes up to and with the empty line) -> Request. Bounded:
+    no line, count or total beyond the limits; malformed heads get a Request with the
     ApiError that answers them. Replaces BaseHTTPRequestHandler's parser (email.parser)."""
     text = data if PY2 else data.decode('latin-1')
     if '\r' in text:
@@ -6037,9 +6127,9 @@ def parse_request_head(data):
             keep_alive = 'close' not in connection
         else:
             keep_alive = 'keep-alive' in connection
-        return RequestHead(requestline, method, target, version, headers, keep_alive)
+        return Request(requestline, method, target, version, headers, keep_alive)
     except ApiError as exc:
-        return RequestHead(requestline, error=exc)
+        return Request(requestline, error=exc)
 
 
 def _body_to_wait_for(head):
@@ -6134,6 +6224,7 @@ class ExporterServer(object):
         self._poller = None
         self._listening = True
         self._refused = 0
+        self.access_lines = []    # of the front end's quick answers, written once per turn
         self._wakeup_r, self._wakeup_w = os.pipe()
         for fd in (self._wakeup_r, self._wakeup_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -6195,6 +6286,9 @@ class ExporterServer(object):
                         self._receive(connection)
                     else:
                         self._send(connection, True)
+            if self.access_lines:
+                lines, self.access_lines = self.access_lines, []
+                log_lines(lines)
             now = time.time()
             if now >= next_sweep:
                 next_sweep = now + 0.25
@@ -6338,7 +6432,7 @@ class ExporterServer(object):
                 connection.scanned = len(buffer)
                 error = self._early_error(buffer)
                 if error is not None:
-                    self._queue(connection, RequestHead(error[0], error=error[1]), now)
+                    self._queue(connection, Request(error[0], error=error[1]), now)
                 return False
             connection.head = parse_request_head(buffer[:end.end()])
             connection.buffer = buffer[end.end():]
@@ -6352,19 +6446,16 @@ class ExporterServer(object):
             self._queue(connection, head, now)
         return True
 
-    def _answer_now(self, connection, head):
+    def _answer_now(self, connection, request):
         """A quick request (a small range): answered here, without a worker; the answer is
         built in memory and sent without blocking."""
-        handler = connection.handler
         out = []
-        handler.wfile = _MemoryWriter(out)
         try:
-            connection.keep = handler.serve_request(head)
+            connection.keep = connection.handler.serve_request(request, out)
         except Exception:
             log.error('connection from %s failed: %s', connection.address[0],
                       traceback.format_exc())
             connection.keep = False
-        handler.wfile = _SocketWriter(connection.tls)
         connection.head = None
         connection.body = 0
         connection.scanned = 0
@@ -6453,6 +6544,7 @@ class ExporterServer(object):
         worker.start()
 
     def _sweep(self, now):
+        self.app.close_stale_files()
         if not self._listening and len(self._connections) < self._descriptor_budget():
             self._listening = True
             self._poller.register(self.listener.fileno(), select.POLLIN)
@@ -6650,212 +6742,15 @@ class _ConnectionReader(object):
         return data
 
 
-class _SocketWriter(object):
-    def __init__(self, sock):
-        self.write = sock.sendall
-
-    def flush(self):
-        pass
+_stream_buffers = threading.local()
 
 
-class _MemoryWriter(object):
-    """The answer to a quick request, collected to be sent by the front end."""
-
-    def __init__(self, out):
-        self.out = out
-
-    def write(self, data):
-        self.out.append(bytes(data))
-
-    def flush(self):
-        pass
-
-
-class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
-    """The requests of one connection, one at a time, answered through ApiApplication. The
-    front end parses the head (parse_request_head), so BaseHTTPRequestHandler's own reading
-    and parsing are not used; its attributes (command, path, headers...) are kept."""
-
-    protocol_version = 'HTTP/1.1'
-    server_version = 'ovm_exporter/' + __version__
-    sys_version = ''
-
-    def __init__(self, connection, server):
-        self.connection = self.request = connection.tls
-        self.client_address = connection.address
-        self.server = server
-        self.rfile = _ConnectionReader(connection)
-        self.wfile = _SocketWriter(connection.tls)
-        self.close_connection = False
-
-    def _content_length(self):
-        """The body's length (0 without Content-Length). Every value, of repeated headers and
-        comma lists, must be the same plain decimal number: else 400 (RFC 9112 6.3)."""
-        values = []
-        for value in header_values(self.headers, 'Content-Length'):
-            values.extend(part.strip(' \t') for part in value.split(','))
-        if not values:
-            return 0
-        lengths = set(_decimal(value) for value in values)
-        if None in lengths:
-            raise bad_request('Content-Length must be a plain decimal number of bytes')
-        if len(lengths) > 1:
-            raise bad_request('the request has conflicting Content-Length values')
-        return lengths.pop()
-
-    def _lingering_close(self):
-        """After an error answer that leaves input unread: half-close, then read and drop what
-        the client still sends (bounded in bytes and time). Closing with unread input would
-        reset the connection, and the client could lose the answer it has not read yet."""
-        deadline = time.time() + LINGER_SECONDS
-        budget = LINGER_BYTES
-        # TLS is dropped: what is read is discarded unread. Python 2.6's SSLSocket cannot recv
-        # once its TLS is shut down, so Python 2 uses the plain socket under it.
-        sock = self.connection._sock if PY2 else self.connection
-        try:
-            self.wfile.flush()
-            sock.shutdown(socket.SHUT_WR)
-            while budget > 0 and time.time() < deadline:
-                sock.settimeout(max(0.01, deadline - time.time()))
-                block = sock.recv(65536)
-                if not block:
-                    break
-                budget -= len(block)
-        except (socket.error, socket.timeout, ssl.SSLError, IOError, OSError, ValueError):
-            pass
-
-    def serve_request(self, head):
-        """Answer one request; True if the connection stays open for the next."""
-        self.started = time.time()
-        self.user = '-'
-        self.status_sent = 0
-        self.bytes_sent = 0
-        self.requestline = head.requestline
-        self.routed = None
-        self.command = None
-        self.body_done = False
-        self.headers = None
-        self.close_connection = True
-        self.content_length = 0
-        try:
-            if head.error is not None:
-                raise head.error
-            self.command, self.path = head.method, head.target
-            self.request_version = head.version
-            self.routed = head.route
-            self.headers = head.headers
-            self.close_connection = not head.keep_alive or self.server.stopping
-            self.content_length = self._content_length()
-            self.body_done = (not self.headers.get('Transfer-Encoding')
-                              and self.content_length == 0)
-            self.server.app.handle(self)
-        except (ApiError, ServiceError, StoreError) as exc:
-            if not self.body_done:  # the rest of the request is still on the wire
-                self.close_connection = True
-            if self.command is None:
-                self.command = '-'
-            try:
-                self.send_api_error(api_error(exc))
-            except (socket.error, ssl.SSLError, IOError, OSError) as error:  # the client left
-                log.debug('connection to %s ended: %s', self.client_address[0], error)
-                self.close_connection = True
-        except socket.timeout:
-            self.close_connection = True
-        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
-            log.debug('connection to %s ended: %s', self.client_address[0], exc)
-            self.close_connection = True
-        finally:
-            if self.command is not None or self.status_sent:
-                self.log_access()
-            if self.close_connection and self.status_sent >= 400 and not self.body_done:
-                self._lingering_close()
-        return not self.close_connection
-
-    def finish(self):
-        # Python 2.6's wfile keeps what a failed write could not send and flushes it again here
-        # (2.7 and 3 catch that): a client that left is not an error.
-        try:
-            http_server.BaseHTTPRequestHandler.finish(self)
-        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
-            log.debug('connection to %s ended: %s', self.client_address[0], exc)
-
-    # -- writing a response
-    def head_bytes(self, status, headers, length):
-        lines = ['HTTP/1.1 %d %s' % (status, HTTP_REASONS.get(status, 'Unknown')),
-                 'Server: ' + self.server_version, 'Date: ' + http_date()]
-        for name, value in headers:
-            lines.append('%s: %s' % (name, value))
-        if length is not None:
-            lines.append('Content-Length: %d' % length)
-        if self.close_connection:
-            lines.append('Connection: close')
-        self.status_sent = status
-        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
-
-    def send_head(self, status, headers, length):
-        """Write the status line and headers in one go; `headers` is a list of pairs."""
-        self.wfile.write(self.head_bytes(status, headers, length))
-
-    def send_json(self, status, obj, headers=()):
-        """A small answer: its head and body in one write."""
-        body = to_bytes(json_dumps(obj))
-        head = self.head_bytes(status, [('Content-Type', 'application/json')] + list(headers),
-                               len(body))
-        if self.command == 'HEAD':
-            self.wfile.write(head)
-        else:
-            self.wfile.write(head + body)
-            self.bytes_sent += len(body)
-
-    def send_api_error(self, exc):
-        self.send_json(exc.status, {'error': exc.title, 'details': exc.details},
-                       sorted(exc.headers.items()))
-
-    def send_error(self, code, message=None, explain=None):
-        """BaseHTTPRequestHandler's own errors, as JSON."""
-        self.close_connection = True
-        if self.command is None:
-            self.command = '-'
-        self.send_api_error(ApiError(code, HTTP_REASONS.get(code, 'Error'),
-                                     message or HTTP_REASONS.get(code, 'error')))
-
-    def log_message(self, format, *args):
-        pass  # replaced by log_access
-
-    def log_access(self):
-        """Combined log format plus the duration. Request fields are escaped (log_field), and
-        tokens in them redacted: one request is one line, and no secret reaches the log."""
-        headers = getattr(self, 'headers', None)
-        log.info('%s - %s [%s] "%s" %d %d "%s" "%s" %.3fs',
-                 self.client_address[0], log_field(self.user, 256),
-                 access_log_time(self.started),
-                 log_field(self.requestline, 1024), self.status_sent, self.bytes_sent,
-                 log_field(headers.get('Referer') if headers else None, 1024),
-                 log_field(headers.get('User-Agent') if headers else None, 256),
-                 time.time() - self.started)
-
-    def read_body(self, limit=BODY_LIMIT):
-        if self.headers.get('Transfer-Encoding'):
-            raise ApiError(411, 'Length Required', 'send the request body with Content-Length')
-        length = self.content_length
-        if length > limit:
-            self.close_connection = True
-            if length <= 16 * limit:  # drain it, so that the client reads our answer
-                while length > 0:
-                    length -= len(self.rfile.read(min(length, 65536)) or b'x' * length)
-                self.body_done = True
-            raise ApiError(413, 'Payload Too Large', 'the request body exceeds %d bytes' % limit)
-        body = self.rfile.read(length) if length else b''
-        if len(body) != length:
-            raise bad_request('the request body ended early')
-        self.body_done = True
-        return body
-
-    # -- all methods go through ApiApplication.handle
-    def do_GET(self):
-        pass
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+def stream_buffer():
+    """This thread's buffer for copying files to sockets."""
+    buffer = getattr(_stream_buffers, 'buffer', None)
+    if buffer is None:
+        buffer = _stream_buffers.buffer = bytearray(STREAM_BUFFER_SIZE)
+    return buffer
 
 
 def stream_file(handle, write, start, length, buffer):
@@ -6873,6 +6768,174 @@ def stream_file(handle, write, start, length, buffer):
             raise IOError(errno.EIO, 'the snapshot file ended early')
         write(block)
         length -= count
+
+
+def read_file_range(handle, start, length):
+    """`length` bytes from `start` of a file, as one bytes object (the file object's own
+    position and buffer are not used)."""
+    if os_pread is not None:
+        data = os_pread(handle.fileno(), length, start)
+    else:
+        os.lseek(handle.fileno(), start, os.SEEK_SET)
+        data = os.read(handle.fileno(), length)
+    if len(data) != length:
+        raise IOError(errno.EIO, 'the snapshot file ended early')
+    return data
+
+
+class ExporterRequestHandler(http_server.BaseHTTPRequestHandler):
+    """The requests of one connection, one at a time: ApiApplication.respond makes each
+    Response, which is written to the TLS socket (or, for the front end's quick answers, to
+    memory) and logged. The front end parses the head (parse_request_head), so
+    BaseHTTPRequestHandler's own reading and parsing are not used; its names are kept."""
+
+    protocol_version = 'HTTP/1.1'
+    server_version = 'ovm_exporter/' + __version__
+    sys_version = ''
+
+    def __init__(self, connection, server):
+        self.connection = self.request = connection.tls
+        self.client_address = connection.address
+        self.server = server
+        self.reader = _ConnectionReader(connection)
+
+    def serve_request(self, request, out=None):
+        """Answer one request; True if the connection stays open for the next. The answer
+        goes to the socket, or is appended to the list `out` (a quick answer: small, read
+        whole)."""
+        started = time.time()
+        request.client_address = self.client_address
+        request.read = self.reader.read
+        request.close = (request.error is not None or not request.keep_alive
+                         or self.server.stopping)
+        response = None
+        sent = 0
+        try:
+            try:
+                if request.error is not None:
+                    raise request.error
+                request.check_body_framing()
+                response = self.server.app.respond(request)
+            except (ApiError, ServiceError, StoreError) as exc:
+                if not request.body_done:  # the rest of the request is still on the wire
+                    request.close = True
+                response = Response.error(api_error(exc))
+            if out is None:
+                sent = self.send(request, response)
+            else:
+                sent = self.collect(request, response, out)
+        except socket.timeout:
+            request.close = True
+        except (socket.error, ssl.SSLError, IOError, OSError) as exc:
+            log.debug('connection to %s ended: %s', self.client_address[0], exc)
+            request.close = True
+        finally:
+            status = 0
+            if response is not None:
+                response.close()
+                status = response.status
+            line = access_line(request, status, sent, started)
+            if line is None:
+                pass
+            elif out is None:
+                log_lines([line])
+            else:  # the front end writes its answers' lines once per turn of its loop
+                self.server.access_lines.append(line)
+            if request.close and status >= 400 and not request.body_done:
+                self._lingering_close()
+        return not request.close
+
+    def head_bytes(self, request, response, length):
+        lines = ['HTTP/1.1 %d %s' % (response.status, HTTP_REASONS.get(response.status,
+                                                                        'Unknown')),
+                 'Server: ' + self.server_version, 'Date: ' + http_date()]
+        for name, value in response.headers:
+            lines.append('%s: %s' % (name, value))
+        lines.append('Content-Length: %d' % length)
+        if request.close:
+            lines.append('Connection: close')
+        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+
+    def send(self, request, response):
+        """Write `response` to the socket; -> the body bytes sent."""
+        length = response.length()
+        head = self.head_bytes(request, response, length)
+        write = self.connection.sendall
+        if request.method == 'HEAD':
+            write(head)
+            return 0
+        if response.file is None:
+            write(head + response.body)
+            return length
+        write(head)
+        buffer = stream_buffer()
+        for part_head, start, count in response.parts:
+            if part_head is not None:
+                write(part_head)
+            stream_file(response.file, write, start, count, buffer)
+            if part_head is not None:
+                write(b'\r\n')
+        if response.tail:
+            write(response.tail)
+        return length
+
+    def collect(self, request, response, out):
+        """Append `response`, read whole, to the list `out`; -> the body bytes."""
+        length = response.length()
+        out.append(self.head_bytes(request, response, length))
+        if request.method == 'HEAD':
+            return 0
+        if response.file is None:
+            out.append(response.body)
+            return length
+        for part_head, start, count in response.parts:
+            if part_head is not None:
+                out.append(part_head)
+            out.append(read_file_range(response.file, start, count))
+            if part_head is not None:
+                out.append(b'\r\n')
+        out.append(response.tail)
+        return length
+
+    def _lingering_close(self):
+        """After an error answer that leaves input unread: half-close, then read and drop what
+        the client still sends (bounded in bytes and time). Closing with unread input would
+        reset the connection, and the client could lose the answer it has not read yet."""
+        deadline = time.time() + LINGER_SECONDS
+        budget = LINGER_BYTES
+        # TLS is dropped: what is read is discarded unread. Python 2.6's SSLSocket cannot recv
+        # once its TLS is shut down, so Python 2 uses the plain socket under it.
+        sock = self.connection._sock if PY2 else self.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while budget > 0 and time.time() < deadline:
+                sock.settimeout(max(0.01, deadline - time.time()))
+                block = sock.recv(65536)
+                if not block:
+                    break
+                budget -= len(block)
+        except (socket.error, socket.timeout, ssl.SSLError, IOError, OSError, ValueError):
+            pass
+
+
+def access_line(request, status, sent, started):
+    """The access-log line of a request (None if INFO is not logged): the combined log format
+    plus the duration. Request fields are escaped (log_field), and tokens in them redacted:
+    one request is one line, and no secret reaches the log."""
+    if not log.isEnabledFor(logging.INFO):
+        return None
+    headers = request.headers
+    return '%s - %s [%s] "%s" %d %d "%s" "%s" %.3fs' % (
+        request.client_address[0], log_field(request.user, 256), access_log_time(started),
+        log_field(request.requestline, 1024), status, sent,
+        log_field(headers.get('Referer') if headers else None, 1024),
+        log_field(headers.get('User-Agent') if headers else None, 256),
+        time.time() - started)
+
+
+def log_lines(lines):
+    """Log INFO lines as one record (one write); _LogFormatter prefixes each line."""
+    log.info('%s', '\n'.join(lines), extra={'lines': lines})
 
 
 # Every domain error and its answer: (type, status, title); the first type that fits wins.
@@ -6919,13 +6982,25 @@ def warning_header(problems):
     return [('Warning', '199 ovm_exporter "%s"' % text)] if problems else []
 
 
+def disk_validators(handle, size):
+    """(Last-Modified, ETag) of a snapshot file: snapshot files never change, so inode, size
+    and mtime make a strong validator."""
+    status = os.fstat(handle.fileno())
+    return (http_date(status.st_mtime),
+            '"%x-%x-%x"' % (status.st_ino, size, int(status.st_mtime * 1000000)))
+
+
 class ApiApplication(object):
-    """Routes requests to the snapshot service and the authenticator."""
+    """Routes each Request to the snapshot service or the authenticator and returns the
+    Response; domain errors and ApiError go up to the connection layer."""
 
     def __init__(self, service, authenticator):
         self.service = service
         self.authenticator = authenticator
-        self.local = threading.local()
+        # The front end's open disk files, for its quick answers only: (vm, snapshot, disk)
+        # -> (file, size, validators), while the service's snapshots stay as they were.
+        self._quick_files = {}
+        self._quick_generation = None
         vm, snapshot = ('api', 'v1', 'vms', None), ('snapshots', None)
         # The route table: path pattern (None: an id), the handler of each method (in the
         # order of the Allow header), whether a token is needed.
@@ -6963,8 +7038,16 @@ class ApiApplication(object):
             decoded.append(value)
         return decoded
 
-    def route(self, segments):
-        """-> (handlers: (method, function) pairs, needs_auth, parameters) or None."""
+    def route(self, request):
+        """-> (urlsplit, (handlers: (method, function) pairs, needs_auth, parameters) or
+        None), looked up once per request."""
+        if request.route is None:
+            url = urlsplit(request.target)
+            segments = self.split_path(url.path)
+            request.route = (url, self._match(segments) if segments is not None else None)
+        return request.route
+
+    def _match(self, segments):
         for pattern, handlers, needs_auth in self.routes:
             if len(pattern) != len(segments):
                 continue
@@ -6980,46 +7063,37 @@ class ApiApplication(object):
                 return handlers, needs_auth, params
         return None
 
-    def is_quick(self, head):
-        """A request the front end may answer itself: a GET or HEAD of at most
-        QUICK_RANGE_LIMIT bytes of a snapshot disk (no blocking, no Manager, no body)."""
-        if (head.method not in ('GET', 'HEAD') or 'Content-Length' in head.headers
-                or 'Transfer-Encoding' in head.headers):
+    def is_quick(self, request):
+        """A request the front end may answer itself without blocking: a GET or HEAD of at
+        most QUICK_RANGE_LIMIT bytes of a disk of a snapshot the service's index holds (no
+        state database, no Manager, no body)."""
+        if (request.method not in ('GET', 'HEAD') or 'Content-Length' in request.headers
+                or 'Transfer-Encoding' in request.headers):
             return False
-        ranges = head.headers.get_all('Range')
+        ranges = request.headers.get_all('Range')
         if not ranges or len(ranges) != 1 or quick_range_bytes(ranges[0]) is None:
             return False
-        url = urlsplit(head.target)
-        segments = self.split_path(url.path)
-        found = self.route(segments) if segments is not None else None
-        head.route = (head.target, url, found)
-        return found is not None and found[0][0][1] == self.on_get_disk
+        found = self.route(request)[1]
+        request.quick = (found is not None and found[0][0][1] == self.on_get_disk
+                         and self.service.has_ready_record(found[2][0], found[2][1]))
+        return request.quick
 
-    def handle(self, request):
-        routed = getattr(request, 'routed', None)  # is_quick's work, for the same target
-        if routed is not None and routed[0] == request.path:
-            url, found = routed[1], routed[2]
-        else:
-            url = urlsplit(request.path)
-            segments = self.split_path(url.path)
-            found = self.route(segments) if segments is not None else None
+    def respond(self, request):
+        url, found = self.route(request)
         if found is None:
             raise not_found('Resource not found')
         handlers, needs_auth, params = found
-        handler = dict(handlers).get(request.command)
+        handler = dict(handlers).get(request.method)
         if handler is None:
             raise ApiError(405, 'Method Not Allowed', '%s does not support %s'
-                           % (url.path, request.command),
+                           % (url.path, request.method),
                            {'Allow': ', '.join([method for method, _ in handlers])})
         if needs_auth:
             request.user = self.authenticator.verify_request(
                 request.headers.get('Authorization'))
             request.read_body()  # no route but login takes a body; read and drop it
         query = parse_qs(url.query, keep_blank_values=True) if url.query else {}
-        try:
-            handler(request, params, query)
-        except StoreError as exc:
-            raise api_error(exc)
+        return handler(request, params, query)
 
     # -- authentication
     def on_post_login(self, request, params, query):
@@ -7039,18 +7113,18 @@ class ApiApplication(object):
                               'of half a surrogate pair is not)')
         token = self.authenticator.login(username, password, request.client_address[0])
         request.user = username
-        request.send_json(200, {'token': token})
+        return Response.json(200, {'token': token})
 
     # -- virtual machines
     def on_get_vms(self, request, params, query):
         problems = []
         vms = self.service.list_vms(problems)
-        request.send_json(200, vms, warning_header(problems))
+        return Response.json(200, vms, warning_header(problems))
 
     def on_get_vm(self, request, params, query):
         problems = []
         vm = self.service.get_vm(params[0], problems)
-        request.send_json(200, vm, warning_header(problems))
+        return Response.json(200, vm, warning_header(problems))
 
     # -- snapshots
     @staticmethod
@@ -7059,35 +7133,65 @@ class ApiApplication(object):
         return parse_go_bool(values[-1], 'squashChunks') if values else True
 
     def on_get_snapshots(self, request, params, query):
-        request.send_json(200, self.service.list_snapshots(params[0], self._squash(query)))
+        return Response.json(200, self.service.list_snapshots(params[0], self._squash(query)))
 
     def on_post_snapshots(self, request, params, query):
-        request.send_json(200, self.service.create_snapshot(params[0]))
+        return Response.json(200, self.service.create_snapshot(params[0]))
 
     def on_delete_snapshots(self, request, params, query):
         self.service.delete_all(params[0])
-        request.send_json(200, {'deleted': True})
+        return Response.json(200, {'deleted': True})
 
     def on_get_snapshot(self, request, params, query):
         compare = query.get('compareTo')
         compare_to = compare[-1] if compare and compare[-1] else None
-        request.send_json(200, self.service.get_snapshot(
+        return Response.json(200, self.service.get_snapshot(
             params[0], params[1], squash=self._squash(query), compare_to=compare_to))
 
     def on_delete_snapshot(self, request, params, query):
         self.service.delete_snapshot(params[0], params[1])
-        request.send_json(200, {'deleted': True})
+        return Response.json(200, {'deleted': True})
 
     # -- disk data
     def on_get_disk(self, request, params, query):
+        if request.quick:
+            handle, size, validators = self._quick_file(params)
+            return self._disk_response(request, handle, size, validators, False)
         handle, size = self.service.open_disk(params[0], params[1], params[2])
         try:
-            self._send_disk(request, handle, size)
-        finally:
+            return self._disk_response(request, handle, size, disk_validators(handle, size))
+        except BaseException:
+            handle.close()
+            raise
+
+    def _quick_file(self, params):
+        """open_disk, kept open for the next quick answers while the service's snapshots do
+        not change (see close_stale_files)."""
+        self.close_stale_files()
+        key = tuple(params)
+        cached = self._quick_files.get(key)
+        if cached is None:
+            handle, size = self.service.open_disk(params[0], params[1], params[2])
+            if len(self._quick_files) >= QUICK_FILES:
+                self._close_quick_files()
+            cached = self._quick_files[key] = (handle, size, disk_validators(handle, size))
+        return cached
+
+    def close_stale_files(self):
+        """Close the quick answers' files once a snapshot was made or deleted (the front end
+        calls this between requests too, so that a deleted file is not kept open)."""
+        generation = self.service.generation
+        if generation != self._quick_generation:
+            self._close_quick_files()
+            self._quick_generation = generation
+
+    def _close_quick_files(self):
+        files, self._quick_files = self._quick_files, {}
+        for handle, _, _ in files.values():
             handle.close()
 
     def on_get_checksum(self, request, params, query):
-        request.send_json(200, self.service.disk_checksum(
+        return Response.json(200, self.service.disk_checksum(
             params[0], params[1], params[2], start=self._number(query, 'start') or 0,
             length=self._number(query, 'length'), block_size=self._number(query, 'block_size')))
 
@@ -7110,67 +7214,36 @@ class ApiApplication(object):
         value = values[0].strip(' \t')
         return len(values) == 1 and value == (etag if value.startswith('"') else last_modified)
 
-    def _send_disk(self, request, handle, size):
-        # Snapshot files never change: inode, size and mtime make a strong validator.
-        status = os.fstat(handle.fileno())
-        last_modified = http_date(status.st_mtime)
-        etag = '"%x-%x-%x"' % (status.st_ino, size, int(status.st_mtime * 1000000))
+    def _disk_response(self, request, handle, size, validators, closes_file=True):
+        last_modified, etag = validators
         headers = [('Content-Type', 'application/octet-stream'), ('Accept-Ranges', 'bytes'),
                    ('Last-Modified', last_modified), ('ETag', etag)]
-        range_headers = header_values(request.headers, 'Range')
+        range_headers = request.headers.get_all('Range', [])
         if not range_headers or not self._if_range_holds(
-                header_values(request.headers, 'If-Range'), etag, last_modified):
-            ranges = None  # a failed If-Range means: the whole file (RFC 9110 13.2.2)
-        else:
-            try:
-                if len(range_headers) > 1:
-                    raise RangeNotSatisfiable('send one Range header')
-                ranges = parse_range_header(range_headers[0], size)
-            except RangeNotSatisfiable as exc:
-                raise RangeNotSatisfiable(exc.details, {'Content-Range': 'bytes */%d' % size})
-        is_head = request.command == 'HEAD'
-        if ranges is None:
-            request.send_head(200, headers, size)
-            parts = [(None, 0, size)]
-        elif len(ranges) == 1:
+                request.headers.get_all('If-Range', []), etag, last_modified):
+            return Response(200, headers, file=handle, parts=[(None, 0, size)],
+                            closes_file=closes_file)
+        try:
+            if len(range_headers) > 1:
+                raise RangeNotSatisfiable('send one Range header')
+            ranges = parse_range_header(range_headers[0], size)
+        except RangeNotSatisfiable as exc:
+            raise RangeNotSatisfiable(exc.details, {'Content-Range': 'bytes */%d' % size})
+        if len(ranges) == 1:
             first, last = ranges[0]
-            request.send_head(206, headers + [('Content-Range', 'bytes %d-%d/%d'
-                                               % (first, last, size))], last - first + 1)
-            parts = [(None, first, last - first + 1)]
-        else:
-            boundary = binascii.hexlify(os.urandom(12)).decode('ascii')
-            parts = []
-            total = 0
-            for first, last in ranges:
-                head = ('--%s\r\nContent-Type: application/octet-stream\r\n'
-                        'Content-Range: bytes %d-%d/%d\r\n\r\n'
-                        % (boundary, first, last, size)).encode('ascii')
-                parts.append((head, first, last - first + 1))
-                total += len(head) + (last - first + 1) + 2
-            tail = ('--%s--\r\n' % boundary).encode('ascii')
-            total += len(tail)
-            headers[0] = ('Content-Type', 'multipart/byteranges; boundary=' + boundary)
-            request.send_head(206, headers, total)
-        if is_head:
-            return
-        buffer = self._buffer()
-        # wfile writes to the TLS socket itself (sendall), or to memory for a quick answer.
-        write = request.wfile.write
-        for head, start, length in parts:
-            if head is not None:
-                write(head)
-            stream_file(handle, write, start, length, buffer)
-            request.bytes_sent += length
-            if head is not None:
-                write(b'\r\n')
-        if len(parts) > 1:
-            write(tail)
-
-    def _buffer(self):
-        buffer = getattr(self.local, 'buffer', None)
-        if buffer is None:
-            buffer = self.local.buffer = bytearray(STREAM_BUFFER_SIZE)
-        return buffer
+            headers.append(('Content-Range', 'bytes %d-%d/%d' % (first, last, size)))
+            return Response(206, headers, file=handle, parts=[(None, first, last - first + 1)],
+                            closes_file=closes_file)
+        boundary = binascii.hexlify(os.urandom(12)).decode('ascii')
+        parts = []
+        for first, last in ranges:
+            head = ('--%s\r\nContent-Type: application/octet-stream\r\n'
+                    'Content-Range: bytes %d-%d/%d\r\n\r\n'
+                    % (boundary, first, last, size)).encode('ascii')
+            parts.append((head, first, last - first + 1))
+        headers[0] = ('Content-Type', 'multipart/byteranges; boundary=' + boundary)
+        return Response(206, headers, file=handle, parts=parts,
+                        tail=('--%s--\r\n' % boundary).encode('ascii'), closes_file=closes_file)
 
 # -------------------------------------------------------------------------------- client ---
 #
@@ -7573,11 +7646,19 @@ def _write_at(fd, offset, data):
 # ---------------------------------------------------------------------- command line ---
 
 class _LogFormatter(logging.Formatter):
-    """'%(asctime)s %(levelname)s %(message)s' with the time formatted once a second."""
+    """'%(asctime)s %(levelname)s %(message)s' with the time formatted once a second; each
+    line of a log_lines record gets the prefix."""
 
     def __init__(self):
         logging.Formatter.__init__(self, '%(asctime)s %(levelname)s %(message)s')
         self._second = (None, '')
+
+    def format(self, record):
+        lines = getattr(record, 'lines', None)
+        if lines is None:
+            return logging.Formatter.format(self, record)
+        prefix = '%s %s ' % (self.formatTime(record), record.levelname)
+        return prefix + ('\n' + prefix).join(lines)
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)

@@ -7128,6 +7128,54 @@ def test_state_database_locked_by_another_process_is_503_with_retry_after(
 
 
 @pytest.mark.parametrize('python', server_pythons())
+def test_a_locked_database_never_stalls_the_front_end(exporter_factory, xfs_host, python):
+    """A disk request for a snapshot the index does not hold yet needs the state database: it
+    goes to a worker. While another process holds the database locked, that request waits
+    (at most the busy time-out) and a small range of an indexed snapshot, on another
+    connection, is still answered at once (it used to wait for the first one's 503)."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    indexed = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    waiting = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    disk = indexed['disks'][0]['name']
+    path = '%s/%%s/disks/%s' % (snapshots_path(xfs_host.vm), disk)
+    ranged = {'Range': 'bytes=0-4095'}
+    status, _, first = exporter.request('GET', path % indexed['id'], headers=ranged,
+                                        token=token)
+    assert status == 206  # read once: the index holds it now
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sqlite3, sys\n'
+         'db = sqlite3.connect(sys.argv[1], isolation_level=None)\n'
+         'db.execute("BEGIN EXCLUSIVE")\n'
+         'print("locked"); sys.stdout.flush(); sys.stdin.read()\n'
+         'db.execute("ROLLBACK")\n', exporter.db_file],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    stuck = tls_client(exporter)
+    try:
+        assert holder.stdout.readline() == b'locked\n'
+        request = ('GET %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n'
+                   'Range: bytes=0-4095\r\n\r\n')
+        stuck.sendall((request % (path % waiting['id'], token)).encode('ascii'))
+        status, _, data = exporter.request('GET', path % indexed['id'], headers=ranged,
+                                           token=token)
+        assert (status, data) == (206, first)
+        stuck.setblocking(False)
+        with pytest.raises((ssl.SSLWantReadError, BlockingIOError)):
+            stuck.recv(1)  # the other request is still waiting for the database
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    stuck.settimeout(30)
+    answer = b''
+    while b'\r\n\r\n' not in answer:
+        block = stuck.recv(65536)
+        assert block, answer
+        answer += block
+    stuck.close()
+    assert answer.startswith(b'HTTP/1.1 206 '), answer[:200]
+
+
+@pytest.mark.parametrize('python', server_pythons())
 def test_state_database_overwritten_answers_500_naming_it_and_vms_still_list(
         exporter_factory, xfs_host, python):
     exporter = exporter_factory(python, xfs_host.repositories)
