@@ -5404,6 +5404,7 @@ class LoginBrake(object):
 
     def _sweep(self, now):
         self.app.close_stale_files()
+        self._budget = self._descriptor_budget()  # the limit can change under a running process
         horizon = now - self.window_seconds
         for key in list(self._failures.keys()):
             if self._failures[key][-1][0] <= horizon:
@@ -5582,6 +5583,7 @@ DECIMAL_RE = re.compile(r'[0-9]{1,20}\Z')
 STREAM_BUFFER_SIZE = 1 << 20
 QUEUE_WAIT_SECONDS = 2.0
 QUICK_RANGE_LIMIT = 256 << 10  # a range up to this size is answered by the front end itself
+ROUTES_SEEN = 1024             # request targets whose route is remembered
 QUICK_FILES = 64               # disk files the front end keeps open for its quick answers
 SEND_CHUNK = 256 << 10
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -5979,13 +5981,17 @@ class Request(object):
         comma lists, must be the same plain decimal number: else 400 (RFC 9112 6.3)."""
         values = []
         for value in self.headers.get_all('Content-Length', ()):
-            values.extend(part.strip(' \t') for part in value.split(','))
-        lengths = set(_decimal(value) for value in values)
+            values.extend([part.strip(' \t') for part in value.split(',')])
+        if not values:
+            self.content_length = 0
+            self.body_done = not self.headers.get('Transfer-Encoding')
+            return
+        lengths = set([_decimal(value) for value in values])
         if None in lengths:
             raise bad_request('Content-Length must be a plain decimal number of bytes')
         if len(lengths) > 1:
             raise bad_request('the request has conflicting Content-Length values')
-        self.content_length = lengths.pop() if lengths else 0
+        self.content_length = lengths.pop()
         self.body_done = not self.headers.get('Transfer-Encoding') and not self.content_length
 
     def read_body(self, limit=BODY_LIMIT):
@@ -6147,7 +6153,16 @@ def _body_to_wait_for(head):
 _HANDSHAKE, _WAITING, _SENDING, _QUEUED, _WORKING = range(5)  # <= _SENDING: the front end's
 _WANT = (ssl.SSL_ERROR_WANT_READ, ssl.SSL_ERROR_WANT_WRITE)
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-HEAD_END_RE = re.compile(br'\r?\n\r?\n')
+
+
+def find_head_end(buffer, start):
+    """Where the request head in `buffer` ends (after its empty line: the first "\n\n" or
+    "\n\r\n" from `start`), or -1 while it has not all arrived."""
+    bare = buffer.find(b'\n\n', start)
+    crlf = buffer.find(b'\n\r\n', start, bare + 1 if bare >= 0 else len(buffer))
+    if crlf >= 0:
+        return crlf + 3
+    return bare + 2 if bare >= 0 else -1
 
 
 class _Connection(object):
@@ -6237,6 +6252,7 @@ class ExporterServer(object):
         self.listener.setblocking(0)
         self.address = self.listener.getsockname()[:2]
         self._base_descriptors = _open_descriptor_count()
+        self._budget = self._descriptor_budget()
 
     @property
     def active_connections(self):
@@ -6297,7 +6313,7 @@ class ExporterServer(object):
 
     def _accept(self):
         for _ in range(256):
-            if len(self._connections) >= self._descriptor_budget():
+            if len(self._connections) >= self._budget:
                 if not self._close_oldest_idle():
                     self._pause_listening()
                     return
@@ -6427,15 +6443,15 @@ class ExporterServer(object):
                     return False
                 connection.deadline = min(connection.deadline, now + self.head_timeout)
             buffer = connection.buffer
-            end = HEAD_END_RE.search(buffer, max(0, connection.scanned - 3))
-            if end is None:
+            end = find_head_end(buffer, max(0, connection.scanned - 3))
+            if end < 0:
                 connection.scanned = len(buffer)
                 error = self._early_error(buffer)
                 if error is not None:
                     self._queue(connection, Request(error[0], error=error[1]), now)
                 return False
-            connection.head = parse_request_head(buffer[:end.end()])
-            connection.buffer = buffer[end.end():]
+            connection.head = parse_request_head(buffer[:end])
+            connection.buffer = buffer[end:]
             connection.body = _body_to_wait_for(connection.head)
         if len(connection.buffer) < connection.body:
             return False
@@ -6545,7 +6561,8 @@ class ExporterServer(object):
 
     def _sweep(self, now):
         self.app.close_stale_files()
-        if not self._listening and len(self._connections) < self._descriptor_budget():
+        self._budget = self._descriptor_budget()  # the limit can change under a running process
+        if not self._listening and len(self._connections) < self._budget:
             self._listening = True
             self._poller.register(self.listener.fileno(), select.POLLIN)
         for connection in list(self._connections.values()):
@@ -7001,6 +7018,7 @@ class ApiApplication(object):
         # -> (file, size, validators), while the service's snapshots stay as they were.
         self._quick_files = {}
         self._quick_generation = None
+        self._routes_seen = {}  # request target -> route(): clients ask for one URL often
         vm, snapshot = ('api', 'v1', 'vms', None), ('snapshots', None)
         # The route table: path pattern (None: an id), the handler of each method (in the
         # order of the Allow header), whether a token is needed.
@@ -7042,9 +7060,14 @@ class ApiApplication(object):
         """-> (urlsplit, (handlers: (method, function) pairs, needs_auth, parameters) or
         None), looked up once per request."""
         if request.route is None:
+            request.route = self._routes_seen.get(request.target)
+        if request.route is None:
             url = urlsplit(request.target)
             segments = self.split_path(url.path)
             request.route = (url, self._match(segments) if segments is not None else None)
+            if len(self._routes_seen) >= ROUTES_SEEN:
+                self._routes_seen = {}
+            self._routes_seen[request.target] = request.route
         return request.route
 
     def _match(self, segments):
