@@ -9667,3 +9667,59 @@ def test_client_download_verify_repairs_an_incremental_image(exporter_factory, x
         assert 'Traceback' not in out and 'Operation not permitted' in out
     finally:
         run(['chattr', '-i', image])
+
+
+# ============================================== the connection layer: quick answers ===
+# Small ranges of indexed snapshots are answered by the front end itself, from disk files it
+# keeps open while the snapshots stay as they are.
+
+def test_find_head_end_agrees_with_the_head_end_pattern():
+    """The end of a head is the first empty line, with or without CRs (what the regex
+    r'\r?\n\r?\n' finds), from any start; -1 while it has not arrived."""
+    pattern = re.compile(br'\r?\n\r?\n')
+    rng = random.Random(7)
+    cases = [(b'GET / HTTP/1.1\r\nA: b\r\n\r\nbody', 0), (b'GET / HTTP/1.1\nA: b\n\n', 0),
+             (b'GET / HTTP/1.1\r\nA: b\r\n', 0), (b'a\n\r\n', 0), (b'\n\n', 1), (b'', 0)]
+    for _ in range(20000):
+        data = bytes(bytearray(rng.choice(b'\r\nab') for _ in range(rng.randint(0, 14))))
+        cases.append((data, rng.randint(0, 5)))
+    for data, start in cases:
+        match = pattern.search(data, start)
+        assert ox.find_head_end(data, start) == (match.end() if match else -1), (data, start)
+
+
+def open_paths(pid):
+    paths = []
+    for name in os.listdir('/proc/%d/fd' % pid):
+        try:
+            paths.append(os.readlink('/proc/%d/fd/%s' % (pid, name)))
+        except OSError:  # closed meanwhile
+            pass
+    return paths
+
+
+@pytest.mark.parametrize('python', server_pythons())
+def test_quick_answers_keep_no_deleted_snapshot_file_open(exporter_factory, xfs_host, python):
+    """The front end keeps a disk file open for its next quick answers; once the snapshot is
+    deleted it closes it (its space is freed) and answers 404."""
+    exporter = exporter_factory(python, xfs_host.repositories)
+    token = exporter.login()
+    made = exporter.json('POST', snapshots_path(xfs_host.vm), token)
+    disk = made['disks'][0]
+    path = '%s/%s/disks/%s' % (snapshots_path(xfs_host.vm), made['id'], disk['name'])
+    with open(disk['path'], 'rb') as handle:
+        expected = handle.read(8192)[4096:]
+    for _ in range(3):  # the first fills the index, the next are quick answers
+        status, headers, data = exporter.request('GET', path, token=token,
+                                                 headers={'Range': 'bytes=4096-8191'})
+        assert (status, data) == (206, expected)
+        assert headers['content-range'].startswith('bytes 4096-8191/')
+    assert disk['path'] in open_paths(exporter.process.pid)
+    assert exporter.json('DELETE', snapshots_path(xfs_host.vm) + '/' + made['id'],
+                         token) == {'deleted': True}
+    assert wait_for(lambda: not [p for p in open_paths(exporter.process.pid)
+                                 if p.startswith(disk['path'])], 10)
+    assert exporter.request('GET', path, token=token,
+                            headers={'Range': 'bytes=4096-8191'})[0] == 404
+    assert wait_for(lambda: exporter.log().count('"GET %s HTTP/1.1" 206 4096 ' % path) == 3,
+                    10)
