@@ -7086,6 +7086,18 @@ def check_degraded_vm_listing(exporter, token, vm, db_file):
     assert db_file in headers['warning']
 
 
+def hold_database_lock(db_file):
+    """Another process that holds the database locked (BEGIN EXCLUSIVE) until its stdin is
+    closed; it prints "locked" once it does."""
+    return subprocess.Popen(
+        [sys.executable, '-c', 'import sqlite3, sys\n'
+         'db = sqlite3.connect(sys.argv[1], isolation_level=None)\n'
+         'db.execute("BEGIN EXCLUSIVE")\n'
+         'print("locked"); sys.stdout.flush(); sys.stdin.read()\n'
+         'db.execute("ROLLBACK")\n', db_file],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
 @pytest.mark.parametrize('python', server_pythons())
 def test_state_database_locked_by_another_process_is_503_with_retry_after(
         exporter_factory, xfs_host, python):
@@ -7093,13 +7105,7 @@ def test_state_database_locked_by_another_process_is_503_with_retry_after(
     30 s; the bound checked is 25 s, generous for a loaded machine."""
     exporter = exporter_factory(python, xfs_host.repositories)
     token = exporter.login()
-    holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sqlite3, sys\n'
-         'db = sqlite3.connect(sys.argv[1], isolation_level=None)\n'
-         'db.execute("BEGIN EXCLUSIVE")\n'
-         'print("locked"); sys.stdout.flush(); sys.stdin.read()\n'
-         'db.execute("ROLLBACK")\n', exporter.db_file],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = hold_database_lock(exporter.db_file)
     try:
         assert holder.stdout.readline() == b'locked\n'
         started = time.time()
@@ -7143,13 +7149,7 @@ def test_a_locked_database_never_stalls_the_front_end(exporter_factory, xfs_host
     status, _, first = exporter.request('GET', path % indexed['id'], headers=ranged,
                                         token=token)
     assert status == 206  # read once: the index holds it now
-    holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sqlite3, sys\n'
-         'db = sqlite3.connect(sys.argv[1], isolation_level=None)\n'
-         'db.execute("BEGIN EXCLUSIVE")\n'
-         'print("locked"); sys.stdout.flush(); sys.stdin.read()\n'
-         'db.execute("ROLLBACK")\n', exporter.db_file],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = hold_database_lock(exporter.db_file)
     stuck = tls_client(exporter)
     try:
         assert holder.stdout.readline() == b'locked\n'
