@@ -1,7 +1,8 @@
 """What the tests (test_ovm_exporter.py, its harness section) and the benchmarks (bench/) share:
 the one list of interpreters, the ways to run a command, the one loop-mount helper, the start of
-a server benchmark, command-line options and medians, and the test markers. Python 3; the benchmarks need no pytest (bench/ is their
-script folder, so `import harness` finds this file); the tests load it as a pytest plugin.
+a server benchmark, command-line options and medians, and the test markers. Python 3; the
+benchmarks need no pytest (bench/ is their script folder, so `import harness` finds this file);
+the tests load it as a pytest plugin.
 
 Markers for test_ovm_exporter.py, set from what each test uses:
   root  - loop mounts (and mount, chattr, /etc): needs root, as CI runs;
