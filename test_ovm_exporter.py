@@ -9,11 +9,15 @@ Tests that need root skip when not root; CI runs as root and fails on any skip. 
     python3 -m pytest test_ovm_exporter.py -k 'not ocfs2'   # as root: loop mounts
     sudo .ci/test                                           # all of it, OCFS2 in qemu too
 
-Sections, in order: fixtures (certificates, a stand-in OVM Manager, exporter processes and
-sample hosts); TOML parser and Go durations; Berkeley DB reader and pickles; host discovery;
-clones, FIEMAP and chunk maths; authentication (constant-time compare, JWT, Manager login,
-brake); configuration; HTTP maths; the HTTPS server; snapshots, chunks and downloads; the
-commands an admin runs; install.sh; XFS and real OCFS2.
+`pytest -m "not root"` needs no root (markers root, slow, qemu: bench/harness.py).
+
+Sections, in order: the harness, used by every other section (interpreters, subprocesses,
+loop mounts and wait_for, with bench/harness.py; test certificates; a stand-in OVM Manager;
+exporter processes and sample hosts); TOML parser and Go durations; Berkeley DB reader and
+pickles; host discovery; clones, FIEMAP and chunk maths; constant-time equal; JWT; Manager
+login check; LoginBrake; configuration glue; HTTP maths; the HTTPS server; snapshots, chunks
+and downloads; state database faults; when the host misbehaves; the commands an admin runs;
+install.sh; XFS and real OCFS2; snapshots cut at one instant (Xen pause), checksums, --verify.
 """
 import ast
 import base64

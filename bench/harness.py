@@ -21,7 +21,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EXPORTER = os.path.join(HERE, 'ovm_exporter.py')
-PYENV_VERSIONS = '/root/.pyenv/versions'
+PYENV_VERSIONS = os.path.join(os.environ.get('PYENV_ROOT', '/root/.pyenv'), 'versions')
 PY26_PREFIX = os.environ.get('OVM_EXPORTER_PY26', '/var/cache/py269')
 # Every interpreter the exporter supports: '2.6.9' is the dom0's (2.6.6 there), built by
 # .ci/test from ../shared/py26; the others come from pyenv. '3' names the running Python.
