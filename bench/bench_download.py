@@ -47,11 +47,11 @@ import http.client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-EXPORTER = os.path.join(ROOT, 'ovm_exporter.py')
 sys.path.insert(0, ROOT)
 import ovm_exporter as ox  # noqa: E402  (certificates only; the servers run in subprocesses)
+from harness import (EXPORTER, MKFS_XFS_REFLINK, PY27, LoopMount, bench_pythons,  # noqa: E402
+                     run, start_server_bench)
 
-PY27 = '/root/.pyenv/versions/2.7.18/bin/python'
 USER, PASSWORD = 'admin', 'bench-password-1'
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 MiB = 1 << 20
@@ -63,10 +63,6 @@ def log(message):
 
 
 T0 = time.time()
-
-
-def run(command, **kwargs):
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, **kwargs)
 
 
 def free_port():
@@ -451,6 +447,15 @@ def make_repository(base, index, source=None, size=0):
     return {'id': repo_id, 'mount_point': mount_point, 'vm': vm, 'disk': disk, 'live': path}
 
 
+def make_repositories(base, count, size):
+    """One repository per exporter: the first with a disk of `size` random bytes, the others
+    with a reflink of it (the same blocks)."""
+    repositories = [make_repository(base, 1, size=size)]
+    for index in range(2, count + 1):
+        repositories.append(make_repository(base, index, source=repositories[0]['live']))
+    return repositories
+
+
 def median(values):
     return statistics.median(values) if values else float('nan')
 
@@ -469,38 +474,19 @@ def main():
     parser.add_argument('--keep', action='store_true',
                         help='keep the servers up at the end until Enter (for profiling)')
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit('run as root (loop mount of an XFS reflink image)')
-    pythons = args.python or ['python3'] + ([PY27] if os.path.exists(PY27) else [])
+    start_server_bench(('curl', 'mkfs.xfs', 'openssl'))
+    pythons = bench_pythons(args.python)
     streams_list = [int(s) for s in args.streams.split(',')]
     size = int(args.size_gib * (1 << 30)) // 4096 * 4096
     ensure_nginx()
-    for tool in ('curl', 'mkfs.xfs', 'openssl'):
-        if not shutil.which(tool):
-            sys.exit('needs %s' % tool)
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt('signal %d' % signum)
-    signal.signal(signal.SIGTERM, on_signal)
-
     folder = tempfile.mkdtemp(prefix='ovm-bench-download-')
-    mount = os.path.join(folder, 'xfs')
-    image = os.path.join(folder, 'xfs.img')
-    mounted = False
-    manager = None
+    mount = manager = None
     servers = []
     try:
         certs = ox.make_certificates(folder)
-        os.mkdir(mount)
-        with open(image, 'wb') as handle:
-            handle.truncate(max(8 << 30, 2 * size + (4 << 30)))
-        run(['mkfs.xfs', '-q', '-m', 'reflink=1', image])
-        run(['mount', '-o', 'loop', image, mount])
-        mounted = True
+        mount = LoopMount(folder, MKFS_XFS_REFLINK, max(8 << 30, 2 * size + (4 << 30)))
         log('writing %.2f GiB of random data' % (size / float(1 << 30)))
-        repositories = [make_repository(mount, 1, size=size)]
-        for index in range(2, len(pythons) + 1):
-            repositories.append(make_repository(mount, index, source=repositories[0]['live']))
+        repositories = make_repositories(mount.path, len(pythons), size)
         manager = start_manager(certs)
         manager_url = 'https://127.0.0.1:%d' % manager.server_address[1]
 
@@ -519,7 +505,7 @@ def main():
         os.sync()
         for repository in repositories:
             drop_file_cache(repository['live'])
-        drop_file_cache(image)
+        drop_file_cache(mount.image)
         for path in snapshot_files:
             log('warming %s: %.1fs' % (os.path.basename(path), read_through(path)))
             log('          again: %.2fs' % read_through(path))
@@ -602,16 +588,10 @@ def main():
         if manager is not None:
             manager.shutdown()
             manager.server_close()
-        for _ in range(40 if mounted else 0):
-            if subprocess.call(['umount', mount], stderr=subprocess.DEVNULL) == 0:
-                mounted = False
-                break
-            time.sleep(0.25)
-        if mounted:
-            log('could not unmount %s; left %s in place' % (mount, folder))
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-            log('cleaned up %s' % folder)
+        if mount is not None:
+            mount.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        log('cleaned up %s' % folder)
 
 
 if __name__ == '__main__':

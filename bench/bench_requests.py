@@ -31,7 +31,6 @@ import random
 import re
 import resource
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -44,6 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_download as bd  # noqa: E402  (setup: servers, certificate, XFS, Manager)
 from bench_download import log, MiB  # noqa: E402
+from harness import (EXPORTER, MKFS_XFS_REFLINK, PY27, LoopMount, bench_pythons,  # noqa: E402
+                     start_server_bench)
 
 LUA = """
 local size, block, path, token = %(size)d, %(block)d, "%(path)s", "%(token)s"
@@ -256,7 +257,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--python', action='append', default=None,
                         help='interpreter for the exporter, PYTHON or PYTHON@SCRIPT; repeat '
-                             'for several [default: python3 and %s]' % bd.PY27)
+                             'for several [default: python3 and %s]' % PY27)
     parser.add_argument('--size-mib', type=int, default=1024, help='disk size [1024]')
     parser.add_argument('--seconds', type=int, default=5, help='per wrk run [5]')
     parser.add_argument('--ranges', default='4096,65536,1048576', help='range sizes')
@@ -276,37 +277,17 @@ def main():
     parser.add_argument('--keep', action='store_true',
                         help='keep the servers up at the end until Enter (for profiling)')
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit('run as root (loop mount of an XFS reflink image)')
-    pythons = args.python or ['python3'] + ([bd.PY27] if os.path.exists(bd.PY27) else [])
+    start_server_bench(('wrk', 'mkfs.xfs', 'openssl'))
+    pythons = bench_pythons(args.python)
     size = args.size_mib * MiB
     bd.ensure_nginx()
-    for tool in ('wrk', 'mkfs.xfs', 'openssl'):
-        if not shutil.which(tool):
-            sys.exit('needs %s (apt-get install %s)' % (tool, tool))
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt('signal %d' % signum)
-    signal.signal(signal.SIGTERM, on_signal)
-
     folder = tempfile.mkdtemp(prefix='ovm-bench-requests-')
-    mount = os.path.join(folder, 'xfs')
-    image = os.path.join(folder, 'xfs.img')
-    mounted = False
-    manager = None
+    mount = manager = None
     servers = []
     try:
         certs = bd.ox.make_certificates(folder)
-        os.mkdir(mount)
-        with open(image, 'wb') as handle:
-            handle.truncate(max(4 << 30, 2 * size + (2 << 30)))
-        bd.run(['mkfs.xfs', '-q', '-m', 'reflink=1', image])
-        bd.run(['mount', '-o', 'loop', image, mount])
-        mounted = True
-        repositories = [bd.make_repository(mount, 1, size=size)]
-        for index in range(2, len(pythons) + 1):
-            repositories.append(bd.make_repository(mount, index,
-                                                   source=repositories[0]['live']))
+        mount = LoopMount(folder, MKFS_XFS_REFLINK, max(4 << 30, 2 * size + (2 << 30)))
+        repositories = bd.make_repositories(mount.path, len(pythons), size)
         bd.ManagerHandler.do_GET = CrowdManager.do_GET
         manager = bd.start_manager(certs)
         manager_url = 'https://127.0.0.1:%d' % manager.server_address[1]
@@ -342,8 +323,8 @@ def main():
                     ' (new TLS each)' if close else '', rate))
         downloads = []
         if args.client_chunks:
-            downloads = client_downloads(folder, mount, certs, manager_url, args.client_chunks,
-                                         (args.client or []) + [bd.EXPORTER])
+            downloads = client_downloads(folder, mount.path, certs, manager_url, args.client_chunks,
+                                         (args.client or []) + [EXPORTER])
         crowds = {}
         if not args.no_crowd:
             for exporter in exporters:
@@ -400,8 +381,8 @@ def main():
                 log('stopping: %s' % exc)
         if manager is not None:
             manager.shutdown()
-        if mounted:
-            subprocess.run(['umount', mount])
+        if mount is not None:
+            mount.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
