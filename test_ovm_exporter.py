@@ -9669,3 +9669,34 @@ def test_quick_answers_keep_no_deleted_snapshot_file_open(exporter_factory, xfs_
                             headers={'Range': 'bytes=4096-8191'})[0] == 404
     assert wait_for(lambda: exporter.log().count('"GET %s HTTP/1.1" 206 4096 ' % path) == 3,
                     10)
+
+
+# Python 2.6's ssl module makes a TLS context (so new ticket keys and an empty session cache)
+# for every connection: it cannot resume sessions (README, Performance).
+@pytest.mark.parametrize('python', [p for p in FULL_SUITE_PYTHONS if p != '2.6.9'])
+def test_tls_sessions_are_resumed(exporter_factory, python):
+    """A client that offers its session (a TLS 1.3 ticket, or a TLS 1.2 session id or ticket)
+    skips the full handshake on its next connection."""
+    exporter = exporter_factory(python)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        context = exporter.context()
+        context.maximum_version = version
+        session, reused = None, []
+        for _ in range(3):
+            sock = socket.create_connection(('127.0.0.1', exporter.port))
+            tls = context.wrap_socket(sock, server_hostname='127.0.0.1', session=session)
+            tls.settimeout(10)
+            assert tls.version() == ('TLSv1.3' if version == ssl.TLSVersion.TLSv1_3
+                                     else 'TLSv1.2')
+            tls.sendall(b'GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+            answer = b''
+            while True:  # TLS 1.3 tickets come after the handshake: read to the end
+                block = tls.recv(65536)
+                if not block:
+                    break
+                answer += block
+            assert answer.startswith(b'HTTP/1.1 404 ')
+            reused.append(tls.session_reused)
+            session = tls.session
+            tls.close()
+        assert reused == [False, True, True], (version, reused)
