@@ -5595,6 +5595,7 @@ ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$')
 HEAD_CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
 HEAD_VERSION_RE = re.compile(r'HTTP/([0-9]+)\.([0-9]+)\Z')
 HEAD_TOKEN_RE = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+\Z")
+SINGLE_RANGE_RE = re.compile(r'bytes=([0-9]{1,20})-([0-9]{1,20})\Z')
 _LONE_SURROGATE_RE = re.compile(u'[\ud800-\udbff](?![\udc00-\udfff])|'
                                 u'(?<![\ud800-\udbff])[\udc00-\udfff]')
 
@@ -5641,6 +5642,11 @@ def parse_range_header(value, size):
     or touch are merged and sorted (RFC 9110 14.2), so that an answer never holds more bytes
     than the file; disjoint ranges keep the order they were asked in."""
     value = value.strip(' \t')
+    single = SINGLE_RANGE_RE.match(value)
+    if single is not None:
+        first, last = int(single.group(1)), int(single.group(2))
+        if first <= last and first < size:
+            return [(first, min(last, size - 1))]
     if not value.startswith('bytes='):
         raise RangeNotSatisfiable('only byte ranges are supported')
     specs = [s.strip(' \t') for s in value[len('bytes='):].split(',')]
@@ -5687,6 +5693,10 @@ def quick_range_bytes(value):
     """The bytes a Range header of explicit `first-last` ranges asks for, if at most
     QUICK_RANGE_LIMIT; else None."""
     value = value.strip(' \t')
+    single = SINGLE_RANGE_RE.match(value)
+    if single is not None:
+        total = int(single.group(2)) - int(single.group(1)) + 1
+        return total if total <= QUICK_RANGE_LIMIT else None
     if not value.startswith('bytes='):
         return None
     total = 0
