@@ -6493,8 +6493,9 @@ class ExporterServer(object):
         out = connection.out
         while connection.sent < len(out):
             chunk = connection.chunk
-            if chunk is None:
-                chunk = out[connection.sent:connection.sent + SEND_CHUNK]
+            if chunk is None:  # (a slice of bytes is a copy)
+                chunk = out if len(out) <= SEND_CHUNK else out[connection.sent:
+                                                               connection.sent + SEND_CHUNK]
             try:
                 count = connection.tls.send(chunk)
             except ssl.SSLError as exc:
