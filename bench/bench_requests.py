@@ -2,7 +2,7 @@
 
 Run as root from the repo root:
     python3 bench/bench_requests.py [--python PATH[@SCRIPT] ...] [--size-mib N]
-        [--seconds N] [--ranges 4096,65536,1048576] [--conns 1,8] [--no-new-tls]
+        [--seconds N] [--rounds N] [--ranges 4096,65536,1048576] [--conns 1,8] [--no-new-tls]
         [--no-crowd] [--idle 1000 --stalled 200 --slowloris 200]
 PYTHON@SCRIPT runs another copy of ovm_exporter.py, e.g. today's beside the new one:
     git show 8bbe230:ovm_exporter.py > /tmp/old/ovm_exporter.py
@@ -12,9 +12,11 @@ What it does (setup shared with bench_download.py: certificate, XFS reflink loop
 repository per exporter with a --size-mib disk of random data in the page cache, stand-in OVM
 Manager, nginx serving the first snapshot file with the same certificate):
 - wrk (apt-get install wrk), one thread, over keep-alive connections: GET of random ranges
-  aligned to their size, for each --ranges size and --conns count; requests per second, and the
-  ratio to nginx in the same run. 64 KiB with `Connection: close` too (a new TLS connection per
-  request; wrk offers no session ticket, so this is full handshakes).
+  aligned to their size, for each --ranges size and --conns count; requests per second, the
+  ratio to nginx in the same round, and the server's CPU time per request (utime+stime from
+  /proc: steadier than rates on a shared machine). --rounds repeats every run, servers in
+  turn. 64 KiB with `Connection: close` too (a new TLS connection per request; wrk offers no
+  session ticket, so this is full handshakes).
 - the crowd: --idle idle TCP connections, --stalled TLS handshakes that stop after half a
   ClientHello, --slowloris TLS connections sending a request head one byte every 5 s, all open
   at once; then the time for a new client to log in and read a 1 MiB range, alone and as 16
@@ -61,8 +63,14 @@ end
 """
 
 
+def median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def wrk(server, folder, size, block, conns, seconds, close=False):
-    """-> requests per second (raises if any answer was not 206)."""
+    """-> (requests per second, server CPU microseconds per request); raises if any answer
+    was not 206."""
     url = server.url
     match = re.match(r'(https://[^/]+)(/.*)', url)
     token = getattr(server, 'token', '') or ''
@@ -71,6 +79,7 @@ def wrk(server, folder, size, block, conns, seconds, close=False):
         handle.write(LUA % {'size': size, 'block': block, 'path': match.group(2),
                             'token': token, 'seed': random.randint(0, 1 << 30),
                             'extra': '{["Connection"] = "close"}' if close else '{}'})
+    cpu_before = bd.cpu_seconds(server.pids())
     out = subprocess.run(['wrk', '-t1', '-c%d' % conns, '-d%ds' % seconds, '-s', script,
                           match.group(1)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          check=True).stdout.decode()
@@ -78,7 +87,9 @@ def wrk(server, folder, size, block, conns, seconds, close=False):
     if 'Non-2xx' in out or 'Socket errors' in out and not close:
         raise RuntimeError('%s %s: wrk saw errors:\n%s' % (server.label, server.interpreter,
                                                            out))
-    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1))
+    cpu = bd.cpu_seconds(server.pids()) - cpu_before
+    rate = float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1))
+    return rate, cpu * 1e6 / max(1.0, rate * seconds)
 
 
 def server_state(pid):
@@ -260,6 +271,8 @@ def main():
                              'for several [default: python3 and %s]' % PY27)
     parser.add_argument('--size-mib', type=int, default=1024, help='disk size [1024]')
     parser.add_argument('--seconds', type=int, default=5, help='per wrk run [5]')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='rounds of all runs, servers in turn in each [1]')
     parser.add_argument('--ranges', default='4096,65536,1048576', help='range sizes')
     parser.add_argument('--conns', default='1,8', help='keep-alive connection counts [1,8]')
     parser.add_argument('--no-new-tls', action='store_true',
@@ -313,14 +326,16 @@ def main():
                 runs.append((block, conns, False))
         if not args.no_new_tls:
             runs += [(65536, conns, True) for conns in [int(c) for c in args.conns.split(',')]]
-        results = {}
-        for block, conns, close in runs:
-            for server in order:
-                rate = wrk(server, folder, size, block, conns, args.seconds, close)
-                results[(id(server), block, conns, close)] = rate
-                log('%s %s: %d B x %d conns%s: %.0f requests/s' % (
-                    server.label, server.interpreter, block, conns,
-                    ' (new TLS each)' if close else '', rate))
+        results = {}  # (server, block, conns, close) -> [(requests/s, CPU us/request)]
+        for round_number in range(args.rounds):
+            for block, conns, close in runs:
+                for server in order:
+                    rate, cpu = wrk(server, folder, size, block, conns, args.seconds, close)
+                    results.setdefault((id(server), block, conns, close), []).append(
+                        (rate, cpu))
+                    log('round %d: %s %s: %d B x %d conns%s: %.0f requests/s, %.0f us CPU '
+                        'each' % (round_number + 1, server.label, server.interpreter, block,
+                                  conns, ' (new TLS each)' if close else '', rate, cpu))
         downloads = []
         if args.client_chunks:
             downloads = client_downloads(folder, mount.path, certs, manager_url, args.client_chunks,
@@ -331,20 +346,25 @@ def main():
                 crowds[id(exporter)] = crowd(exporter, args.idle, args.stalled, args.slowloris)
                 log('crowd %s: %r' % (exporter.interpreter, crowds[id(exporter)]))
         print()
-        print('Random aligned ranges over TLS on 127.0.0.1 (wrk, 1 thread, %ds each), '
-              'requests/s; ratio to nginx with 1 worker in the same run' % args.seconds)
-        header = '%-9s %-28s %9s %6s %10s %8s' % ('server', 'interpreter', 'range', 'conns',
-                                                   'req/s', 'ratio')
+        print('Random aligned ranges over TLS on 127.0.0.1 (wrk, 1 thread, %ds each, %d rounds), '
+              'requests/s (median); ratio to nginx with 1 worker in the same round (lowest-'
+              'highest); server CPU microseconds per request (median)'
+              % (args.seconds, args.rounds))
+        header = '%-9s %-28s %9s %6s %10s %11s %8s' % ('server', 'interpreter', 'range',
+                                                        'conns', 'req/s', 'ratio', 'CPU us')
         print(header)
         print('-' * len(header))
         for block, conns, close in runs:
             reference = results[(id(nginx), block, conns, close)]
             for server in order:
-                rate = results[(id(server), block, conns, close)]
-                print('%-9s %-28s %9s %6s %10.0f %8.2f' % (
+                measured = results[(id(server), block, conns, close)]
+                ratios = [m[0] / r[0] for m, r in zip(measured, reference)]
+                print('%-9s %-28s %9s %6s %10.0f %11s %8.0f' % (
                     server.label, server.interpreter,
-                    '%dK%s' % (block // 1024, ' new' if close else ''), conns, rate,
-                    rate / reference))
+                    '%dK%s' % (block // 1024, ' new' if close else ''), conns,
+                    median([m[0] for m in measured]),
+                    '%.2f-%.2f' % (min(ratios), max(ratios)) if len(ratios) > 1
+                    else '%.2f' % ratios[0], median([m[1] for m in measured])))
         if crowds:
             print()
             print('Crowd: %d idle TCP, %d stalled handshakes, %d slowloris heads open; a new '
