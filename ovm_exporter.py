@@ -2294,28 +2294,286 @@ def open_regular_file(path):
     return fd
 
 
-def vm_public_fields(vm):
-    """A copy of a VM dict without the internal "_..." keys (also inside its disks)."""
-    result = {}
-    for key, value in vm.items():
-        if key.startswith('_'):
-            continue
-        if key == 'disks':
-            disks = []
-            for disk in value:
-                clean = {}
-                for dkey, dvalue in disk.items():
-                    if not dkey.startswith('_'):
-                        clean[dkey] = dvalue
-                disks.append(clean)
-            value = disks
-        result[key] = value
-    return result
+class VmDisk(collections.namedtuple('VmDisk', 'name path device_name mode snapshot_compatible '
+                                    'kind repo_id repo_mountpoint object_type reason')):
+    """A disk of a VmRecord. Internal fields: kind ("file", "phy" or "cdrom"), the repository
+    holding it ("" if none), its .ovsmeta OBJECT_TYPE, why it cannot be cloned ("" if it can)."""
+    __slots__ = ()
+
+    def to_json(self):
+        return {'name': self.name, 'path': self.path, 'device_name': self.device_name,
+                'mode': self.mode, 'snapshot_compatible': self.snapshot_compatible}
+
+
+class VmRecord(collections.namedtuple('VmRecord', 'friendly_name name uuid disks '
+                                      'snapshot_compatible config_path repo_id compat_reason '
+                                      'unparsed_disks')):
+    """A VM of HostInventory. Internal fields: its vm.cfg, its repository's id, why it is not
+    snapshot compatible ("" if it is), the disk entries that were not understood."""
+    __slots__ = ()
+
+    def to_json(self):
+        return {'friendly_name': self.friendly_name, 'name': self.name, 'uuid': self.uuid,
+                'disks': [disk.to_json() for disk in self.disks],
+                'snapshot_compatible': self.snapshot_compatible}
 
 
 # A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
 # the problem to warn about again.
 Cached = collections.namedtuple('Cached', 'key value problem')
+
+
+class WarnOnce(object):
+    """warn(key, message) logs when a condition appears or its message changes, not every time.
+    A pass (begin() ... end(), e.g. a listing) forgets the conditions it did not warn about:
+    they are logged again if they come back."""
+
+    def __init__(self):
+        self._warned = {}
+        self._pass = None
+
+    def __call__(self, key, message):
+        if self._pass is not None:
+            self._pass[key] = message
+        if self._warned.get(key) != message:
+            log.warning('%s', message)
+            self._warned[key] = message
+
+    def begin(self):
+        self._pass = {}
+
+    def end(self):
+        self._warned, self._pass = self._pass, None
+
+
+class ParsedFiles(object):
+    """What parse(path, os.stat result) -> Cached(stat key, value, problem) (None: no file)
+    made of files, parsed again only when a file's stat key changes. A pass (begin() ... end())
+    forgets the files it did not get() or keep()."""
+
+    def __init__(self, parse):
+        self.parse = parse
+        self.reads = 0
+        self._entries = {}
+        self._seen = {}
+
+    def get(self, path, st):
+        entry = self._entries.get(path)
+        if entry is None or entry.key != _discovery_stat_key(st):
+            self.reads += 1
+            entry = self.parse(path, st)
+            if entry is None:
+                return None
+            self._entries[path] = entry
+        self._seen[path] = entry
+        return entry
+
+    def keep(self, folder):
+        """Keep what was parsed under `folder` (a repository that cannot be listed now)."""
+        for path, entry in self._entries.items():
+            if path.startswith(folder + '/'):
+                self._seen[path] = entry
+
+    def clear(self):
+        self._entries = {}
+
+    def begin(self):
+        self._seen = {}
+
+    def end(self):
+        self._entries, self._seen = self._seen, {}
+
+
+def _parse_ovsmeta_file(reader):
+    def parse(path, st):
+        meta = {}
+        problem = ''
+        try:
+            raw = reader(path)
+            if not isinstance(raw, dict):
+                raise ValueError('not a mapping')
+            for name, values in raw.items():
+                if isinstance(values, dict):
+                    entry = {}
+                    for field, value in values.items():
+                        entry[to_text(field)] = value
+                    meta[to_text(name)] = entry
+        except Exception as e:
+            problem, meta = to_text(e), {}
+        return Cached(_discovery_stat_key(st), meta, problem)
+    return parse
+
+
+def _parse_vm_cfg_file(path, st):
+    """For ParsedFiles: (vm.cfg dict, [(disk entry, parse_disk_entry(entry))] or None)."""
+    key = _discovery_stat_key(st)
+    parsed, problem = None, ''
+    try:
+        cfg, st = read_vm_cfg_file(path)
+        key = _discovery_stat_key(st)
+        # parse the disk entries now, so that their warnings come once per file change
+        entries = cfg.get('disk', [])
+        disks = None
+        if isinstance(entries, list):
+            disks = [(entry, parse_disk_entry(entry)) for entry in entries]
+        parsed = (cfg, disks)
+    except VmConfigError as e:
+        problem = u'skipping VM: {0}'.format(to_text(e))
+    except EnvironmentError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
+    return Cached(key, parsed, problem)
+
+
+class CloneProbes(object):
+    """(ok, reason) of clone_probe(mount point) per repository, kept for `ttl` seconds."""
+
+    def __init__(self, clone_probe, ttl, clock):
+        self.clone_probe = clone_probe
+        self.ttl = float(ttl)
+        self.clock = clock
+        self.calls = 0
+        self._answers = {}    # (repo id, mount point) -> Cached(time, ok, reason)
+
+    def __call__(self, repo):
+        cache_key = (repo['id'], repo['mount_point'])
+        now = self.clock()
+        cached = self._answers.get(cache_key)
+        if cached is not None and cached.key <= now < cached.key + self.ttl:
+            return cached.value, cached.problem
+        if not os.path.isdir(repo['mount_point']):
+            ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
+        else:
+            self.calls += 1
+            try:
+                ok, reason = self.clone_probe(repo['mount_point'])
+                ok = bool(ok)
+                reason = to_text(reason)
+            except Exception as e:
+                ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
+        self._answers[cache_key] = Cached(now, ok, reason)
+        return ok, reason
+
+    def clear(self):
+        self._answers = {}
+
+
+class VmBuilder(object):
+    """The VmRecords of one listing, from parsed vm.cfg files: each file disk is matched to a
+    repository (the longest mount point above it, else the one whose .ovsmeta names it) and
+    checked down to the repository's clone probe."""
+
+    def __init__(self, repos, metas, problems, probe, warn):
+        self.repos = repos          # repository records
+        self.metas = metas          # repository id -> {basename: .ovsmeta fields}
+        self.problems = problems    # repository id -> why it cannot be used now, or None
+        self.probe = probe          # repository record -> (ok, reason)
+        self.warn = warn
+        self.path_cache = {}        # see disk_file_problem
+
+    def build(self, parsed, cfg_path, dir_name, repo):
+        """The VmRecord of a parsed vm.cfg of the repository `repo`, or None (warned)."""
+        cfg, parsed_disks = parsed
+        name = cfg.get('name')
+        if not isinstance(name, text_type) or not name:
+            self.warn('vm:' + cfg_path, u'skipping VM {0}: no "name" string in {1}'.format(
+                dir_name, cfg_path))
+            return None
+        if not VM_NAME_RE.match(name):
+            self.warn('vm:' + cfg_path, u'skipping VM "{0}" of {1}: the name is not usable in '
+                      u'URLs (must match {2})'.format(name, cfg_path, VM_NAME_RE.pattern))
+            return None
+        simple_name = cfg.get('OVM_simple_name')
+        if not isinstance(simple_name, text_type) or not simple_name.strip():
+            simple_name = name
+        vm_uuid = cfg.get('uuid')
+        if not isinstance(vm_uuid, text_type):
+            vm_uuid = u''
+        reasons = []
+        if parsed_disks is None:
+            self.warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot '
+                      u'compatible'.format(cfg_path, name))
+            reasons.append('its "disk" setting is not a list')
+            parsed_disks = []
+        disks = []
+        unparsed = []
+        names_seen = {}
+        for entry, parsed in parsed_disks:
+            if parsed is None:
+                unparsed.append(entry)
+                reasons.append(u'disk entry "{0}" is not understood'.format(to_text(entry)))
+            elif parsed['path']:  # else an empty CD-ROM drive: no media, nothing to list
+                disks.append(self._disk(parsed, names_seen, reasons))
+        if unparsed:
+            self.warn('disk:' + cfg_path, u'{0}: disk entries not understood: {1}; VM {2} is '
+                      'not snapshot compatible'.format(cfg_path, len(unparsed), name))
+        if not unparsed and not [disk for disk in disks if disk.kind != 'cdrom']:
+            reasons.append('no data disks')
+        return VmRecord(simple_name, name, vm_uuid, disks, not reasons, cfg_path, repo['id'],
+                        '; '.join(reasons), unparsed)
+
+    def _disk(self, parsed, names_seen, reasons):
+        path = parsed['path']
+        basename = posixpath.basename(path)
+        kind = 'cdrom' if parsed['cdrom'] else parsed['kind']
+        repo = None
+        object_type = u''
+        if parsed['kind'] == 'file':
+            repo = self._disk_repo(path, basename)
+            if repo is not None:
+                meta = self.metas[repo['id']].get(basename) or {}
+                object_type = to_text(meta.get('OBJECT_TYPE')).strip()
+                if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
+                    kind = 'cdrom'
+        if kind == 'cdrom':
+            reason = u'CD-ROM media'
+        elif basename in names_seen:
+            reason = u'another disk of this VM has the same name'
+            reasons.append(u'two disks are named {0}'.format(basename))
+        else:
+            names_seen[basename] = True
+            reason = self._clone_problem(kind, path, repo, object_type)
+            if reason:
+                reasons.append(u'disk {0} ({1}): {2}'.format(parsed['device_name'], path, reason))
+        return VmDisk(basename, path, parsed['device_name'], parsed['mode'], not reason, kind,
+                      repo and repo['id'] or u'', repo and repo['mount_point'] or u'',
+                      object_type, reason)
+
+    def _disk_repo(self, path, basename):
+        """The repository a file disk belongs to: longest mount_point + '/' prefix, else the one
+        whose .ovsmeta lists its basename; None if none."""
+        best = None
+        best_length = -1
+        for repo in self.repos:
+            prefix = repo['mount_point'].rstrip('/') + '/'
+            if path.startswith(prefix) and len(prefix) > best_length:
+                best, best_length = repo, len(prefix)
+        if best is not None:
+            return best
+        for repo in self.repos:
+            if basename in self.metas[repo['id']]:
+                return repo
+        return None
+
+    def _clone_problem(self, kind, path, repo, object_type):
+        """Why a data disk cannot be cloned, or "" when it can."""
+        if kind == 'phy':
+            return u'physical device (phy:) cannot be cloned'
+        if repo is None:
+            return u'not in a known repository'
+        if object_type not in OVSMETA_OBJECT_TYPES_CLONABLE:
+            return u'repository metadata says {0}, not VIRTUAL_DISK'.format(object_type)
+        if self.problems.get(repo['id']):
+            return u'repository {0} cannot be used now: {1}'.format(
+                repo['id'], self.problems[repo['id']])
+        why = disk_file_problem(path, repo['mount_point'], self.path_cache)[1]
+        if why:
+            return why
+        ok, why = self.probe(repo)
+        if ok:
+            return u''
+        return u'repository {0} cannot clone files: {1}'.format(repo['id'], why)
 
 
 class HostInventory(object):
@@ -2336,54 +2594,46 @@ class HostInventory(object):
                  clock=time.time, check_mounts=None):
         self.repositories_loader = repositories_loader
         self.check_mounts = check_mounts
-        self.ovsmeta_reader = ovsmeta_reader
-        self.clone_probe = clone_probe
-        self.probe_ttl = float(probe_ttl)
-        self.clock = clock
-        self.cfg_reads = 0        # vm.cfg files read and parsed (for tests and the CLI)
-        self.probe_calls = 0      # clone_probe calls
         self._lock = threading.RLock()
-        self._cfg_cache = {}      # path -> Cached(stat key, (cfg, [(entry, parsed)]) or None, ..)
-        self._meta_cache = {}     # repo id -> Cached(stat key, {basename: meta}, problem)
-        self._probe_cache = {}    # (repo id, mount point) -> Cached(time, ok, reason)
+        self._cfgs = ParsedFiles(_parse_vm_cfg_file)
+        self._metas = ParsedFiles(_parse_ovsmeta_file(ovsmeta_reader))
+        self._probes = CloneProbes(clone_probe, probe_ttl, clock)
+        self._warn = WarnOnce()
         self._repos = []
-        self._warned = {}
-        self._warnings = None
-        self._cfg_seen = {}
-        self._path_cache = {}     # for one listing: see disk_file_problem
 
-    # -- warnings: logged once when a condition appears (or its message changes)
-    def _warn(self, key, message):
-        if self._warnings is not None:
-            self._warnings[key] = message
-        if self._warned.get(key) != message:
-            log.warning('%s', message)
-            self._warned[key] = message
+    @property
+    def cfg_reads(self):
+        """vm.cfg files read and parsed (for tests and the benchmark)."""
+        return self._cfgs.reads
+
+    @property
+    def probe_calls(self):
+        return self._probes.calls
 
     def reset_caches(self):
         """Forget parsed vm.cfg files, .ovsmeta contents and clone probe results."""
         with self._lock:
-            self._cfg_cache = {}
-            self._meta_cache = {}
-            self._probe_cache = {}
+            self._cfgs.clear()
+            self._metas.clear()
+            self._probes.clear()
 
     def _load_repositories(self):
         try:
             repos = self.repositories_loader()
         except Exception as e:
-            self._warn('repositories', u'cannot read the repository list ({0}); using the last one read '
-                       u'({1} repositories)'.format(to_text(e), len(self._repos)))
+            self._warn('repositories', u'cannot read the repository list ({0}); using the last '
+                       u'one read ({1} repositories)'.format(to_text(e), len(self._repos)))
             return self._repos
         clean = []
         for repo in repos:
             if not isinstance(repo, dict):
-                self._warn('repo-type', u'the repository list holds a {0}, not a record; ignored'.format(
-                    type(repo).__name__))
+                self._warn('repo-type', u'the repository list holds a {0}, not a record; '
+                           u'ignored'.format(type(repo).__name__))
                 continue
             record = make_repository_record(repo.get('id'), repo)
             if not record['id'] or not record['mount_point'].startswith('/'):
-                self._warn('repo-bad:' + record['id'], u'repository "{0}": no id or mount point; ignored'.format(
-                    record['id']))
+                self._warn('repo-bad:' + record['id'], u'repository "{0}": no id or mount point; '
+                           u'ignored'.format(record['id']))
                 continue
             clean.append(record)
         self._repos = clean
@@ -2418,65 +2668,6 @@ class HostInventory(object):
         problems = self._mount_problems(repos)
         return dict((mount_point, problems.get(mount_point)) for mount_point in mount_points)
 
-    def _ovsmeta(self, repo):
-        path = os.path.join(repo['mount_point'], '.ovsmeta')
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, 'not a regular file')
-            key = _discovery_stat_key(st)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
-                    repo['id'], path, to_text(e)))
-            self._meta_cache.pop(repo['id'], None)
-            return {}
-        cached = self._meta_cache.get(repo['id'])
-        if cached is not None and cached.key == key:
-            if cached.problem:
-                self._warn('ovsmeta:' + repo['id'], cached.problem)
-            return cached.value
-        meta = {}
-        problem = ''
-        try:
-            raw = self.ovsmeta_reader(path)
-            if not isinstance(raw, dict):
-                raise ValueError('not a mapping')
-            for name, values in raw.items():
-                if isinstance(values, dict):
-                    entry = {}
-                    for field, value in values.items():
-                        entry[to_text(field)] = value
-                    meta[to_text(name)] = entry
-        except Exception as e:
-            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(
-                repo['id'], path, to_text(e))
-            meta = {}
-        self._meta_cache[repo['id']] = Cached(key, meta, problem)
-        if problem:
-            self._warn('ovsmeta:' + repo['id'], problem)
-        return meta
-
-    def _probe(self, repo):
-        """(ok, reason) of the repository's clone probe, cached for probe_ttl seconds."""
-        cache_key = (repo['id'], repo['mount_point'])
-        now = self.clock()
-        cached = self._probe_cache.get(cache_key)
-        if cached is not None and cached.key <= now < cached.key + self.probe_ttl:
-            return cached.value, cached.problem
-        if not os.path.isdir(repo['mount_point']):
-            ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
-        else:
-            self.probe_calls += 1
-            try:
-                ok, reason = self.clone_probe(repo['mount_point'])
-                ok = bool(ok)
-                reason = to_text(reason)
-            except Exception as e:
-                ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
-        self._probe_cache[cache_key] = Cached(now, ok, reason)
-        return ok, reason
-
     def repository_clone_support(self, repo_id):
         """(ok, reason) for one repository id (probe cached as for listings); None if unknown."""
         with self._lock:
@@ -2485,11 +2676,28 @@ class HostInventory(object):
                     problem = self._mount_problems([repo]).get(repo_id)
                     if problem:
                         return False, problem
-                    return self._probe(repo)
+                    return self._probes(repo)
             return None
 
+    def _ovsmeta(self, repo):
+        path = os.path.join(repo['mount_point'], '.ovsmeta')
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, 'not a regular file')
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
+                    repo['id'], path, to_text(e)))
+            return {}
+        entry = self._metas.get(path, st)
+        if entry.problem:
+            self._warn('ovsmeta:' + repo['id'], u'repository {0}: ignoring unreadable {1}: '
+                       u'{2}'.format(repo['id'], path, entry.problem))
+        return entry.value
+
     def _read_cfg(self, path):
-        """(parsed dict or None, problem text). Parses only when the file changed."""
+        """(parsed vm.cfg or None, problem text). Parses only when the file changed."""
         try:
             st = os.stat(path)
         except OSError as e:
@@ -2499,249 +2707,106 @@ class HostInventory(object):
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing until written to
             return None, u'skipping VM: {0} is {1}, not a regular file'.format(
                 path, _file_type_name(st.st_mode))
-        key = _discovery_stat_key(st)
-        cached = self._cfg_cache.get(path)
-        if cached is not None and cached.key == key:
-            self._cfg_seen[path] = cached
-            return cached.value, cached.problem
-        self.cfg_reads += 1
-        parsed, problem = None, ''
-        try:
-            cfg, st = read_vm_cfg_file(path)
-            key = _discovery_stat_key(st)
-            # parse the disk entries now, so that their warnings come once per file change
-            entries = cfg.get('disk', [])
-            disks = None
-            if isinstance(entries, list):
-                disks = []
-                for entry in entries:
-                    disks.append((entry, parse_disk_entry(entry)))
-            parsed = (cfg, disks)
-        except VmConfigError as e:
-            problem = u'skipping VM: {0}'.format(to_text(e))
-        except EnvironmentError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None, ''
-            problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
-        entry = Cached(key, parsed, problem)
-        self._cfg_seen[path] = entry
-        return parsed, problem
+        entry = self._cfgs.get(path, st)
+        if entry is None:
+            return None, ''
+        return entry.value, entry.problem
 
-    def _disk_repo(self, path, basename, repos, metas):
-        """The repository a file disk belongs to: longest mount_point + '/' prefix, else the one
-        whose .ovsmeta lists its basename; None if none."""
-        best = None
-        best_length = -1
-        for repo in repos:
-            prefix = repo['mount_point'].rstrip('/') + '/'
-            if path.startswith(prefix) and len(prefix) > best_length:
-                best, best_length = repo, len(prefix)
-        if best is not None:
-            return best
-        for repo in repos:
-            if basename in metas[repo['id']]:
-                return repo
-        return None
-
-    def _build_vm(self, parsed, cfg_path, dir_name, repo, repos, metas, problems):
-        cfg, parsed_disks = parsed
-        name = cfg.get('name')
-        if not isinstance(name, text_type) or not name:
-            self._warn('vm:' + cfg_path, u'skipping VM {0}: no "name" string in {1}'.format(dir_name, cfg_path))
-            return None
-        if not VM_NAME_RE.match(name):
-            self._warn('vm:' + cfg_path, u'skipping VM "{0}" of {1}: the name is not usable in URLs '
-                       u'(must match {2})'.format(name, cfg_path, VM_NAME_RE.pattern))
-            return None
-        simple_name = cfg.get('OVM_simple_name')
-        if not isinstance(simple_name, text_type) or not simple_name.strip():
-            simple_name = name
-        vm_uuid = cfg.get('uuid')
-        if not isinstance(vm_uuid, text_type):
-            vm_uuid = u''
-        reasons = []
-        if parsed_disks is None:
-            self._warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot compatible'.format(
-                cfg_path, name))
-            reasons.append('its "disk" setting is not a list')
-            parsed_disks = []
-        disks = []
-        unparsed = []
-        data_disks = 0
-        names_seen = {}
-        for entry, parsed in parsed_disks:
-            if parsed is None:
-                unparsed.append(entry)
-                reasons.append(u'disk entry "{0}" is not understood'.format(to_text(entry)))
-                continue
-            path = parsed['path']
-            if not path:
-                continue  # empty CD-ROM drive: no media, nothing to list
-            basename = posixpath.basename(path)
-            disk = {'name': basename, 'path': path, 'device_name': parsed['device_name'],
-                    'mode': parsed['mode'], 'snapshot_compatible': False,
-                    '_repo_mountpoint': u'', '_repo_id': u'', '_object_type': u'', '_reason': u''}
-            kind = 'cdrom' if parsed['cdrom'] else parsed['kind']
-            if parsed['kind'] == 'file':
-                disk_repo = self._disk_repo(path, basename, repos, metas)
-                if disk_repo is not None:
-                    disk['_repo_mountpoint'] = disk_repo['mount_point']
-                    disk['_repo_id'] = disk_repo['id']
-                    meta = metas[disk_repo['id']].get(basename) or {}
-                    object_type = to_text(meta.get('OBJECT_TYPE')).strip()
-                    disk['_object_type'] = object_type
-                    if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
-                        kind = 'cdrom'
-            disk['_kind'] = kind
-            disks.append(disk)
-            if kind == 'cdrom':
-                disk['_reason'] = u'CD-ROM media'
-                continue
-            data_disks += 1
-            if basename in names_seen:
-                disk['_reason'] = u'another disk of this VM has the same name'
-                reasons.append(u'two disks are named {0}'.format(basename))
-                continue
-            names_seen[basename] = True
-            if kind == 'phy':
-                disk['_reason'] = u'physical device (phy:) cannot be cloned'
-            elif not disk['_repo_id']:
-                disk['_reason'] = u'not in a known repository'
-            elif disk['_object_type'] not in OVSMETA_OBJECT_TYPES_CLONABLE:
-                disk['_reason'] = u'repository metadata says {0}, not VIRTUAL_DISK'.format(disk['_object_type'])
-            elif problems.get(disk['_repo_id']):
-                disk['_reason'] = u'repository {0} cannot be used now: {1}'.format(
-                    disk['_repo_id'], problems[disk['_repo_id']])
-            else:
-                why = disk_file_problem(path, disk_repo['mount_point'], self._path_cache)[1]
-                if why:
-                    disk['_reason'] = why
-                else:
-                    ok, why = self._probe(disk_repo)
-                    if ok:
-                        disk['snapshot_compatible'] = True
-                    else:
-                        disk['_reason'] = u'repository {0} cannot clone files: {1}'.format(
-                            disk['_repo_id'], why)
-            if not disk['snapshot_compatible']:
-                reasons.append(u'disk {0} ({1}): {2}'.format(disk['device_name'], path, disk['_reason']))
-        if unparsed:
-            self._warn('disk:' + cfg_path, u'{0}: disk entries not understood: {1}; VM {2} is not snapshot '
-                       'compatible'.format(cfg_path, len(unparsed), name))
-        if data_disks == 0 and not unparsed:
-            reasons.append('no data disks')
-        return {'friendly_name': simple_name, 'name': name, 'uuid': vm_uuid, 'disks': disks,
-                'snapshot_compatible': not reasons,
-                '_config_path': cfg_path, '_vm_dir': os.path.dirname(cfg_path),
-                '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
-                '_compat_reason': '; '.join(reasons), '_unparsed_disks': unparsed}
-
-    def _keep_cached_parses(self, vm_root):
-        """Keep the cached parses of a repository that cannot be listed, for when it is back."""
-        for path, entry in self._cfg_cache.items():
-            if path.startswith(vm_root + '/'):
-                self._cfg_seen[path] = entry
-
-    def _list_locked(self):
-        repos = self._load_repositories()
-        self._warnings = {}
-        self._cfg_seen = {}
-        problems = self._mount_problems(repos)
-        metas = {}
-        for repo in repos:
-            metas[repo['id']] = {} if problems.get(repo['id']) else self._ovsmeta(repo)
-        vms = []
-        by_name = {}
-        for repo in repos:
-            vm_root = os.path.join(repo['mount_point'], 'VirtualMachines')
-            if problems.get(repo['id']):
-                self._warn('repo:' + repo['id'], u'repository {0} ({1}) cannot be used now: {2}; '
-                           u'its VMs are not listed and nothing is written there'.format(
-                               repo['id'], repo['alias'] or repo['mount_point'],
-                               problems[repo['id']]))
-                self._keep_cached_parses(vm_root)
-                continue
+    def _vm_folders(self, repo, problems):
+        """The sorted names in the repository's VirtualMachines folder; [] (warned) when it
+        cannot be listed, and then what was parsed there is kept for when it is back."""
+        vm_root = os.path.join(repo['mount_point'], 'VirtualMachines')
+        names = None
+        if problems.get(repo['id']):
+            self._warn('repo:' + repo['id'], u'repository {0} ({1}) cannot be used now: {2}; '
+                       u'its VMs are not listed and nothing is written there'.format(
+                           repo['id'], repo['alias'] or repo['mount_point'], problems[repo['id']]))
+        else:
             try:
-                dir_names = os.listdir(vm_root)
+                names = os.listdir(vm_root)
             except OSError as e:
                 if os.path.isdir(repo['mount_point']) and e.errno == errno.ENOENT:
-                    continue  # mounted repository without VMs
-                self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
-                           'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
-                                               to_text(e.strerror or e)))
-                self._keep_cached_parses(vm_root)
-                continue
-            ascii_names = []
-            for dir_name in dir_names:
-                if isinstance(dir_name, bytes) or not _discovery_is_ascii(dir_name):
-                    # OVM names VM directories after the VM id (hex). Python 2 gives bytes for
-                    # names it cannot decode; Python 3 surrogate escapes: skip them on both.
-                    self._warn('dir:' + vm_root + '/' + repr(dir_name), u'{0}: ignoring the directory {1}: '
-                               u'not an ASCII name'.format(vm_root, repr(dir_name)))
-                    continue
-                ascii_names.append(dir_name)
-            ascii_names.sort()
-            for dir_name in ascii_names:
-                cfg_path = os.path.join(vm_root, dir_name, 'vm.cfg')
-                parsed, problem = self._read_cfg(cfg_path)
-                if problem:
-                    self._warn('vm:' + cfg_path, problem)
-                    continue
-                if parsed is None:
-                    continue
-                vm = self._build_vm(parsed, cfg_path, dir_name, repo, repos, metas, problems)
-                if vm is None:
-                    continue
-                first = by_name.get(vm['name'])
-                if first is not None:
-                    self._warn('dup:' + cfg_path, u'skipping {0}: VM name {1} is already used by {2}'.format(
-                        cfg_path, vm['name'], first['_config_path']))
-                    continue
-                by_name[vm['name']] = vm
-                vms.append(vm)
-        self._cfg_cache = self._cfg_seen
-        self._cfg_seen = {}
-        # conditions that went away may be logged again if they come back
-        self._warned = self._warnings
-        self._warnings = None
-        vms.sort(key=lambda vm: (vm['friendly_name'], vm['name']))
-        return vms
+                    return []  # mounted repository without VMs
+                self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; '
+                           u'its VMs are not listed'.format(
+                               repo['id'], repo['alias'] or repo['mount_point'], vm_root,
+                               to_text(e.strerror or e)))
+        if names is None:
+            self._cfgs.keep(repo['mount_point'].rstrip('/'))
+            self._metas.keep(repo['mount_point'].rstrip('/'))
+            return []
+        ascii_names = []
+        for name in names:
+            if isinstance(name, bytes) or not _discovery_is_ascii(name):
+                # OVM names VM directories after the VM id (hex). Python 2 gives bytes for
+                # names it cannot decode; Python 3 surrogate escapes: skip them on both.
+                self._warn('dir:' + vm_root + '/' + repr(name), u'{0}: ignoring the directory '
+                           u'{1}: not an ASCII name'.format(vm_root, repr(name)))
+            else:
+                ascii_names.append(name)
+        return sorted(ascii_names)
 
     def list_vms(self):
-        """Every VM of every repository, sorted by friendly_name then name."""
+        """Every VM of every repository (VmRecords), sorted by friendly_name then name."""
         with self._lock:
-            try:
-                return self._list_locked()
-            finally:
-                self._warnings = None
-                self._cfg_seen = {}
-                self._path_cache = {}
+            repos = self._load_repositories()
+            self._warn.begin()
+            self._cfgs.begin()
+            self._metas.begin()
+            problems = self._mount_problems(repos)
+            metas = {}
+            for repo in repos:
+                metas[repo['id']] = {} if problems.get(repo['id']) else self._ovsmeta(repo)
+            builder = VmBuilder(repos, metas, problems, self._probes, self._warn)
+            vms = []
+            by_name = {}
+            for repo in repos:
+                for dir_name in self._vm_folders(repo, problems):
+                    cfg_path = os.path.join(repo['mount_point'], 'VirtualMachines', dir_name,
+                                            'vm.cfg')
+                    parsed, problem = self._read_cfg(cfg_path)
+                    if problem:
+                        self._warn('vm:' + cfg_path, problem)
+                    vm = parsed and builder.build(parsed, cfg_path, dir_name, repo)
+                    if not vm:
+                        continue
+                    if vm.name in by_name:
+                        self._warn('dup:' + cfg_path, u'skipping {0}: VM name {1} is already '
+                                   u'used by {2}'.format(cfg_path, vm.name,
+                                                         by_name[vm.name].config_path))
+                        continue
+                    by_name[vm.name] = vm
+                    vms.append(vm)
+            self._cfgs.end()
+            self._metas.end()
+            self._warn.end()  # conditions that went away may be logged again if they come back
+        vms.sort(key=lambda vm: (vm.friendly_name, vm.name))
+        return vms
 
     def get_vm(self, vm_id):
-        """The VM named vm_id, or None."""
+        """The VmRecord named vm_id, or None."""
         if not isinstance(vm_id, (bytes, text_type)):
             return None
         vm_id = to_text(vm_id)
         if not VM_NAME_RE.match(vm_id):
             return None
         for vm in self.list_vms():
-            if vm['name'] == vm_id:
+            if vm.name == vm_id:
                 return vm
         return None
 
 
 def format_vm_table(vms):
-    """An aligned plain-text table of VMs for the `vms` command."""
+    """An aligned plain-text table of VmRecords for the `vms` command."""
     header = (u'FRIENDLY NAME', u'NAME', u'SNAPSHOT', u'DISKS')
     rows = []
     for vm in vms:
         disks = []
-        for disk in vm.get('disks', []):
-            disks.append(u'{0}:{1}({2})'.format(to_text(disk.get('device_name')),
-                                                 to_text(disk.get('name')),
-                                                 disk.get('snapshot_compatible') and u'yes' or u'no'))
-        rows.append((to_text(vm.get('friendly_name')), to_text(vm.get('name')),
-                     vm.get('snapshot_compatible') and u'yes' or u'no', u' '.join(disks) or u'-'))
+        for disk in vm.disks:
+            disks.append(u'{0}:{1}({2})'.format(to_text(disk.device_name), to_text(disk.name),
+                                                 disk.snapshot_compatible and u'yes' or u'no'))
+        rows.append((to_text(vm.friendly_name), to_text(vm.name),
+                     vm.snapshot_compatible and u'yes' or u'no', u' '.join(disks) or u'-'))
     widths = [len(h) for h in header[:3]]
     for row in rows:
         for i in range(3):
@@ -4306,8 +4371,8 @@ class SnapshotService(object):
         snapshot_ids = self._snapshot_ids(self.store.ready_ids_by_vm, problems) or {}
         result = []
         for vm in self.inventory.list_vms():
-            view = vm_public_fields(vm)
-            view['snapshots'] = snapshot_ids.get(vm['name'], [])
+            view = vm.to_json()
+            view['snapshots'] = snapshot_ids.get(vm.name, [])
             result.append(view)
         return result
 
@@ -4318,7 +4383,7 @@ class SnapshotService(object):
         return vm
 
     def get_vm(self, vm_id, problems=None):
-        view = vm_public_fields(self._vm_or_404(vm_id))
+        view = self._vm_or_404(vm_id).to_json()
         records = self._snapshot_ids(lambda: self.store.list_for_vm(vm_id), problems)
         view['snapshots'] = [s['id'] for s in records or []]
         return view
@@ -4335,19 +4400,19 @@ class SnapshotService(object):
 
     def create_snapshot(self, vm_id):
         vm = self._vm_or_404(vm_id)
-        if not vm['snapshot_compatible']:
+        if not vm.snapshot_compatible:
             raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
-                vm_id, vm.get('_compat_reason') or 'it has no data disks'))
+                vm_id, vm.compat_reason or 'it has no data disks'))
         snapshot_id = str(uuid.uuid4())
         disks = []
-        for disk in vm['disks']:
-            if disk.get('_kind') == 'cdrom':
+        for disk in vm.disks:
+            if disk.kind == 'cdrom':
                 continue
-            mountpoint = disk['_repo_mountpoint']
-            disks.append({'name': disk['name'], 'parent_path': disk['path'],
+            mountpoint = disk.repo_mountpoint
+            disks.append({'name': disk.name, 'parent_path': disk.path,
                           'repo_mountpoint': mountpoint,
                           'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
-                                               disk['name'])})
+                                               disk.name)})
         with self.vm_locks.get(vm_id):
             mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
             self._check_mounted(mountpoints, 'no snapshot was made')
@@ -7787,11 +7852,11 @@ def command_vms(options, args):
         config = default_config()
     inventory = build_inventory(config)
     try:
-        vms = [vm_public_fields(vm) for vm in inventory.list_vms()]
+        vms = inventory.list_vms()
     except (BerkeleyDBError, IOError, OSError) as exc:
         return cli_error('cannot list repositories: %s' % exc, 1)
     if options.json:
-        print(json.dumps(vms, indent=2, sort_keys=True))
+        print(json.dumps([vm.to_json() for vm in vms], indent=2, sort_keys=True))
     else:
         write_text(sys.stdout, format_vm_table(vms) + u'\n')
     return 0

@@ -119,9 +119,9 @@ def main():
         vm = inventory.get_vm('0004fb00000600000000000000000500')
         get_one = time.time() - t0
         assert len(vms) == VMS and len(again) == VMS, len(vms)
-        assert all(v['snapshot_compatible'] for v in vms)
+        assert all(v.snapshot_compatible for v in vms)
         assert inventory.cfg_reads == VMS
-        assert vm['friendly_name'] == 'bench-vm-0500'
+        assert vm.friendly_name == 'bench-vm-0500'
         print('python %s: %d VMs over %d repositories in %s' % (
             sys.version.split()[0], VMS, REPOS, base))
         print('  cold list_vms: %.3f s (target < 1.5 s)' % cold)
