@@ -5149,40 +5149,41 @@ class _ManagerDeadline(object):
 
 
 class _ManagerTlsCheck(object):
-    """Certificate policy for one login attempt; remembers the certificate seen."""
+    """A ManagerClient's certificate policy for one login attempt; remembers the certificate
+    seen."""
 
-    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path, deadline=None):
-        self.endpoint = endpoint
-        self.ca_file = ca_file
-        self.fingerprint = fingerprint
+    def __init__(self, client, pinned, deadline=None):
+        self.client = client
         self.pinned = pinned
-        self.tofu_path = tofu_path
         self.deadline = deadline
         self.seen_fingerprint = None
 
     def wrap(self, sock, host):
         # No name check, by design (see the section comment).
-        return client_tls(sock, host, self.ca_file, verify=bool(self.ca_file))
+        ca_file = self.client.ca_file
+        return client_tls(sock, host, ca_file, verify=bool(ca_file))
 
     def check_peer(self, tls_sock):
+        client = self.client
         der = tls_sock.getpeercert(True)
         if not der:
             raise ManagerUnavailable('TLS failure talking to the OVM Manager at {0}: it presented '
-                                     'no certificate'.format(self.endpoint))
+                                     'no certificate'.format(client.endpoint))
         seen = certificate_fingerprint_sha256(der)
         self.seen_fingerprint = seen
-        if self.fingerprint is not None:
-            if not constant_time_equal(seen, self.fingerprint):
+        if client.fingerprint is not None:
+            if not constant_time_equal(seen, client.fingerprint):
                 raise ManagerUnavailable(
                     'the OVM Manager at {0} presents certificate sha256 {1}, not the configured '
-                    'ovm_certificate_fingerprint {2}'.format(self.endpoint, seen, self.fingerprint))
+                    'ovm_certificate_fingerprint {2}'.format(client.endpoint, seen,
+                                                             client.fingerprint))
         elif self.pinned is not None:
             if not constant_time_equal(seen, self.pinned):
                 raise ManagerCertificateChanged(
                     'the OVM Manager at {0} now presents certificate sha256 {1}, not the one first '
                     'seen ({2}); if this change is expected, delete {3} or set '
-                    'ovm_certificate_fingerprint'.format(self.endpoint, seen, self.pinned,
-                                                         self.tofu_path))
+                    'ovm_certificate_fingerprint'.format(client.endpoint, seen, self.pinned,
+                                                         client.tofu_path))
 
 
 class _ManagerHTTPResponse(http_client.HTTPResponse):  # novm (httplib on 2)
@@ -5355,8 +5356,7 @@ class ManagerClient(object):
         pinned = self.pinned_fingerprint()
         deadline = _ManagerDeadline(self.timeout)
         try:
-            tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
-                                         self.tofu_path, deadline)
+            tls_check = _ManagerTlsCheck(self, pinned, deadline)
             status = self._ask(tls_check, user_bytes, password_bytes)
         except Exception:
             if deadline.expired:
