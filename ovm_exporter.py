@@ -4340,130 +4340,16 @@ class KeyedLocks(object):
             return lock
 
 
-class SnapshotService(object):
-    """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
+class DomainCut(object):
+    """How the disks of a snapshot are cut (config.snapshot_pause): one by one, or all while
+    the VM's Xen domain is paused, the pause recorded in the store until the domain is seen
+    unpaused."""
 
-    def __init__(self, config, inventory, store):
-        self.folders = SnapshotFolders(store.instance_id, config.snapshot_min_free_percent,
-                                       config.demo)
+    def __init__(self, config, store):
         self.config = config
-        self.inventory = inventory
         self.store = store
-        self.vm_locks = KeyedLocks()
-        # Ready snapshots by id, for the disk route: SQLite stays the truth, and any write to
-        # it (create, delete, reconcile) empties this index.
-        self._ready = {}
-        self._ready_generation = None
 
-    # -- virtual machines
-    def _snapshot_ids(self, read, problems):
-        """VM listings come from the filesystem: a failed state database leaves out only the
-        snapshot ids (an empty list) and says why in `problems`."""
-        try:
-            return read()
-        except StoreError as exc:
-            log.error('listing virtual machines without their snapshots: %s', exc)
-            if problems is not None:
-                problems.append(str(exc))
-            return None
-
-    def list_vms(self, problems=None):
-        snapshot_ids = self._snapshot_ids(self.store.ready_ids_by_vm, problems) or {}
-        result = []
-        for vm in self.inventory.list_vms():
-            view = vm.to_json()
-            view['snapshots'] = snapshot_ids.get(vm.name, [])
-            result.append(view)
-        return result
-
-    def _vm_or_404(self, vm_id):
-        vm = self.inventory.get_vm(vm_id)
-        if vm is None:
-            raise NotFound('virtual machine %s not found on this host' % vm_id)
-        return vm
-
-    def get_vm(self, vm_id, problems=None):
-        view = self._vm_or_404(vm_id).to_json()
-        records = self._snapshot_ids(lambda: self.store.list_for_vm(vm_id), problems)
-        view['snapshots'] = [s['id'] for s in records or []]
-        return view
-
-    # -- snapshots
-    def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
-        record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
-        if record is None or record['state'] != 'ready':
-            raise NotFound('%s %s not found' % (what, snapshot_id))
-        if record['vm_id'] != vm_id:
-            raise WrongVm('%s %s belongs to virtual machine %s, not %s'
-                          % (what, snapshot_id, record['vm_id'], vm_id))
-        return record
-
-    def create_snapshot(self, vm_id):
-        vm = self._vm_or_404(vm_id)
-        if not vm.snapshot_compatible:
-            raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
-                vm_id, vm.compat_reason or 'it has no data disks'))
-        snapshot_id = str(uuid.uuid4())
-        disks = []
-        for disk in vm.disks:
-            if disk.kind == 'cdrom':
-                continue
-            mountpoint = disk.repo_mountpoint
-            disks.append({'name': disk.name, 'parent_path': disk.path,
-                          'repo_mountpoint': mountpoint,
-                          'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
-                                               disk.name)})
-        with self.vm_locks.get(vm_id):
-            mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
-            self._check_mounted(mountpoints, 'no snapshot was made')
-            for disk in disks:
-                real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
-                if why:
-                    raise InvalidRequest('virtual machine %s is not snapshot compatible: disk '
-                                         '%s: %s' % (vm_id, disk['parent_path'], why))
-                disk['source'] = real
-            self.folders.check_free_space(mountpoints)
-            toolstack, consistency = self._cut_plan(vm_id, len(disks))
-            self.store.record_intent(snapshot_id, vm_id, disks)
-            try:
-                for disk in disks:
-                    self.folders.make(os.path.dirname(disk['path']))
-                paused_ms = None
-                if toolstack is None:
-                    methods = self._clone_each(snapshot_id, disks)
-                else:
-                    methods, consistency, paused_ms = self._clone_paused(
-                        snapshot_id, vm_id, disks, toolstack)
-                facts = {}
-                views = []
-                for disk in disks:
-                    extents, size = file_extents(disk['path'])
-                    chunks = data_chunks(extents, size)
-                    facts[disk['name']] = (size, sum(c['length'] for c in chunks),
-                                           len(chunks), methods[disk['name']])
-                    views.append(self._disk_view(snapshot_id, disk, chunks))
-                self.store.mark_ready(snapshot_id, facts, consistency, paused_ms)
-            except BaseException as exc:
-                self._undo_create(snapshot_id, disks)
-                raise self._clone_failure(exc)
-        return self._cut_fields({'id': snapshot_id, 'vm_id': vm_id, 'disks': views},
-                                consistency, paused_ms)
-
-    @staticmethod
-    def _cut_fields(view, consistency, paused_ms):
-        view['consistency'] = consistency or 'per-disk'  # older records: cut one by one
-        if consistency == 'paused' and paused_ms is not None:
-            view['paused_ms'] = paused_ms
-        return view
-
-    def _clone_each(self, snapshot_id, disks):
-        methods = {}
-        for disk in disks:
-            methods[disk['name']] = method = self.folders.copy(disk['source'], disk['path'])
-            log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
-        return methods
-
-    def _cut_plan(self, vm_id, disk_count):
+    def plan(self, vm_id, disk_count):
         """-> (toolstack to pause the domain with, None) or (None, consistency)."""
         mode = self.config.snapshot_pause
         if mode == 'never':
@@ -4502,7 +4388,7 @@ class SnapshotService(object):
             return None, 'per-disk'
         return toolstack, None
 
-    def _clone_paused(self, snapshot_id, vm_id, disks, toolstack):
+    def clone_paused(self, snapshot_id, vm_id, disks, toolstack, clone_each):
         """Clone every disk while the domain is paused -> (methods, consistency, paused_ms).
         In 'auto', a pause that fails or overruns snapshot_pause_max gives 'per-disk'."""
         always = self.config.snapshot_pause == 'always'
@@ -4523,9 +4409,9 @@ class SnapshotService(object):
                 raise ServiceFailure('cannot pause domain %s: %s' % (vm_id, exc))
             log.warning('snapshot %s: cannot pause domain %s (%s); disks are cut one by one',
                         snapshot_id, vm_id, exc)
-            return self._clone_each(snapshot_id, disks), 'per-disk', None
+            return clone_each(snapshot_id, disks), 'per-disk', None
         try:
-            methods = self._clone_each(snapshot_id, disks)
+            methods = clone_each(snapshot_id, disks)
         finally:
             self._release(pause, vm_id, expect_paused=True)
         log.info('snapshot %s: domain %s was paused for %d ms while %d disks were cloned',
@@ -4609,6 +4495,131 @@ class SnapshotService(object):
                          toolstack, output.strip() or 'exit status %d' % status)
             self.store.forget_pause(vm_id)
 
+
+class SnapshotService(object):
+    """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
+
+    def __init__(self, config, inventory, store):
+        self.folders = SnapshotFolders(store.instance_id, config.snapshot_min_free_percent,
+                                       config.demo)
+        self.config = config
+        self.inventory = inventory
+        self.store = store
+        self.vm_locks = KeyedLocks()
+        self.cut = DomainCut(config, store)
+        # Ready snapshots by id, for the disk route: SQLite stays the truth, and any write to
+        # it (create, delete, reconcile) empties this index.
+        self._ready = {}
+        self._ready_generation = None
+
+    # -- virtual machines
+    def _snapshot_ids(self, read, problems):
+        """VM listings come from the filesystem: a failed state database leaves out only the
+        snapshot ids (an empty list) and says why in `problems`."""
+        try:
+            return read()
+        except StoreError as exc:
+            log.error('listing virtual machines without their snapshots: %s', exc)
+            if problems is not None:
+                problems.append(str(exc))
+            return None
+
+    def list_vms(self, problems=None):
+        snapshot_ids = self._snapshot_ids(self.store.ready_ids_by_vm, problems) or {}
+        result = []
+        for vm in self.inventory.list_vms():
+            view = vm.to_json()
+            view['snapshots'] = snapshot_ids.get(vm.name, [])
+            result.append(view)
+        return result
+
+    def _vm_or_404(self, vm_id):
+        vm = self.inventory.get_vm(vm_id)
+        if vm is None:
+            raise NotFound('virtual machine %s not found on this host' % vm_id)
+        return vm
+
+    def get_vm(self, vm_id, problems=None):
+        view = self._vm_or_404(vm_id).to_json()
+        records = self._snapshot_ids(lambda: self.store.list_for_vm(vm_id), problems)
+        view['snapshots'] = [s['id'] for s in records or []]
+        return view
+
+    # -- snapshots
+    def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
+        record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
+        if record is None or record['state'] != 'ready':
+            raise NotFound('%s %s not found' % (what, snapshot_id))
+        if record['vm_id'] != vm_id:
+            raise WrongVm('%s %s belongs to virtual machine %s, not %s'
+                          % (what, snapshot_id, record['vm_id'], vm_id))
+        return record
+
+    def create_snapshot(self, vm_id):
+        vm = self._vm_or_404(vm_id)
+        if not vm.snapshot_compatible:
+            raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
+                vm_id, vm.compat_reason or 'it has no data disks'))
+        snapshot_id = str(uuid.uuid4())
+        disks = []
+        for disk in vm.disks:
+            if disk.kind == 'cdrom':
+                continue
+            mountpoint = disk.repo_mountpoint
+            disks.append({'name': disk.name, 'parent_path': disk.path,
+                          'repo_mountpoint': mountpoint,
+                          'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
+                                               disk.name)})
+        with self.vm_locks.get(vm_id):
+            mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
+            self._check_mounted(mountpoints, 'no snapshot was made')
+            for disk in disks:
+                real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
+                if why:
+                    raise InvalidRequest('virtual machine %s is not snapshot compatible: disk '
+                                         '%s: %s' % (vm_id, disk['parent_path'], why))
+                disk['source'] = real
+            self.folders.check_free_space(mountpoints)
+            toolstack, consistency = self.cut.plan(vm_id, len(disks))
+            self.store.record_intent(snapshot_id, vm_id, disks)
+            try:
+                for disk in disks:
+                    self.folders.make(os.path.dirname(disk['path']))
+                paused_ms = None
+                if toolstack is None:
+                    methods = self._clone_each(snapshot_id, disks)
+                else:
+                    methods, consistency, paused_ms = self.cut.clone_paused(
+                        snapshot_id, vm_id, disks, toolstack, self._clone_each)
+                facts = {}
+                views = []
+                for disk in disks:
+                    extents, size = file_extents(disk['path'])
+                    chunks = data_chunks(extents, size)
+                    facts[disk['name']] = (size, sum(c['length'] for c in chunks),
+                                           len(chunks), methods[disk['name']])
+                    views.append(self._disk_view(snapshot_id, disk, chunks))
+                self.store.mark_ready(snapshot_id, facts, consistency, paused_ms)
+            except BaseException as exc:
+                self.undo_create(snapshot_id, disks)
+                raise self._clone_failure(exc)
+        return self._cut_fields({'id': snapshot_id, 'vm_id': vm_id, 'disks': views},
+                                consistency, paused_ms)
+
+    @staticmethod
+    def _cut_fields(view, consistency, paused_ms):
+        view['consistency'] = consistency or 'per-disk'  # older records: cut one by one
+        if consistency == 'paused' and paused_ms is not None:
+            view['paused_ms'] = paused_ms
+        return view
+
+    def _clone_each(self, snapshot_id, disks):
+        methods = {}
+        for disk in disks:
+            methods[disk['name']] = method = self.folders.copy(disk['source'], disk['path'])
+            log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
+        return methods
+
     def _check_mounted(self, mountpoints, consequence):
         problems = self.inventory.mount_problems(mountpoints)
         absent = [mp for mp in mountpoints if problems.get(mp)]
@@ -4616,7 +4627,7 @@ class SnapshotService(object):
             raise RepositoryUnavailable('repository %s cannot be used now (%s); %s' % (
                 absent[0], problems[absent[0]], consequence))
 
-    def _undo_create(self, snapshot_id, disks):
+    def undo_create(self, snapshot_id, disks):
         if self.folders.remove(snapshot_id, [d['repo_mountpoint'] for d in disks]):
             try:
                 self.store.forget(snapshot_id)
@@ -4712,7 +4723,7 @@ class SnapshotService(object):
             raise WrongVm('snapshot %s belongs to virtual machine %s, not %s'
                           % (snapshot_id, record['vm_id'], vm_id))
         with self.vm_locks.get(vm_id):
-            self._delete_record(record)
+            self.delete_record(record)
 
     def delete_all(self, vm_id):
         with self.vm_locks.get(vm_id):
@@ -4721,9 +4732,9 @@ class SnapshotService(object):
                                            for d in r['disks'])),
                                 'nothing was deleted; try again once it is mounted')
             for record in records:
-                self._delete_record(record)
+                self.delete_record(record)
 
-    def _delete_record(self, record):
+    def delete_record(self, record):
         self._check_mounted(sorted(set(d['repo_mountpoint'] for d in record['disks'])),
                             'snapshot %s was not deleted; try again once it is mounted'
                             % record['id'])
@@ -4794,53 +4805,54 @@ class SnapshotService(object):
             answer['blocks'] = blocks
         return answer
 
-    # -- crash recovery
-    def reconcile(self):
-        """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict.
-        Only what is provably gone is forgotten or deleted: a record or folder in a repository
-        that is not mounted now is kept as it is."""
-        summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
-                   'vanished': 0, 'kept_unmounted': 0}
-        all_mountpoints = set(self.store.repo_mountpoints())
-        try:
-            all_mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
-        except Exception as exc:
-            log.warning('cannot list repositories while reconciling: %s', exc)
-        problems = self.inventory.mount_problems(sorted(all_mountpoints))
-        for record in self.store.list_all():
-            mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
-            absent = [mp for mp in mountpoints if problems.get(mp)]
-            if absent:
-                log.warning('keeping snapshot %s of %s (%s) as it is: repository %s cannot be '
-                            'used now (%s)', record['id'], record['vm_id'], record['state'],
-                            absent[0], problems[absent[0]])
-                summary['kept_unmounted'] += 1
-            elif record['state'] == 'creating':
-                log.warning('undoing snapshot %s of %s interrupted while being created',
-                            record['id'], record['vm_id'])
-                self._undo_create(record['id'], record['disks'])
-                summary['undone_creates'] += 1
-            elif record['state'] == 'deleting':
-                log.warning('finishing the deletion of snapshot %s', record['id'])
-                try:
-                    self._delete_record(record)
-                    summary['finished_deletes'] += 1
-                except ServiceError as exc:
-                    log.error('%s', exc.details)
-            else:
-                missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
-                if missing:
-                    log.error('snapshot %s of %s lost its files (%s); forgetting it',
-                              record['id'], record['vm_id'], ', '.join(missing))
-                    self.folders.remove(record['id'], mountpoints)
-                    self.store.forget(record['id'])
-                    summary['vanished'] += 1
-        owned = set(record['id'] for record in self.store.list_all())
-        for mountpoint in sorted(problems):
-            if problems[mountpoint]:
-                continue
-            summary['orphans_removed'] += self.folders.sweep(mountpoint, owned)
-        return summary
+
+def reconcile(service):
+    """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict.
+    Only what is provably gone is forgotten or deleted: a record or folder in a repository
+    that is not mounted now is kept as it is."""
+    summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
+               'vanished': 0, 'kept_unmounted': 0}
+    all_mountpoints = set(service.store.repo_mountpoints())
+    try:
+        all_mountpoints.update(r['mount_point'] for r in service.inventory.repositories())
+    except Exception as exc:
+        log.warning('cannot list repositories while reconciling: %s', exc)
+    problems = service.inventory.mount_problems(sorted(all_mountpoints))
+    for record in service.store.list_all():
+        mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
+        absent = [mp for mp in mountpoints if problems.get(mp)]
+        if absent:
+            log.warning('keeping snapshot %s of %s (%s) as it is: repository %s cannot be '
+                        'used now (%s)', record['id'], record['vm_id'], record['state'],
+                        absent[0], problems[absent[0]])
+            summary['kept_unmounted'] += 1
+        elif record['state'] == 'creating':
+            log.warning('undoing snapshot %s of %s interrupted while being created',
+                        record['id'], record['vm_id'])
+            service.undo_create(record['id'], record['disks'])
+            summary['undone_creates'] += 1
+        elif record['state'] == 'deleting':
+            log.warning('finishing the deletion of snapshot %s', record['id'])
+            try:
+                service.delete_record(record)
+                summary['finished_deletes'] += 1
+            except ServiceError as exc:
+                log.error('%s', exc.details)
+        else:
+            missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
+            if missing:
+                log.error('snapshot %s of %s lost its files (%s); forgetting it',
+                          record['id'], record['vm_id'], ', '.join(missing))
+                service.folders.remove(record['id'], mountpoints)
+                service.store.forget(record['id'])
+                summary['vanished'] += 1
+    owned = set(record['id'] for record in service.store.list_all())
+    for mountpoint in sorted(problems):
+        if problems[mountpoint]:
+            continue
+        summary['orphans_removed'] += service.folders.sweep(mountpoint, owned)
+    return summary
+
 
 # ------------------------------------------------- authentication: JWT, Manager login, brake ---
 #
@@ -7732,8 +7744,8 @@ def serve(config, pid_file=None, ready=None):
     """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening.
     Returns how many connection threads did not end."""
     app, service = build_application(config)
-    service.unpause_leftovers()
-    summary = service.reconcile()
+    service.cut.unpause_leftovers()
+    summary = reconcile(service)
     if any(summary.values()):
         log.warning('start-up recovery: %s', json_dumps(summary))
     raise_file_limit()
