@@ -3841,15 +3841,15 @@ class StoreError(Exception):
     """The state database failed; the message names its file."""
 
 
-class StoreBusy(StoreError):
+class StoreBusyError(StoreError):
     """Another process held the state database's lock for STORE_BUSY_TIMEOUT seconds."""
 
 
-class StoreFull(StoreError):
+class StoreFullError(StoreError):
     """The filesystem of the state database is full."""
 
 
-# How long one store call waits for another process's lock before it gives up with StoreBusy.
+# How long one store call waits for another process's lock before it gives up with StoreBusyError.
 # The store retries itself instead of using SQLite's busy handler, which would wait while holding
 # the store's lock: requests queued behind it would each wait that long again.
 STORE_BUSY_TIMEOUT = 5.0
@@ -3862,7 +3862,8 @@ _INSTANCE_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 class SnapshotStore(object):
     """Snapshot records in SQLite, safe to call from many threads.
 
-    Every failure of the database is raised as StoreError (StoreBusy, StoreFull) naming the file.
+    Every failure of the database is raised as StoreError (StoreBusyError, StoreFullError)
+    naming the file.
     """
 
     def __init__(self, path):
@@ -3978,10 +3979,11 @@ class SnapshotStore(object):
         """sqlite3's exception -> StoreError naming the file (sqlite3 on 2.6 has no codes)."""
         text = str(exc)
         if 'locked' in text or 'busy' in text:
-            return StoreBusy('state database %s is locked by another process (waited %gs): %s'
-                             % (self.path, STORE_BUSY_TIMEOUT, text))
+            return StoreBusyError('state database %s is locked by another process (waited %gs): '
+                                  '%s' % (self.path, STORE_BUSY_TIMEOUT, text))
         if 'full' in text:
-            return StoreFull('state database %s: its filesystem is full: %s' % (self.path, text))
+            return StoreFullError('state database %s: its filesystem is full: %s'
+                                  % (self.path, text))
         if 'not a database' in text or 'malformed' in text:
             return StoreError('state database %s is damaged (%s); see "When the host '
                               'misbehaves" in the README' % (self.path, text))
@@ -3997,8 +3999,8 @@ class SnapshotStore(object):
                 return StoreError('state database %s is on a read-only filesystem: %s'
                                   % (self.path, text))
             if probe_error.errno in (errno.ENOSPC, errno.EDQUOT):
-                return StoreFull('state database %s: its filesystem is full: %s'
-                                 % (self.path, text))
+                return StoreFullError('state database %s: its filesystem is full: %s'
+                                      % (self.path, text))
         return StoreError('state database %s failed: %s' % (self.path, text))
 
     def _rollback_quietly(self):
@@ -4017,7 +4019,7 @@ class SnapshotStore(object):
                     return work()
                 except sqlite3.Error as exc:
                     error = self._error(exc)
-            if not isinstance(error, StoreBusy) or time.time() >= deadline:
+            if not isinstance(error, StoreBusyError) or time.time() >= deadline:
                 raise error
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
@@ -4145,7 +4147,9 @@ class SnapshotStore(object):
 class ServiceError(Exception):
     """What the service (or the authenticator) refuses or fails to do, in its own words; the
     HTTP section maps each kind to a status and title (ERROR_STATUSES). `headers`: what a
-    client needs to retry (Retry-After, Content-Range)."""
+    client needs to retry (Retry-After, Content-Range).
+    Names: a ServiceError subclass is named for the condition (NotFound, NoSpace); every other
+    exception class ends in Error (ConfigError, StoreBusyError, CloneError, ApiError, ...)."""
 
     def __init__(self, details, headers=None):
         Exception.__init__(self, details)
@@ -6964,8 +6968,8 @@ ERROR_STATUSES = (
     (LoginRefused, 401, 'Not Authorized'),
     (TooManyLogins, 429, 'Too Many Requests'),
     (ManagerUnavailable, 502, 'Bad Gateway'),
-    (StoreBusy, 503, 'Service Unavailable'),
-    (StoreFull, 507, 'Insufficient Storage'),
+    (StoreBusyError, 503, 'Service Unavailable'),
+    (StoreFullError, 507, 'Insufficient Storage'),
     (ServiceError, 500, 'Internal Server Error'),
     (StoreError, 500, 'Internal Server Error'),
 )
@@ -6981,7 +6985,7 @@ def api_error(exc):
             break
     if not isinstance(exc, StoreError):
         return ApiError(status, title, exc.details, exc.headers)
-    if isinstance(exc, StoreBusy):
+    if isinstance(exc, StoreBusyError):
         log.warning('%s', exc)
         return ApiError(status, title, str(exc),
                         {'Retry-After': '%d' % math.ceil(STORE_BUSY_TIMEOUT)})
