@@ -2087,30 +2087,63 @@ def _discovery_stat_key(st):
     return (st.st_mtime, st.st_size, st.st_ino, st.st_dev)
 
 
+# A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
+# the problem to warn about again.
+Cached = collections.namedtuple('Cached', 'key value problem')
+
+
+class ParsedFiles(object):
+    """What parse(path, os.stat result) -> Cached(stat key, value, problem) (None: no file)
+    made of files, parsed again only when a file's stat key changes. A pass (begin() ... end())
+    forgets the files it did not get() or keep()."""
+
+    def __init__(self, parse):
+        self.parse = parse
+        self.reads = 0
+        self._entries = {}
+        self._seen = {}
+
+    def get(self, path, st):
+        entry = self._entries.get(path)
+        if entry is None or entry.key != _discovery_stat_key(st):
+            self.reads += 1
+            entry = self.parse(path, st)
+            if entry is None:
+                return None
+            self._entries[path] = entry
+        self._seen[path] = entry
+        return entry
+
+    def keep(self, folder):
+        """Keep what was parsed under `folder` (a repository that cannot be listed now)."""
+        for path, entry in self._entries.items():
+            if path.startswith(folder + '/'):
+                self._seen[path] = entry
+
+    def begin(self):
+        self._seen = {}
+
+    def end(self):
+        self._entries, self._seen = self._seen, {}
+
+
 class RepositoryDbLoader(object):
     """A repositories_loader for HostInventory: load_repositories(...) that re-reads the
     `repository` database only when its (mtime, size, inode) changed."""
 
     def __init__(self, db_reader, db_dir, configured=None):
-        self.db_reader = db_reader
-        self.db_dir = db_dir
-        self.configured = configured or []
-        self._key = None
-        self._records = None
+        self.configured = configured and configured_repositories(configured)
+        self.path = os.path.join(db_dir, 'repository')
+        self._file = ParsedFiles(lambda path, st: Cached(
+            _discovery_stat_key(st), load_repositories(db_reader, db_dir, None), ''))
         self._lock = threading.Lock()
-        if self.configured:
-            self._records = configured_repositories(self.configured)
 
     def __call__(self):
         if self.configured:
-            return [dict(r) for r in self._records]
-        path = os.path.join(self.db_dir, 'repository')
+            return [dict(r) for r in self.configured]
         with self._lock:
-            key = _discovery_stat_key(os.stat(path))
-            if key != self._key or self._records is None:
-                self._records = load_repositories(self.db_reader, self.db_dir, None)
-                self._key = key
-            return [dict(r) for r in self._records]
+            records = self._file.get(self.path, os.stat(self.path)).value
+        return [dict(r) for r in records]
 
 
 # ------------------------------------------------------------------ mounts and disk files ---
@@ -2318,19 +2351,13 @@ class VmRecord(collections.namedtuple('VmRecord', 'friendly_name name uuid disks
                 'snapshot_compatible': self.snapshot_compatible}
 
 
-# A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
-# the problem to warn about again.
-Cached = collections.namedtuple('Cached', 'key value problem')
-
-
 class WarnOnce(object):
     """warn(key, message) logs when a condition appears or its message changes, not every time.
     A pass (begin() ... end(), e.g. a listing) forgets the conditions it did not warn about:
     they are logged again if they come back."""
 
     def __init__(self):
-        self._warned = {}
-        self._pass = None
+        self._warned, self._pass = {}, None
 
     def __call__(self, key, message):
         if self._pass is not None:
@@ -2346,58 +2373,16 @@ class WarnOnce(object):
         self._warned, self._pass = self._pass, None
 
 
-class ParsedFiles(object):
-    """What parse(path, os.stat result) -> Cached(stat key, value, problem) (None: no file)
-    made of files, parsed again only when a file's stat key changes. A pass (begin() ... end())
-    forgets the files it did not get() or keep()."""
-
-    def __init__(self, parse):
-        self.parse = parse
-        self.reads = 0
-        self._entries = {}
-        self._seen = {}
-
-    def get(self, path, st):
-        entry = self._entries.get(path)
-        if entry is None or entry.key != _discovery_stat_key(st):
-            self.reads += 1
-            entry = self.parse(path, st)
-            if entry is None:
-                return None
-            self._entries[path] = entry
-        self._seen[path] = entry
-        return entry
-
-    def keep(self, folder):
-        """Keep what was parsed under `folder` (a repository that cannot be listed now)."""
-        for path, entry in self._entries.items():
-            if path.startswith(folder + '/'):
-                self._seen[path] = entry
-
-    def clear(self):
-        self._entries = {}
-
-    def begin(self):
-        self._seen = {}
-
-    def end(self):
-        self._entries, self._seen = self._seen, {}
-
-
 def _parse_ovsmeta_file(reader):
     def parse(path, st):
-        meta = {}
-        problem = ''
+        meta, problem = {}, ''
         try:
             raw = reader(path)
             if not isinstance(raw, dict):
                 raise ValueError('not a mapping')
             for name, values in raw.items():
                 if isinstance(values, dict):
-                    entry = {}
-                    for field, value in values.items():
-                        entry[to_text(field)] = value
-                    meta[to_text(name)] = entry
+                    meta[to_text(name)] = dict((to_text(k), v) for k, v in values.items())
         except Exception as e:
             problem, meta = to_text(e), {}
         return Cached(_discovery_stat_key(st), meta, problem)
@@ -2413,9 +2398,7 @@ def _parse_vm_cfg_file(path, st):
         key = _discovery_stat_key(st)
         # parse the disk entries now, so that their warnings come once per file change
         entries = cfg.get('disk', [])
-        disks = None
-        if isinstance(entries, list):
-            disks = [(entry, parse_disk_entry(entry)) for entry in entries]
+        disks = [(e, parse_disk_entry(e)) for e in entries] if isinstance(entries, list) else None
         parsed = (cfg, disks)
     except VmConfigError as e:
         problem = u'skipping VM: {0}'.format(to_text(e))
@@ -2448,15 +2431,11 @@ class CloneProbes(object):
             self.calls += 1
             try:
                 ok, reason = self.clone_probe(repo['mount_point'])
-                ok = bool(ok)
-                reason = to_text(reason)
+                ok, reason = bool(ok), to_text(reason)
             except Exception as e:
                 ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
         self._answers[cache_key] = Cached(now, ok, reason)
         return ok, reason
-
-    def clear(self):
-        self._answers = {}
 
 
 class VmBuilder(object):
@@ -2487,9 +2466,7 @@ class VmBuilder(object):
         simple_name = cfg.get('OVM_simple_name')
         if not isinstance(simple_name, text_type) or not simple_name.strip():
             simple_name = name
-        vm_uuid = cfg.get('uuid')
-        if not isinstance(vm_uuid, text_type):
-            vm_uuid = u''
+        vm_uuid = cfg.get('uuid') if isinstance(cfg.get('uuid'), text_type) else u''
         reasons = []
         if parsed_disks is None:
             self.warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot '
@@ -2517,8 +2494,7 @@ class VmBuilder(object):
         path = parsed['path']
         basename = posixpath.basename(path)
         kind = 'cdrom' if parsed['cdrom'] else parsed['kind']
-        repo = None
-        object_type = u''
+        repo, object_type = None, u''
         if parsed['kind'] == 'file':
             repo = self._disk_repo(path, basename)
             if repo is not None:
@@ -2543,14 +2519,10 @@ class VmBuilder(object):
     def _disk_repo(self, path, basename):
         """The repository a file disk belongs to: longest mount_point + '/' prefix, else the one
         whose .ovsmeta lists its basename; None if none."""
-        best = None
-        best_length = -1
-        for repo in self.repos:
-            prefix = repo['mount_point'].rstrip('/') + '/'
-            if path.startswith(prefix) and len(prefix) > best_length:
-                best, best_length = repo, len(prefix)
-        if best is not None:
-            return best
+        inside = [repo for repo in self.repos
+                  if path.startswith(repo['mount_point'].rstrip('/') + '/')]
+        if inside:
+            return max(inside, key=lambda repo: len(repo['mount_point'].rstrip('/')))
         for repo in self.repos:
             if basename in self.metas[repo['id']]:
                 return repo
@@ -2595,27 +2567,11 @@ class HostInventory(object):
         self.repositories_loader = repositories_loader
         self.check_mounts = check_mounts
         self._lock = threading.RLock()
-        self._cfgs = ParsedFiles(_parse_vm_cfg_file)
+        self.vm_cfgs = ParsedFiles(_parse_vm_cfg_file)  # .reads: for tests and the benchmark
         self._metas = ParsedFiles(_parse_ovsmeta_file(ovsmeta_reader))
-        self._probes = CloneProbes(clone_probe, probe_ttl, clock)
+        self.probes = CloneProbes(clone_probe, probe_ttl, clock)
         self._warn = WarnOnce()
         self._repos = []
-
-    @property
-    def cfg_reads(self):
-        """vm.cfg files read and parsed (for tests and the benchmark)."""
-        return self._cfgs.reads
-
-    @property
-    def probe_calls(self):
-        return self._probes.calls
-
-    def reset_caches(self):
-        """Forget parsed vm.cfg files, .ovsmeta contents and clone probe results."""
-        with self._lock:
-            self._cfgs.clear()
-            self._metas.clear()
-            self._probes.clear()
 
     def _load_repositories(self):
         try:
@@ -2658,26 +2614,11 @@ class HostInventory(object):
         point that no repository names any more must be a mount point itself."""
         with self._lock:
             by_mount_point = dict((r['mount_point'], r) for r in self._load_repositories())
-        repos = []
-        for mount_point in mount_points:
-            repo = by_mount_point.get(mount_point)
-            if repo is None:
-                repo = make_repository_record(u'', {'mount_point': mount_point})
-            repo = dict(repo, id=mount_point)
-            repos.append(repo)
+        repos = [dict(by_mount_point.get(mount_point)
+                      or make_repository_record(u'', {'mount_point': mount_point}), id=mount_point)
+                 for mount_point in mount_points]
         problems = self._mount_problems(repos)
         return dict((mount_point, problems.get(mount_point)) for mount_point in mount_points)
-
-    def repository_clone_support(self, repo_id):
-        """(ok, reason) for one repository id (probe cached as for listings); None if unknown."""
-        with self._lock:
-            for repo in self._load_repositories():
-                if repo['id'] == repo_id:
-                    problem = self._mount_problems([repo]).get(repo_id)
-                    if problem:
-                        return False, problem
-                    return self._probes(repo)
-            return None
 
     def _ovsmeta(self, repo):
         path = os.path.join(repo['mount_point'], '.ovsmeta')
@@ -2707,9 +2648,7 @@ class HostInventory(object):
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing until written to
             return None, u'skipping VM: {0} is {1}, not a regular file'.format(
                 path, _file_type_name(st.st_mode))
-        entry = self._cfgs.get(path, st)
-        if entry is None:
-            return None, ''
+        entry = self.vm_cfgs.get(path, st) or Cached(None, None, '')  # None: gone meanwhile
         return entry.value, entry.problem
 
     def _vm_folders(self, repo, problems):
@@ -2732,7 +2671,7 @@ class HostInventory(object):
                                repo['id'], repo['alias'] or repo['mount_point'], vm_root,
                                to_text(e.strerror or e)))
         if names is None:
-            self._cfgs.keep(repo['mount_point'].rstrip('/'))
+            self.vm_cfgs.keep(repo['mount_point'].rstrip('/'))
             self._metas.keep(repo['mount_point'].rstrip('/'))
             return []
         ascii_names = []
@@ -2751,13 +2690,13 @@ class HostInventory(object):
         with self._lock:
             repos = self._load_repositories()
             self._warn.begin()
-            self._cfgs.begin()
+            self.vm_cfgs.begin()
             self._metas.begin()
             problems = self._mount_problems(repos)
             metas = {}
             for repo in repos:
                 metas[repo['id']] = {} if problems.get(repo['id']) else self._ovsmeta(repo)
-            builder = VmBuilder(repos, metas, problems, self._probes, self._warn)
+            builder = VmBuilder(repos, metas, problems, self.probes, self._warn)
             vms = []
             by_name = {}
             for repo in repos:
@@ -2777,7 +2716,7 @@ class HostInventory(object):
                         continue
                     by_name[vm.name] = vm
                     vms.append(vm)
-            self._cfgs.end()
+            self.vm_cfgs.end()
             self._metas.end()
             self._warn.end()  # conditions that went away may be logged again if they come back
         vms.sort(key=lambda vm: (vm.friendly_name, vm.name))
@@ -2798,27 +2737,17 @@ class HostInventory(object):
 
 def format_vm_table(vms):
     """An aligned plain-text table of VmRecords for the `vms` command."""
-    header = (u'FRIENDLY NAME', u'NAME', u'SNAPSHOT', u'DISKS')
-    rows = []
+    rows = [(u'FRIENDLY NAME', u'NAME', u'SNAPSHOT', u'DISKS')]
     for vm in vms:
-        disks = []
-        for disk in vm.disks:
-            disks.append(u'{0}:{1}({2})'.format(to_text(disk.device_name), to_text(disk.name),
-                                                 disk.snapshot_compatible and u'yes' or u'no'))
+        disks = [u'{0}:{1}({2})'.format(to_text(disk.device_name), to_text(disk.name),
+                                        disk.snapshot_compatible and u'yes' or u'no')
+                 for disk in vm.disks]
         rows.append((to_text(vm.friendly_name), to_text(vm.name),
                      vm.snapshot_compatible and u'yes' or u'no', u' '.join(disks) or u'-'))
-    widths = [len(h) for h in header[:3]]
-    for row in rows:
-        for i in range(3):
-            widths[i] = max(widths[i], len(row[i]))
-    lines = []
-    for row in [header] + rows:
-        cells = []
-        for i in range(3):
-            cells.append(row[i].ljust(widths[i]))
-        cells.append(row[3])
-        lines.append(u'  '.join(cells).rstrip())
-    if not rows:
+    widths = [max([len(row[i]) for row in rows]) for i in range(3)]
+    lines = [u'  '.join([row[i].ljust(widths[i]) for i in range(3)] + [row[3]]).rstrip()
+             for row in rows]
+    if not vms:
         lines.append(u'(no VMs found)')
     return u'\n'.join(lines) + u'\n'
 
@@ -4368,21 +4297,16 @@ class DomainCut(object):
             return None, 'per-disk'
         try:
             status, output = run_command([toolstack, 'list', vm_id], TOOLSTACK_TIMEOUT)
+            if xen_domain_absent(status, output):
+                return None, 'stopped'
+            if status != 0:
+                raise ToolstackError([toolstack, 'list', vm_id],
+                                     'failed with exit status %d' % status, output)
         except ToolstackError as exc:
             if mode == 'always':
                 raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, exc))
             log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
                         'cut one by one', vm_id, exc)
-            return None, 'per-disk'
-        if xen_domain_absent(status, output):
-            return None, 'stopped'
-        if status != 0:
-            problem = ToolstackError([toolstack, 'list', vm_id],
-                                     'failed with exit status %d' % status, output)
-            if mode == 'always':
-                raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, problem))
-            log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
-                        'cut one by one', vm_id, problem)
             return None, 'per-disk'
         if 'p' in xen_domain_state(output, vm_id):
             # Paused by someone else: nothing runs, and our unpause would end their pause.
@@ -4883,10 +4807,6 @@ def reconcile(service):
 # (no SSLContext) ssl.wrap_socket is used (it is gone in 3.12, which always has SSLContext).
 # In both cases the peer certificate is read with getpeercert(binary_form=True) and compared
 # inside HTTPSConnection.connect(), before any byte of the request is written.
-
-
-
-
 
 
 JWT_MAX_TOKEN_LENGTH = 4096
@@ -7723,11 +7643,8 @@ def build_application(config):
 
 
 def write_pid_file(path):
-    handle = open(path, 'w')
-    try:
+    with open(path, 'w') as handle:
         handle.write('%d\n' % os.getpid())
-    finally:
-        handle.close()
 
 
 def raise_file_limit():
@@ -8104,7 +8021,6 @@ def command_demo(options, args):
             return cli_error('the demo needs the openssl command to make a certificate: %s' % exc)
         password = binascii.hexlify(os.urandom(6)).decode('ascii')
         config = default_config()
-        config.demo = True
         config.values.update({
             'db_file': os.path.join(folder, 'exporter.db'),
             'ovm_fingerprint_file': os.path.join(folder, 'ovm-manager.fingerprint'),
@@ -8118,9 +8034,8 @@ def command_demo(options, args):
         setup_logging(config, options.debug)
         tls_wrap = make_server_tls(config)
         manager = start_demo_manager(tls_wrap, 'admin', password)
-        config.values['ovm_endpoint'] = 'https://127.0.0.1:%d' % manager.server_address[1]
-        config = Config(config.values, 'demo')
-        config.demo = True
+        config.values['ovm_endpoint'] = config.ovm_endpoint = (
+            'https://127.0.0.1:%d' % manager.server_address[1])
         validate_config(config)
         preflight(config)
 

@@ -3102,11 +3102,10 @@ def test_repositories_from_database(host):
                         'alias': u'R\u00e9po A', 'manager_uuid': '0004fb00000100000af70d20dcce7d65',
                         'version': '3.0', 'fs_location': '/dev/loop'}
     assert repos[1]['manager_uuid'] == '' and repos[1]['fs_location'] == ''
-    assert inv.repository_clone_support(REPO_A)[0] is True
-    assert inv.repository_clone_support(REPO_B)[0] is False
-    ok, why = inv.repository_clone_support(REPO_C)
+    assert inv.probes(repos[0])[0] is True
+    assert inv.probes(repos[1])[0] is False
+    ok, why = inv.probes(repos[2])
     assert ok is False and 'does not exist' in why
-    assert inv.repository_clone_support('nope') is None
 
 
 def test_problems_logged_once_and_others_listed(host, caplog):
@@ -3201,7 +3200,7 @@ loader = lambda: ox.load_repositories(None, None, args['configured'])
 inv = ox.HostInventory(loader, meta_reader, probe)
 vms = inv.list_vms()
 out = json.dumps({'vms': vms, 'public': [vm.to_json() for vm in vms],
-                  'again': inv.list_vms() == vms, 'reads': inv.cfg_reads,
+                  'again': inv.list_vms() == vms, 'reads': inv.vm_cfgs.reads,
                   'table': ox.format_vm_table(vms)}, sort_keys=True, indent=1, separators=(',', ': '))
 sys.stdout.write(out)
 '''
@@ -3291,36 +3290,36 @@ def test_vm_cfg_reread_only_when_changed(tmp_path):
                            probe, probe_ttl=300.0, clock=clock)
     vms = inv.list_vms()
     assert [v.name for v in vms] == ['vm0', 'vm1', 'vm2']
-    assert inv.cfg_reads == 3
+    assert inv.vm_cfgs.reads == 3
     assert calls == [repo]            # one probe for the repository, not one per disk
     assert vms[0].disks[0].snapshot_compatible is False
     inv.list_vms()
     inv.get_vm('vm1')
-    assert inv.cfg_reads == 3
+    assert inv.vm_cfgs.reads == 3
     # content + size change
     cfg1 = os.path.join(repo, 'VirtualMachines', 'vm1', 'vm.cfg')
     write(cfg1, "name = 'vm1'\nOVM_simple_name = 'renamed'\ndisk = []\n")
     assert inv.get_vm('vm1').friendly_name == 'renamed'
-    assert inv.cfg_reads == 4
+    assert inv.vm_cfgs.reads == 4
     # same size, new mtime
     write(cfg1, "name = 'vm1'\nOVM_simple_name = 'renamex'\ndisk = []\n")
     st = os.stat(cfg1)
     os.utime(cfg1, (st.st_atime, st.st_mtime + 5))
     assert inv.get_vm('vm1').friendly_name == 'renamex'
-    assert inv.cfg_reads == 5
+    assert inv.vm_cfgs.reads == 5
     # replaced by rename (new inode, same size, same mtime)
     tmp = cfg1 + '.new'
     write(tmp, "name = 'vm1'\nOVM_simple_name = 'renamey'\ndisk = []\n")
     os.utime(tmp, (st.st_atime, st.st_mtime + 5))
     os.rename(tmp, cfg1)
     assert inv.get_vm('vm1').friendly_name == 'renamey'
-    assert inv.cfg_reads == 6
+    assert inv.vm_cfgs.reads == 6
     # a new VM appears, one disappears: directories are re-listed every time
     make_vm(repo, 'vm3', "name = 'vm3'\n")
     shutil.rmtree(os.path.join(repo, 'VirtualMachines', 'vm0'))
     names = sorted(v.name for v in inv.list_vms())
     assert names == ['vm1', 'vm2', 'vm3']
-    assert inv.cfg_reads == 7
+    assert inv.vm_cfgs.reads == 7
     # probe cached for probe_ttl seconds, then re-probed
     assert calls == [repo]
     clock.now += 299
@@ -3333,9 +3332,6 @@ def test_vm_cfg_reread_only_when_changed(tmp_path):
     clock.now -= 1000
     inv.list_vms()
     assert len(calls) == 3
-    inv.reset_caches()
-    inv.list_vms()
-    assert inv.cfg_reads == 10 and len(calls) == 4
 
 
 def test_broken_cfg_parsed_once(tmp_path, caplog):
@@ -3346,11 +3342,11 @@ def test_broken_cfg_parsed_once(tmp_path, caplog):
     inv = ox.HostInventory(lambda: ox.load_repositories(None, None, configured), json_ovsmeta_reader,
                            ficlone_probe)
     assert [v.name for v in inv.list_vms()] == ['bad']
-    assert inv.cfg_reads == 1
+    assert inv.vm_cfgs.reads == 1
     n = len(caplog.records)
     assert n >= 2
     inv.list_vms()
-    assert inv.cfg_reads == 1 and len(caplog.records) == n
+    assert inv.vm_cfgs.reads == 1 and len(caplog.records) == n
 
 
 def test_repository_loader_failure_keeps_last_list(tmp_path, caplog):
