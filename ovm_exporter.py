@@ -2333,9 +2333,9 @@ class VmDisk(collections.namedtuple('VmDisk', 'name path device_name mode snapsh
     holding it ("" if none), its .ovsmeta OBJECT_TYPE, why it cannot be cloned ("" if it can)."""
     __slots__ = ()
 
-    def to_json(self):
-        return {'name': self.name, 'path': self.path, 'device_name': self.device_name,
-                'mode': self.mode, 'snapshot_compatible': self.snapshot_compatible}
+    def to_json(self):  # dict(), not {...}: Python 2 then sends the keys in the order it did
+        return dict(name=self.name, path=self.path, device_name=self.device_name,
+                    mode=self.mode, snapshot_compatible=self.snapshot_compatible)
 
 
 class VmRecord(collections.namedtuple('VmRecord', 'friendly_name name uuid disks '
