@@ -2093,9 +2093,9 @@ Cached = collections.namedtuple('Cached', 'key value problem')
 
 
 class ParsedFiles(object):
-    """What parse(path, os.stat result) -> Cached(stat key, value, problem) (None: no file)
-    made of files, parsed again only when a file's stat key changes. A pass (begin() ... end())
-    forgets the files it did not get() or keep()."""
+    """Files parsed by parse(path, os.stat result) -> Cached(stat key, value, problem) (None:
+    the file is gone), each parsed again only when its stat key changes. A pass (begin() ...
+    end()) forgets the files it did not get() or keep()."""
 
     def __init__(self, parse):
         self.parse = parse
