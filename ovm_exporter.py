@@ -2088,30 +2088,63 @@ def _discovery_stat_key(st):
     return (st.st_mtime, st.st_size, st.st_ino, st.st_dev)
 
 
+# A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
+# the problem to warn about again.
+Cached = collections.namedtuple('Cached', 'key value problem')
+
+
+class ParsedFiles(object):
+    """Files parsed by parse(path, os.stat result) -> Cached(stat key, value, problem) (None:
+    the file is gone), each parsed again only when its stat key changes. A pass (begin() ...
+    end()) forgets the files it did not get() or keep()."""
+
+    def __init__(self, parse):
+        self.parse = parse
+        self.reads = 0
+        self._entries = {}
+        self._seen = {}
+
+    def get(self, path, st):
+        entry = self._entries.get(path)
+        if entry is None or entry.key != _discovery_stat_key(st):
+            self.reads += 1
+            entry = self.parse(path, st)
+            if entry is None:
+                return None
+            self._entries[path] = entry
+        self._seen[path] = entry
+        return entry
+
+    def keep(self, folder):
+        """Keep what was parsed under `folder` (a repository that cannot be listed now)."""
+        for path, entry in self._entries.items():
+            if path.startswith(folder + '/'):
+                self._seen[path] = entry
+
+    def begin(self):
+        self._seen = {}
+
+    def end(self):
+        self._entries, self._seen = self._seen, {}
+
+
 class RepositoryDbLoader(object):
     """A repositories_loader for HostInventory: load_repositories(...) that re-reads the
     `repository` database only when its (mtime, size, inode) changed."""
 
     def __init__(self, db_reader, db_dir, configured=None):
-        self.db_reader = db_reader
-        self.db_dir = db_dir
-        self.configured = configured or []
-        self._key = None
-        self._records = None
+        self.configured = configured and configured_repositories(configured)
+        self.path = os.path.join(db_dir, 'repository')
+        self._file = ParsedFiles(lambda path, st: Cached(
+            _discovery_stat_key(st), load_repositories(db_reader, db_dir, None), ''))
         self._lock = threading.Lock()
-        if self.configured:
-            self._records = configured_repositories(self.configured)
 
     def __call__(self):
         if self.configured:
-            return [dict(r) for r in self._records]
-        path = os.path.join(self.db_dir, 'repository')
+            return [dict(r) for r in self.configured]
         with self._lock:
-            key = _discovery_stat_key(os.stat(path))
-            if key != self._key or self._records is None:
-                self._records = load_repositories(self.db_reader, self.db_dir, None)
-                self._key = key
-            return [dict(r) for r in self._records]
+            records = self._file.get(self.path, os.stat(self.path)).value
+        return [dict(r) for r in records]
 
 
 # ------------------------------------------------------------------ mounts and disk files ---
@@ -2295,28 +2328,225 @@ def open_regular_file(path):
     return fd
 
 
-def vm_public_fields(vm):
-    """A copy of a VM dict without the internal "_..." keys (also inside its disks)."""
-    result = {}
-    for key, value in vm.items():
-        if key.startswith('_'):
-            continue
-        if key == 'disks':
-            disks = []
-            for disk in value:
-                clean = {}
-                for dkey, dvalue in disk.items():
-                    if not dkey.startswith('_'):
-                        clean[dkey] = dvalue
-                disks.append(clean)
-            value = disks
-        result[key] = value
-    return result
+class VmDisk(collections.namedtuple('VmDisk', 'name path device_name mode snapshot_compatible '
+                                    'kind repo_id repo_mountpoint object_type reason')):
+    """A disk of a VmRecord. Internal fields: kind ("file", "phy" or "cdrom"), the repository
+    holding it ("" if none), its .ovsmeta OBJECT_TYPE, why it cannot be cloned ("" if it can)."""
+    __slots__ = ()
+
+    def to_json(self):  # dict(), not {...}: Python 2 then sends the keys in the order it did
+        return dict(name=self.name, path=self.path, device_name=self.device_name,
+                    mode=self.mode, snapshot_compatible=self.snapshot_compatible)
 
 
-# A cache entry: what it is valid for (a file's stat key, or when it was made), the value, and
-# the problem to warn about again.
-Cached = collections.namedtuple('Cached', 'key value problem')
+class VmRecord(collections.namedtuple('VmRecord', 'friendly_name name uuid disks '
+                                      'snapshot_compatible config_path repo_id compat_reason '
+                                      'unparsed_disks')):
+    """A VM of HostInventory. Internal fields: its vm.cfg, its repository's id, why it is not
+    snapshot compatible ("" if it is), the disk entries that were not understood."""
+    __slots__ = ()
+
+    def to_json(self):
+        return {'friendly_name': self.friendly_name, 'name': self.name, 'uuid': self.uuid,
+                'disks': [disk.to_json() for disk in self.disks],
+                'snapshot_compatible': self.snapshot_compatible}
+
+
+class WarnOnce(object):
+    """warn(key, message) logs when a condition appears or its message changes, not every time.
+    A pass (begin() ... end(), e.g. a listing) forgets the conditions it did not warn about:
+    they are logged again if they come back."""
+
+    def __init__(self):
+        self._warned, self._pass = {}, None
+
+    def __call__(self, key, message):
+        if self._pass is not None:
+            self._pass[key] = message
+        if self._warned.get(key) != message:
+            log.warning('%s', message)
+            self._warned[key] = message
+
+    def begin(self):
+        self._pass = {}
+
+    def end(self):
+        self._warned, self._pass = self._pass, None
+
+
+def _parse_ovsmeta_file(reader):
+    def parse(path, st):
+        meta, problem = {}, ''
+        try:
+            raw = reader(path)
+            if not isinstance(raw, dict):
+                raise ValueError('not a mapping')
+            for name, values in raw.items():
+                if isinstance(values, dict):
+                    meta[to_text(name)] = dict((to_text(k), v) for k, v in values.items())
+        except Exception as e:
+            problem, meta = to_text(e), {}
+        return Cached(_discovery_stat_key(st), meta, problem)
+    return parse
+
+
+def _parse_vm_cfg_file(path, st):
+    """For ParsedFiles: (vm.cfg dict, [(disk entry, parse_disk_entry(entry))] or None)."""
+    key = _discovery_stat_key(st)
+    parsed, problem = None, ''
+    try:
+        cfg, st = read_vm_cfg_file(path)
+        key = _discovery_stat_key(st)
+        # parse the disk entries now, so that their warnings come once per file change
+        entries = cfg.get('disk', [])
+        disks = [(e, parse_disk_entry(e)) for e in entries] if isinstance(entries, list) else None
+        parsed = (cfg, disks)
+    except VmConfigError as e:
+        problem = u'skipping VM: {0}'.format(to_text(e))
+    except EnvironmentError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
+    return Cached(key, parsed, problem)
+
+
+class CloneProbes(object):
+    """(ok, reason) of clone_probe(mount point) per repository, kept for `ttl` seconds."""
+
+    def __init__(self, clone_probe, ttl, clock):
+        self.clone_probe = clone_probe
+        self.ttl = float(ttl)
+        self.clock = clock
+        self.calls = 0
+        self._answers = {}    # (repo id, mount point) -> Cached(time, ok, reason)
+
+    def __call__(self, repo):
+        cache_key = (repo['id'], repo['mount_point'])
+        now = self.clock()
+        cached = self._answers.get(cache_key)
+        if cached is not None and cached.key <= now < cached.key + self.ttl:
+            return cached.value, cached.problem
+        if not os.path.isdir(repo['mount_point']):
+            ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
+        else:
+            self.calls += 1
+            try:
+                ok, reason = self.clone_probe(repo['mount_point'])
+                ok, reason = bool(ok), to_text(reason)
+            except Exception as e:
+                ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
+        self._answers[cache_key] = Cached(now, ok, reason)
+        return ok, reason
+
+
+class VmBuilder(object):
+    """The VmRecords of one listing, from parsed vm.cfg files: each file disk is matched to a
+    repository (the longest mount point above it, else the one whose .ovsmeta names it) and
+    checked down to the repository's clone probe."""
+
+    def __init__(self, repos, metas, problems, probe, warn):
+        self.repos = repos          # repository records
+        self.metas = metas          # repository id -> {basename: .ovsmeta fields}
+        self.problems = problems    # repository id -> why it cannot be used now, or None
+        self.probe = probe          # repository record -> (ok, reason)
+        self.warn = warn
+        self.path_cache = {}        # see disk_file_problem
+
+    def build(self, parsed, cfg_path, dir_name, repo):
+        """The VmRecord of a parsed vm.cfg of the repository `repo`, or None (warned)."""
+        cfg, parsed_disks = parsed
+        name = cfg.get('name')
+        if not isinstance(name, text_type) or not name:
+            self.warn('vm:' + cfg_path, u'skipping VM {0}: no "name" string in {1}'.format(
+                dir_name, cfg_path))
+            return None
+        if not VM_NAME_RE.match(name):
+            self.warn('vm:' + cfg_path, u'skipping VM "{0}" of {1}: the name is not usable in '
+                      u'URLs (must match {2})'.format(name, cfg_path, VM_NAME_RE.pattern))
+            return None
+        simple_name = cfg.get('OVM_simple_name')
+        if not isinstance(simple_name, text_type) or not simple_name.strip():
+            simple_name = name
+        vm_uuid = cfg.get('uuid') if isinstance(cfg.get('uuid'), text_type) else u''
+        reasons = []
+        if parsed_disks is None:
+            self.warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot '
+                      u'compatible'.format(cfg_path, name))
+            reasons.append('its "disk" setting is not a list')
+            parsed_disks = []
+        disks = []
+        unparsed = []
+        names_seen = {}
+        for entry, parsed in parsed_disks:
+            if parsed is None:
+                unparsed.append(entry)
+                reasons.append(u'disk entry "{0}" is not understood'.format(to_text(entry)))
+            elif parsed['path']:  # else an empty CD-ROM drive: no media, nothing to list
+                disks.append(self._disk(parsed, names_seen, reasons))
+        if unparsed:
+            self.warn('disk:' + cfg_path, u'{0}: disk entries not understood: {1}; VM {2} is '
+                      'not snapshot compatible'.format(cfg_path, len(unparsed), name))
+        if not unparsed and not [disk for disk in disks if disk.kind != 'cdrom']:
+            reasons.append('no data disks')
+        return VmRecord(simple_name, name, vm_uuid, disks, not reasons, cfg_path, repo['id'],
+                        '; '.join(reasons), unparsed)
+
+    def _disk(self, parsed, names_seen, reasons):
+        path = parsed['path']
+        basename = posixpath.basename(path)
+        kind = 'cdrom' if parsed['cdrom'] else parsed['kind']
+        repo, object_type = None, u''
+        if parsed['kind'] == 'file':
+            repo = self._disk_repo(path, basename)
+            if repo is not None:
+                meta = self.metas[repo['id']].get(basename) or {}
+                object_type = to_text(meta.get('OBJECT_TYPE')).strip()
+                if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
+                    kind = 'cdrom'
+        if kind == 'cdrom':
+            reason = u'CD-ROM media'
+        elif basename in names_seen:
+            reason = u'another disk of this VM has the same name'
+            reasons.append(u'two disks are named {0}'.format(basename))
+        else:
+            names_seen[basename] = True
+            reason = self._clone_problem(kind, path, repo, object_type)
+            if reason:
+                reasons.append(u'disk {0} ({1}): {2}'.format(parsed['device_name'], path, reason))
+        return VmDisk(basename, path, parsed['device_name'], parsed['mode'], not reason, kind,
+                      repo and repo['id'] or u'', repo and repo['mount_point'] or u'',
+                      object_type, reason)
+
+    def _disk_repo(self, path, basename):
+        """The repository a file disk belongs to: longest mount_point + '/' prefix, else the one
+        whose .ovsmeta lists its basename; None if none."""
+        inside = [repo for repo in self.repos
+                  if path.startswith(repo['mount_point'].rstrip('/') + '/')]
+        if inside:
+            return max(inside, key=lambda repo: len(repo['mount_point'].rstrip('/')))
+        for repo in self.repos:
+            if basename in self.metas[repo['id']]:
+                return repo
+        return None
+
+    def _clone_problem(self, kind, path, repo, object_type):
+        """Why a data disk cannot be cloned, or "" when it can."""
+        if kind == 'phy':
+            return u'physical device (phy:) cannot be cloned'
+        if repo is None:
+            return u'not in a known repository'
+        if object_type not in OVSMETA_OBJECT_TYPES_CLONABLE:
+            return u'repository metadata says {0}, not VIRTUAL_DISK'.format(object_type)
+        if self.problems.get(repo['id']):
+            return u'repository {0} cannot be used now: {1}'.format(
+                repo['id'], self.problems[repo['id']])
+        why = disk_file_problem(path, repo['mount_point'], self.path_cache)[1]
+        if why:
+            return why
+        ok, why = self.probe(repo)
+        if ok:
+            return u''
+        return u'repository {0} cannot clone files: {1}'.format(repo['id'], why)
 
 
 class HostInventory(object):
@@ -2337,54 +2567,30 @@ class HostInventory(object):
                  clock=time.time, check_mounts=None):
         self.repositories_loader = repositories_loader
         self.check_mounts = check_mounts
-        self.ovsmeta_reader = ovsmeta_reader
-        self.clone_probe = clone_probe
-        self.probe_ttl = float(probe_ttl)
-        self.clock = clock
-        self.cfg_reads = 0        # vm.cfg files read and parsed (for tests and the CLI)
-        self.probe_calls = 0      # clone_probe calls
         self._lock = threading.RLock()
-        self._cfg_cache = {}      # path -> Cached(stat key, (cfg, [(entry, parsed)]) or None, ..)
-        self._meta_cache = {}     # repo id -> Cached(stat key, {basename: meta}, problem)
-        self._probe_cache = {}    # (repo id, mount point) -> Cached(time, ok, reason)
+        self.vm_cfgs = ParsedFiles(_parse_vm_cfg_file)  # .reads: for tests and the benchmark
+        self._metas = ParsedFiles(_parse_ovsmeta_file(ovsmeta_reader))
+        self.probes = CloneProbes(clone_probe, probe_ttl, clock)
+        self._warn = WarnOnce()
         self._repos = []
-        self._warned = {}
-        self._warnings = None
-        self._cfg_seen = {}
-        self._path_cache = {}     # for one listing: see disk_file_problem
-
-    # -- warnings: logged once when a condition appears (or its message changes)
-    def _warn(self, key, message):
-        if self._warnings is not None:
-            self._warnings[key] = message
-        if self._warned.get(key) != message:
-            log.warning('%s', message)
-            self._warned[key] = message
-
-    def reset_caches(self):
-        """Forget parsed vm.cfg files, .ovsmeta contents and clone probe results."""
-        with self._lock:
-            self._cfg_cache = {}
-            self._meta_cache = {}
-            self._probe_cache = {}
 
     def _load_repositories(self):
         try:
             repos = self.repositories_loader()
         except Exception as e:
-            self._warn('repositories', u'cannot read the repository list ({0}); using the last one read '
-                       u'({1} repositories)'.format(to_text(e), len(self._repos)))
+            self._warn('repositories', u'cannot read the repository list ({0}); using the last '
+                       u'one read ({1} repositories)'.format(to_text(e), len(self._repos)))
             return self._repos
         clean = []
         for repo in repos:
             if not isinstance(repo, dict):
-                self._warn('repo-type', u'the repository list holds a {0}, not a record; ignored'.format(
-                    type(repo).__name__))
+                self._warn('repo-type', u'the repository list holds a {0}, not a record; '
+                           u'ignored'.format(type(repo).__name__))
                 continue
             record = make_repository_record(repo.get('id'), repo)
             if not record['id'] or not record['mount_point'].startswith('/'):
-                self._warn('repo-bad:' + record['id'], u'repository "{0}": no id or mount point; ignored'.format(
-                    record['id']))
+                self._warn('repo-bad:' + record['id'], u'repository "{0}": no id or mount point; '
+                           u'ignored'.format(record['id']))
                 continue
             clean.append(record)
         self._repos = clean
@@ -2409,13 +2615,9 @@ class HostInventory(object):
         point that no repository names any more must be a mount point itself."""
         with self._lock:
             by_mount_point = dict((r['mount_point'], r) for r in self._load_repositories())
-        repos = []
-        for mount_point in mount_points:
-            repo = by_mount_point.get(mount_point)
-            if repo is None:
-                repo = make_repository_record(u'', {'mount_point': mount_point})
-            repo = dict(repo, id=mount_point)
-            repos.append(repo)
+        repos = [dict(by_mount_point.get(mount_point)
+                      or make_repository_record(u'', {'mount_point': mount_point}), id=mount_point)
+                 for mount_point in mount_points]
         problems = self._mount_problems(repos)
         return dict((mount_point, problems.get(mount_point)) for mount_point in mount_points)
 
@@ -2425,72 +2627,19 @@ class HostInventory(object):
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, 'not a regular file')
-            key = _discovery_stat_key(st)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR):
                 self._warn('ovsmeta:' + repo['id'], u'repository {0}: cannot read {1}: {2}'.format(
                     repo['id'], path, to_text(e)))
-            self._meta_cache.pop(repo['id'], None)
             return {}
-        cached = self._meta_cache.get(repo['id'])
-        if cached is not None and cached.key == key:
-            if cached.problem:
-                self._warn('ovsmeta:' + repo['id'], cached.problem)
-            return cached.value
-        meta = {}
-        problem = ''
-        try:
-            raw = self.ovsmeta_reader(path)
-            if not isinstance(raw, dict):
-                raise ValueError('not a mapping')
-            for name, values in raw.items():
-                if isinstance(values, dict):
-                    entry = {}
-                    for field, value in values.items():
-                        entry[to_text(field)] = value
-                    meta[to_text(name)] = entry
-        except Exception as e:
-            problem = u'repository {0}: ignoring unreadable {1}: {2}'.format(
-                repo['id'], path, to_text(e))
-            meta = {}
-        self._meta_cache[repo['id']] = Cached(key, meta, problem)
-        if problem:
-            self._warn('ovsmeta:' + repo['id'], problem)
-        return meta
-
-    def _probe(self, repo):
-        """(ok, reason) of the repository's clone probe, cached for probe_ttl seconds."""
-        cache_key = (repo['id'], repo['mount_point'])
-        now = self.clock()
-        cached = self._probe_cache.get(cache_key)
-        if cached is not None and cached.key <= now < cached.key + self.probe_ttl:
-            return cached.value, cached.problem
-        if not os.path.isdir(repo['mount_point']):
-            ok, reason = False, u'mount point {0} does not exist'.format(repo['mount_point'])
-        else:
-            self.probe_calls += 1
-            try:
-                ok, reason = self.clone_probe(repo['mount_point'])
-                ok = bool(ok)
-                reason = to_text(reason)
-            except Exception as e:
-                ok, reason = False, u'clone probe failed: {0}'.format(to_text(e))
-        self._probe_cache[cache_key] = Cached(now, ok, reason)
-        return ok, reason
-
-    def repository_clone_support(self, repo_id):
-        """(ok, reason) for one repository id (probe cached as for listings); None if unknown."""
-        with self._lock:
-            for repo in self._load_repositories():
-                if repo['id'] == repo_id:
-                    problem = self._mount_problems([repo]).get(repo_id)
-                    if problem:
-                        return False, problem
-                    return self._probe(repo)
-            return None
+        entry = self._metas.get(path, st)
+        if entry.problem:
+            self._warn('ovsmeta:' + repo['id'], u'repository {0}: ignoring unreadable {1}: '
+                       u'{2}'.format(repo['id'], path, entry.problem))
+        return entry.value
 
     def _read_cfg(self, path):
-        """(parsed dict or None, problem text). Parses only when the file changed."""
+        """(parsed vm.cfg or None, problem text). Parses only when the file changed."""
         try:
             st = os.stat(path)
         except OSError as e:
@@ -2500,261 +2649,106 @@ class HostInventory(object):
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the listing until written to
             return None, u'skipping VM: {0} is {1}, not a regular file'.format(
                 path, _file_type_name(st.st_mode))
-        key = _discovery_stat_key(st)
-        cached = self._cfg_cache.get(path)
-        if cached is not None and cached.key == key:
-            self._cfg_seen[path] = cached
-            return cached.value, cached.problem
-        self.cfg_reads += 1
-        parsed, problem = None, ''
-        try:
-            cfg, st = read_vm_cfg_file(path)
-            key = _discovery_stat_key(st)
-            # parse the disk entries now, so that their warnings come once per file change
-            entries = cfg.get('disk', [])
-            disks = None
-            if isinstance(entries, list):
-                disks = []
-                for entry in entries:
-                    disks.append((entry, parse_disk_entry(entry)))
-            parsed = (cfg, disks)
-        except VmConfigError as e:
-            problem = u'skipping VM: {0}'.format(to_text(e))
-        except EnvironmentError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None, ''
-            problem = u'skipping VM: cannot read {0}: {1}'.format(path, to_text(e))
-        entry = Cached(key, parsed, problem)
-        self._cfg_seen[path] = entry
-        return parsed, problem
+        entry = self.vm_cfgs.get(path, st) or Cached(None, None, '')  # None: gone meanwhile
+        return entry.value, entry.problem
 
-    def _disk_repo(self, path, basename, repos, metas):
-        """The repository a file disk belongs to: longest mount_point + '/' prefix, else the one
-        whose .ovsmeta lists its basename; None if none."""
-        best = None
-        best_length = -1
-        for repo in repos:
-            prefix = repo['mount_point'].rstrip('/') + '/'
-            if path.startswith(prefix) and len(prefix) > best_length:
-                best, best_length = repo, len(prefix)
-        if best is not None:
-            return best
-        for repo in repos:
-            if basename in metas[repo['id']]:
-                return repo
-        return None
-
-    def _build_vm(self, parsed, cfg_path, dir_name, repo, repos, metas, problems):
-        cfg, parsed_disks = parsed
-        name = cfg.get('name')
-        if not isinstance(name, text_type) or not name:
-            self._warn('vm:' + cfg_path, u'skipping VM {0}: no "name" string in {1}'.format(dir_name, cfg_path))
-            return None
-        if not VM_NAME_RE.match(name):
-            self._warn('vm:' + cfg_path, u'skipping VM "{0}" of {1}: the name is not usable in URLs '
-                       u'(must match {2})'.format(name, cfg_path, VM_NAME_RE.pattern))
-            return None
-        simple_name = cfg.get('OVM_simple_name')
-        if not isinstance(simple_name, text_type) or not simple_name.strip():
-            simple_name = name
-        vm_uuid = cfg.get('uuid')
-        if not isinstance(vm_uuid, text_type):
-            vm_uuid = u''
-        reasons = []
-        if parsed_disks is None:
-            self._warn('disk:' + cfg_path, u'{0}: "disk" is not a list; VM {1} is not snapshot compatible'.format(
-                cfg_path, name))
-            reasons.append('its "disk" setting is not a list')
-            parsed_disks = []
-        disks = []
-        unparsed = []
-        data_disks = 0
-        names_seen = {}
-        for entry, parsed in parsed_disks:
-            if parsed is None:
-                unparsed.append(entry)
-                reasons.append(u'disk entry "{0}" is not understood'.format(to_text(entry)))
-                continue
-            path = parsed['path']
-            if not path:
-                continue  # empty CD-ROM drive: no media, nothing to list
-            basename = posixpath.basename(path)
-            disk = {'name': basename, 'path': path, 'device_name': parsed['device_name'],
-                    'mode': parsed['mode'], 'snapshot_compatible': False,
-                    '_repo_mountpoint': u'', '_repo_id': u'', '_object_type': u'', '_reason': u''}
-            kind = 'cdrom' if parsed['cdrom'] else parsed['kind']
-            if parsed['kind'] == 'file':
-                disk_repo = self._disk_repo(path, basename, repos, metas)
-                if disk_repo is not None:
-                    disk['_repo_mountpoint'] = disk_repo['mount_point']
-                    disk['_repo_id'] = disk_repo['id']
-                    meta = metas[disk_repo['id']].get(basename) or {}
-                    object_type = to_text(meta.get('OBJECT_TYPE')).strip()
-                    disk['_object_type'] = object_type
-                    if object_type in OVSMETA_OBJECT_TYPES_MEDIA:
-                        kind = 'cdrom'
-            disk['_kind'] = kind
-            disks.append(disk)
-            if kind == 'cdrom':
-                disk['_reason'] = u'CD-ROM media'
-                continue
-            data_disks += 1
-            if basename in names_seen:
-                disk['_reason'] = u'another disk of this VM has the same name'
-                reasons.append(u'two disks are named {0}'.format(basename))
-                continue
-            names_seen[basename] = True
-            if kind == 'phy':
-                disk['_reason'] = u'physical device (phy:) cannot be cloned'
-            elif not disk['_repo_id']:
-                disk['_reason'] = u'not in a known repository'
-            elif disk['_object_type'] not in OVSMETA_OBJECT_TYPES_CLONABLE:
-                disk['_reason'] = u'repository metadata says {0}, not VIRTUAL_DISK'.format(disk['_object_type'])
-            elif problems.get(disk['_repo_id']):
-                disk['_reason'] = u'repository {0} cannot be used now: {1}'.format(
-                    disk['_repo_id'], problems[disk['_repo_id']])
-            else:
-                why = disk_file_problem(path, disk_repo['mount_point'], self._path_cache)[1]
-                if why:
-                    disk['_reason'] = why
-                else:
-                    ok, why = self._probe(disk_repo)
-                    if ok:
-                        disk['snapshot_compatible'] = True
-                    else:
-                        disk['_reason'] = u'repository {0} cannot clone files: {1}'.format(
-                            disk['_repo_id'], why)
-            if not disk['snapshot_compatible']:
-                reasons.append(u'disk {0} ({1}): {2}'.format(disk['device_name'], path, disk['_reason']))
-        if unparsed:
-            self._warn('disk:' + cfg_path, u'{0}: disk entries not understood: {1}; VM {2} is not snapshot '
-                       'compatible'.format(cfg_path, len(unparsed), name))
-        if data_disks == 0 and not unparsed:
-            reasons.append('no data disks')
-        return {'friendly_name': simple_name, 'name': name, 'uuid': vm_uuid, 'disks': disks,
-                'snapshot_compatible': not reasons,
-                '_config_path': cfg_path, '_vm_dir': os.path.dirname(cfg_path),
-                '_repo_id': repo['id'], '_repo_mountpoint': repo['mount_point'],
-                '_compat_reason': '; '.join(reasons), '_unparsed_disks': unparsed}
-
-    def _keep_cached_parses(self, vm_root):
-        """Keep the cached parses of a repository that cannot be listed, for when it is back."""
-        for path, entry in self._cfg_cache.items():
-            if path.startswith(vm_root + '/'):
-                self._cfg_seen[path] = entry
-
-    def _list_locked(self):
-        repos = self._load_repositories()
-        self._warnings = {}
-        self._cfg_seen = {}
-        problems = self._mount_problems(repos)
-        metas = {}
-        for repo in repos:
-            metas[repo['id']] = {} if problems.get(repo['id']) else self._ovsmeta(repo)
-        vms = []
-        by_name = {}
-        for repo in repos:
-            vm_root = os.path.join(repo['mount_point'], 'VirtualMachines')
-            if problems.get(repo['id']):
-                self._warn('repo:' + repo['id'], u'repository {0} ({1}) cannot be used now: {2}; '
-                           u'its VMs are not listed and nothing is written there'.format(
-                               repo['id'], repo['alias'] or repo['mount_point'],
-                               problems[repo['id']]))
-                self._keep_cached_parses(vm_root)
-                continue
+    def _vm_folders(self, repo, problems):
+        """The sorted names in the repository's VirtualMachines folder; [] (warned) when it
+        cannot be listed, and then what was parsed there is kept for when it is back."""
+        vm_root = os.path.join(repo['mount_point'], 'VirtualMachines')
+        names = None
+        if problems.get(repo['id']):
+            self._warn('repo:' + repo['id'], u'repository {0} ({1}) cannot be used now: {2}; '
+                       u'its VMs are not listed and nothing is written there'.format(
+                           repo['id'], repo['alias'] or repo['mount_point'], problems[repo['id']]))
+        else:
             try:
-                dir_names = os.listdir(vm_root)
+                names = os.listdir(vm_root)
             except OSError as e:
                 if os.path.isdir(repo['mount_point']) and e.errno == errno.ENOENT:
-                    continue  # mounted repository without VMs
-                self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; its VMs are '
-                           'not listed'.format(repo['id'], repo['alias'] or repo['mount_point'], vm_root,
-                                               to_text(e.strerror or e)))
-                self._keep_cached_parses(vm_root)
-                continue
-            ascii_names = []
-            for dir_name in dir_names:
-                if isinstance(dir_name, bytes) or not _discovery_is_ascii(dir_name):
-                    # OVM names VM directories after the VM id (hex). Python 2 gives bytes for
-                    # names it cannot decode; Python 3 surrogate escapes: skip them on both.
-                    self._warn('dir:' + vm_root + '/' + repr(dir_name), u'{0}: ignoring the directory {1}: '
-                               u'not an ASCII name'.format(vm_root, repr(dir_name)))
-                    continue
-                ascii_names.append(dir_name)
-            ascii_names.sort()
-            for dir_name in ascii_names:
-                cfg_path = os.path.join(vm_root, dir_name, 'vm.cfg')
-                parsed, problem = self._read_cfg(cfg_path)
-                if problem:
-                    self._warn('vm:' + cfg_path, problem)
-                    continue
-                if parsed is None:
-                    continue
-                vm = self._build_vm(parsed, cfg_path, dir_name, repo, repos, metas, problems)
-                if vm is None:
-                    continue
-                first = by_name.get(vm['name'])
-                if first is not None:
-                    self._warn('dup:' + cfg_path, u'skipping {0}: VM name {1} is already used by {2}'.format(
-                        cfg_path, vm['name'], first['_config_path']))
-                    continue
-                by_name[vm['name']] = vm
-                vms.append(vm)
-        self._cfg_cache = self._cfg_seen
-        self._cfg_seen = {}
-        # conditions that went away may be logged again if they come back
-        self._warned = self._warnings
-        self._warnings = None
-        vms.sort(key=lambda vm: (vm['friendly_name'], vm['name']))
-        return vms
+                    return []  # mounted repository without VMs
+                self._warn('repo:' + repo['id'], u'repository {0} ({1}): cannot list {2}: {3}; '
+                           u'its VMs are not listed'.format(
+                               repo['id'], repo['alias'] or repo['mount_point'], vm_root,
+                               to_text(e.strerror or e)))
+        if names is None:
+            self.vm_cfgs.keep(repo['mount_point'].rstrip('/'))
+            self._metas.keep(repo['mount_point'].rstrip('/'))
+            return []
+        ascii_names = []
+        for name in names:
+            if isinstance(name, bytes) or not _discovery_is_ascii(name):
+                # OVM names VM directories after the VM id (hex). Python 2 gives bytes for
+                # names it cannot decode; Python 3 surrogate escapes: skip them on both.
+                self._warn('dir:' + vm_root + '/' + repr(name), u'{0}: ignoring the directory '
+                           u'{1}: not an ASCII name'.format(vm_root, repr(name)))
+            else:
+                ascii_names.append(name)
+        return sorted(ascii_names)
 
     def list_vms(self):
-        """Every VM of every repository, sorted by friendly_name then name."""
+        """Every VM of every repository (VmRecords), sorted by friendly_name then name."""
         with self._lock:
-            try:
-                return self._list_locked()
-            finally:
-                self._warnings = None
-                self._cfg_seen = {}
-                self._path_cache = {}
+            repos = self._load_repositories()
+            self._warn.begin()
+            self.vm_cfgs.begin()
+            self._metas.begin()
+            problems = self._mount_problems(repos)
+            metas = {}
+            for repo in repos:
+                metas[repo['id']] = {} if problems.get(repo['id']) else self._ovsmeta(repo)
+            builder = VmBuilder(repos, metas, problems, self.probes, self._warn)
+            vms = []
+            by_name = {}
+            for repo in repos:
+                for dir_name in self._vm_folders(repo, problems):
+                    cfg_path = os.path.join(repo['mount_point'], 'VirtualMachines', dir_name,
+                                            'vm.cfg')
+                    parsed, problem = self._read_cfg(cfg_path)
+                    if problem:
+                        self._warn('vm:' + cfg_path, problem)
+                    vm = parsed and builder.build(parsed, cfg_path, dir_name, repo)
+                    if not vm:
+                        continue
+                    if vm.name in by_name:
+                        self._warn('dup:' + cfg_path, u'skipping {0}: VM name {1} is already '
+                                   u'used by {2}'.format(cfg_path, vm.name,
+                                                         by_name[vm.name].config_path))
+                        continue
+                    by_name[vm.name] = vm
+                    vms.append(vm)
+            self.vm_cfgs.end()
+            self._metas.end()
+            self._warn.end()  # conditions that went away may be logged again if they come back
+        vms.sort(key=lambda vm: (vm.friendly_name, vm.name))
+        return vms
 
     def get_vm(self, vm_id):
-        """The VM named vm_id, or None."""
+        """The VmRecord named vm_id, or None."""
         if not isinstance(vm_id, (bytes, text_type)):
             return None
         vm_id = to_text(vm_id)
         if not VM_NAME_RE.match(vm_id):
             return None
         for vm in self.list_vms():
-            if vm['name'] == vm_id:
+            if vm.name == vm_id:
                 return vm
         return None
 
 
 def format_vm_table(vms):
-    """An aligned plain-text table of VMs for the `vms` command."""
-    header = (u'FRIENDLY NAME', u'NAME', u'SNAPSHOT', u'DISKS')
-    rows = []
+    """An aligned plain-text table of VmRecords for the `vms` command."""
+    rows = [(u'FRIENDLY NAME', u'NAME', u'SNAPSHOT', u'DISKS')]
     for vm in vms:
-        disks = []
-        for disk in vm.get('disks', []):
-            disks.append(u'{0}:{1}({2})'.format(to_text(disk.get('device_name')),
-                                                 to_text(disk.get('name')),
-                                                 disk.get('snapshot_compatible') and u'yes' or u'no'))
-        rows.append((to_text(vm.get('friendly_name')), to_text(vm.get('name')),
-                     vm.get('snapshot_compatible') and u'yes' or u'no', u' '.join(disks) or u'-'))
-    widths = [len(h) for h in header[:3]]
-    for row in rows:
-        for i in range(3):
-            widths[i] = max(widths[i], len(row[i]))
-    lines = []
-    for row in [header] + rows:
-        cells = []
-        for i in range(3):
-            cells.append(row[i].ljust(widths[i]))
-        cells.append(row[3])
-        lines.append(u'  '.join(cells).rstrip())
-    if not rows:
+        disks = [u'{0}:{1}({2})'.format(to_text(disk.device_name), to_text(disk.name),
+                                        disk.snapshot_compatible and u'yes' or u'no')
+                 for disk in vm.disks]
+        rows.append((to_text(vm.friendly_name), to_text(vm.name),
+                     vm.snapshot_compatible and u'yes' or u'no', u' '.join(disks) or u'-'))
+    widths = [max([len(row[i]) for row in rows]) for i in range(3)]
+    lines = [u'  '.join([row[i].ljust(widths[i]) for i in range(3)] + [row[3]]).rstrip()
+             for row in rows]
+    if not vms:
         lines.append(u'(no VMs found)')
     return u'\n'.join(lines) + u'\n'
 
@@ -3777,15 +3771,15 @@ class StoreError(Exception):
     """The state database failed; the message names its file."""
 
 
-class StoreBusy(StoreError):
+class StoreBusyError(StoreError):
     """Another process held the state database's lock for STORE_BUSY_TIMEOUT seconds."""
 
 
-class StoreFull(StoreError):
+class StoreFullError(StoreError):
     """The filesystem of the state database is full."""
 
 
-# How long one store call waits for another process's lock before it gives up with StoreBusy.
+# How long one store call waits for another process's lock before it gives up with StoreBusyError.
 # The store retries itself instead of using SQLite's busy handler, which would wait while holding
 # the store's lock: requests queued behind it would each wait that long again.
 STORE_BUSY_TIMEOUT = 5.0
@@ -3798,7 +3792,8 @@ _INSTANCE_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 class SnapshotStore(object):
     """Snapshot records in SQLite, safe to call from many threads.
 
-    Every failure of the database is raised as StoreError (StoreBusy, StoreFull) naming the file.
+    Every failure of the database is raised as StoreError (StoreBusyError, StoreFullError)
+    naming the file.
     """
 
     def __init__(self, path):
@@ -3914,10 +3909,11 @@ class SnapshotStore(object):
         """sqlite3's exception -> StoreError naming the file (sqlite3 on 2.6 has no codes)."""
         text = str(exc)
         if 'locked' in text or 'busy' in text:
-            return StoreBusy('state database %s is locked by another process (waited %gs): %s'
-                             % (self.path, STORE_BUSY_TIMEOUT, text))
+            return StoreBusyError('state database %s is locked by another process (waited %gs): '
+                                  '%s' % (self.path, STORE_BUSY_TIMEOUT, text))
         if 'full' in text:
-            return StoreFull('state database %s: its filesystem is full: %s' % (self.path, text))
+            return StoreFullError('state database %s: its filesystem is full: %s'
+                                  % (self.path, text))
         if 'not a database' in text or 'malformed' in text:
             return StoreError('state database %s is damaged (%s); see "When the host '
                               'misbehaves" in the README' % (self.path, text))
@@ -3933,8 +3929,8 @@ class SnapshotStore(object):
                 return StoreError('state database %s is on a read-only filesystem: %s'
                                   % (self.path, text))
             if probe_error.errno in (errno.ENOSPC, errno.EDQUOT):
-                return StoreFull('state database %s: its filesystem is full: %s'
-                                 % (self.path, text))
+                return StoreFullError('state database %s: its filesystem is full: %s'
+                                      % (self.path, text))
         return StoreError('state database %s failed: %s' % (self.path, text))
 
     def _rollback_quietly(self):
@@ -3953,7 +3949,7 @@ class SnapshotStore(object):
                     return work()
                 except sqlite3.Error as exc:
                     error = self._error(exc)
-            if not isinstance(error, StoreBusy) or time.time() >= deadline:
+            if not isinstance(error, StoreBusyError) or time.time() >= deadline:
                 raise error
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
@@ -4081,7 +4077,9 @@ class SnapshotStore(object):
 class ServiceError(Exception):
     """What the service (or the authenticator) refuses or fails to do, in its own words; the
     HTTP section maps each kind to a status and title (ERROR_STATUSES). `headers`: what a
-    client needs to retry (Retry-After, Content-Range)."""
+    client needs to retry (Retry-After, Content-Range).
+    Names: a ServiceError subclass is named for the condition (NotFound, NoSpace); every other
+    exception class ends in Error (ConfigError, StoreBusyError, CloneError, ApiError, ...)."""
 
     def __init__(self, details, headers=None):
         Exception.__init__(self, details)
@@ -4276,130 +4274,16 @@ class KeyedLocks(object):
             return lock
 
 
-class SnapshotService(object):
-    """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
+class DomainCut(object):
+    """How the disks of a snapshot are cut (config.snapshot_pause): one by one, or all while
+    the VM's Xen domain is paused, the pause recorded in the store until the domain is seen
+    unpaused."""
 
-    def __init__(self, config, inventory, store):
-        self.folders = SnapshotFolders(store.instance_id, config.snapshot_min_free_percent,
-                                       config.demo)
+    def __init__(self, config, store):
         self.config = config
-        self.inventory = inventory
         self.store = store
-        self.vm_locks = KeyedLocks()
-        # Ready snapshots by id, for the disk route: SQLite stays the truth, and any write to
-        # it (create, delete, reconcile) empties this index.
-        self._ready = {}
-        self._ready_generation = None
 
-    # -- virtual machines
-    def _snapshot_ids(self, read, problems):
-        """VM listings come from the filesystem: a failed state database leaves out only the
-        snapshot ids (an empty list) and says why in `problems`."""
-        try:
-            return read()
-        except StoreError as exc:
-            log.error('listing virtual machines without their snapshots: %s', exc)
-            if problems is not None:
-                problems.append(str(exc))
-            return None
-
-    def list_vms(self, problems=None):
-        snapshot_ids = self._snapshot_ids(self.store.ready_ids_by_vm, problems) or {}
-        result = []
-        for vm in self.inventory.list_vms():
-            view = vm_public_fields(vm)
-            view['snapshots'] = snapshot_ids.get(vm['name'], [])
-            result.append(view)
-        return result
-
-    def _vm_or_404(self, vm_id):
-        vm = self.inventory.get_vm(vm_id)
-        if vm is None:
-            raise NotFound('virtual machine %s not found on this host' % vm_id)
-        return vm
-
-    def get_vm(self, vm_id, problems=None):
-        view = vm_public_fields(self._vm_or_404(vm_id))
-        records = self._snapshot_ids(lambda: self.store.list_for_vm(vm_id), problems)
-        view['snapshots'] = [s['id'] for s in records or []]
-        return view
-
-    # -- snapshots
-    def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
-        record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
-        if record is None or record['state'] != 'ready':
-            raise NotFound('%s %s not found' % (what, snapshot_id))
-        if record['vm_id'] != vm_id:
-            raise WrongVm('%s %s belongs to virtual machine %s, not %s'
-                          % (what, snapshot_id, record['vm_id'], vm_id))
-        return record
-
-    def create_snapshot(self, vm_id):
-        vm = self._vm_or_404(vm_id)
-        if not vm['snapshot_compatible']:
-            raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
-                vm_id, vm.get('_compat_reason') or 'it has no data disks'))
-        snapshot_id = str(uuid.uuid4())
-        disks = []
-        for disk in vm['disks']:
-            if disk.get('_kind') == 'cdrom':
-                continue
-            mountpoint = disk['_repo_mountpoint']
-            disks.append({'name': disk['name'], 'parent_path': disk['path'],
-                          'repo_mountpoint': mountpoint,
-                          'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
-                                               disk['name'])})
-        with self.vm_locks.get(vm_id):
-            mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
-            self._check_mounted(mountpoints, 'no snapshot was made')
-            for disk in disks:
-                real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
-                if why:
-                    raise InvalidRequest('virtual machine %s is not snapshot compatible: disk '
-                                         '%s: %s' % (vm_id, disk['parent_path'], why))
-                disk['source'] = real
-            self.folders.check_free_space(mountpoints)
-            toolstack, consistency = self._cut_plan(vm_id, len(disks))
-            self.store.record_intent(snapshot_id, vm_id, disks)
-            try:
-                for disk in disks:
-                    self.folders.make(os.path.dirname(disk['path']))
-                paused_ms = None
-                if toolstack is None:
-                    methods = self._clone_each(snapshot_id, disks)
-                else:
-                    methods, consistency, paused_ms = self._clone_paused(
-                        snapshot_id, vm_id, disks, toolstack)
-                facts = {}
-                views = []
-                for disk in disks:
-                    extents, size = file_extents(disk['path'])
-                    chunks = data_chunks(extents, size)
-                    facts[disk['name']] = (size, sum(c['length'] for c in chunks),
-                                           len(chunks), methods[disk['name']])
-                    views.append(self._disk_view(snapshot_id, disk, chunks))
-                self.store.mark_ready(snapshot_id, facts, consistency, paused_ms)
-            except BaseException as exc:
-                self._undo_create(snapshot_id, disks)
-                raise self._clone_failure(exc)
-        return self._cut_fields({'id': snapshot_id, 'vm_id': vm_id, 'disks': views},
-                                consistency, paused_ms)
-
-    @staticmethod
-    def _cut_fields(view, consistency, paused_ms):
-        view['consistency'] = consistency or 'per-disk'  # older records: cut one by one
-        if consistency == 'paused' and paused_ms is not None:
-            view['paused_ms'] = paused_ms
-        return view
-
-    def _clone_each(self, snapshot_id, disks):
-        methods = {}
-        for disk in disks:
-            methods[disk['name']] = method = self.folders.copy(disk['source'], disk['path'])
-            log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
-        return methods
-
-    def _cut_plan(self, vm_id, disk_count):
+    def plan(self, vm_id, disk_count):
         """-> (toolstack to pause the domain with, None) or (None, consistency)."""
         mode = self.config.snapshot_pause
         if mode == 'never':
@@ -4414,21 +4298,16 @@ class SnapshotService(object):
             return None, 'per-disk'
         try:
             status, output = run_command([toolstack, 'list', vm_id], TOOLSTACK_TIMEOUT)
+            if xen_domain_absent(status, output):
+                return None, 'stopped'
+            if status != 0:
+                raise ToolstackError([toolstack, 'list', vm_id],
+                                     'failed with exit status %d' % status, output)
         except ToolstackError as exc:
             if mode == 'always':
                 raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, exc))
             log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
                         'cut one by one', vm_id, exc)
-            return None, 'per-disk'
-        if xen_domain_absent(status, output):
-            return None, 'stopped'
-        if status != 0:
-            problem = ToolstackError([toolstack, 'list', vm_id],
-                                     'failed with exit status %d' % status, output)
-            if mode == 'always':
-                raise ServiceFailure('cannot tell whether domain %s runs: %s' % (vm_id, problem))
-            log.warning('snapshot of %s: cannot tell whether its domain runs (%s); disks are '
-                        'cut one by one', vm_id, problem)
             return None, 'per-disk'
         if 'p' in xen_domain_state(output, vm_id):
             # Paused by someone else: nothing runs, and our unpause would end their pause.
@@ -4438,7 +4317,7 @@ class SnapshotService(object):
             return None, 'per-disk'
         return toolstack, None
 
-    def _clone_paused(self, snapshot_id, vm_id, disks, toolstack):
+    def clone_paused(self, snapshot_id, vm_id, disks, toolstack, clone_each):
         """Clone every disk while the domain is paused -> (methods, consistency, paused_ms).
         In 'auto', a pause that fails or overruns snapshot_pause_max gives 'per-disk'."""
         always = self.config.snapshot_pause == 'always'
@@ -4459,9 +4338,9 @@ class SnapshotService(object):
                 raise ServiceFailure('cannot pause domain %s: %s' % (vm_id, exc))
             log.warning('snapshot %s: cannot pause domain %s (%s); disks are cut one by one',
                         snapshot_id, vm_id, exc)
-            return self._clone_each(snapshot_id, disks), 'per-disk', None
+            return clone_each(snapshot_id, disks), 'per-disk', None
         try:
-            methods = self._clone_each(snapshot_id, disks)
+            methods = clone_each(snapshot_id, disks)
         finally:
             self._release(pause, vm_id, expect_paused=True)
         log.info('snapshot %s: domain %s was paused for %d ms while %d disks were cloned',
@@ -4545,6 +4424,131 @@ class SnapshotService(object):
                          toolstack, output.strip() or 'exit status %d' % status)
             self.store.forget_pause(vm_id)
 
+
+class SnapshotService(object):
+    """What the API does: VMs from discovery, snapshots in the store and on the filesystem."""
+
+    def __init__(self, config, inventory, store):
+        self.folders = SnapshotFolders(store.instance_id, config.snapshot_min_free_percent,
+                                       config.demo)
+        self.config = config
+        self.inventory = inventory
+        self.store = store
+        self.vm_locks = KeyedLocks()
+        self.cut = DomainCut(config, store)
+        # Ready snapshots by id, for the disk route: SQLite stays the truth, and any write to
+        # it (create, delete, reconcile) empties this index.
+        self._ready = {}
+        self._ready_generation = None
+
+    # -- virtual machines
+    def _snapshot_ids(self, read, problems):
+        """VM listings come from the filesystem: a failed state database leaves out only the
+        snapshot ids (an empty list) and says why in `problems`."""
+        try:
+            return read()
+        except StoreError as exc:
+            log.error('listing virtual machines without their snapshots: %s', exc)
+            if problems is not None:
+                problems.append(str(exc))
+            return None
+
+    def list_vms(self, problems=None):
+        snapshot_ids = self._snapshot_ids(self.store.ready_ids_by_vm, problems) or {}
+        result = []
+        for vm in self.inventory.list_vms():
+            view = vm.to_json()
+            view['snapshots'] = snapshot_ids.get(vm.name, [])
+            result.append(view)
+        return result
+
+    def _vm_or_404(self, vm_id):
+        vm = self.inventory.get_vm(vm_id)
+        if vm is None:
+            raise NotFound('virtual machine %s not found on this host' % vm_id)
+        return vm
+
+    def get_vm(self, vm_id, problems=None):
+        view = self._vm_or_404(vm_id).to_json()
+        records = self._snapshot_ids(lambda: self.store.list_for_vm(vm_id), problems)
+        view['snapshots'] = [s['id'] for s in records or []]
+        return view
+
+    # -- snapshots
+    def _snapshot_or_404(self, vm_id, snapshot_id, what='snapshot'):
+        record = self.store.get(snapshot_id) if UUID_RE.match(snapshot_id) else None
+        if record is None or record['state'] != 'ready':
+            raise NotFound('%s %s not found' % (what, snapshot_id))
+        if record['vm_id'] != vm_id:
+            raise WrongVm('%s %s belongs to virtual machine %s, not %s'
+                          % (what, snapshot_id, record['vm_id'], vm_id))
+        return record
+
+    def create_snapshot(self, vm_id):
+        vm = self._vm_or_404(vm_id)
+        if not vm.snapshot_compatible:
+            raise InvalidRequest('virtual machine %s is not snapshot compatible: %s' % (
+                vm_id, vm.compat_reason or 'it has no data disks'))
+        snapshot_id = str(uuid.uuid4())
+        disks = []
+        for disk in vm.disks:
+            if disk.kind == 'cdrom':
+                continue
+            mountpoint = disk.repo_mountpoint
+            disks.append({'name': disk.name, 'parent_path': disk.path,
+                          'repo_mountpoint': mountpoint,
+                          'path': os.path.join(self.folders.folder(mountpoint, snapshot_id),
+                                               disk.name)})
+        with self.vm_locks.get(vm_id):
+            mountpoints = sorted(set(d['repo_mountpoint'] for d in disks))
+            self._check_mounted(mountpoints, 'no snapshot was made')
+            for disk in disks:
+                real, why = disk_file_problem(disk['parent_path'], disk['repo_mountpoint'])
+                if why:
+                    raise InvalidRequest('virtual machine %s is not snapshot compatible: disk '
+                                         '%s: %s' % (vm_id, disk['parent_path'], why))
+                disk['source'] = real
+            self.folders.check_free_space(mountpoints)
+            toolstack, consistency = self.cut.plan(vm_id, len(disks))
+            self.store.record_intent(snapshot_id, vm_id, disks)
+            try:
+                for disk in disks:
+                    self.folders.make(os.path.dirname(disk['path']))
+                paused_ms = None
+                if toolstack is None:
+                    methods = self._clone_each(snapshot_id, disks)
+                else:
+                    methods, consistency, paused_ms = self.cut.clone_paused(
+                        snapshot_id, vm_id, disks, toolstack, self._clone_each)
+                facts = {}
+                views = []
+                for disk in disks:
+                    extents, size = file_extents(disk['path'])
+                    chunks = data_chunks(extents, size)
+                    facts[disk['name']] = (size, sum(c['length'] for c in chunks),
+                                           len(chunks), methods[disk['name']])
+                    views.append(self._disk_view(snapshot_id, disk, chunks))
+                self.store.mark_ready(snapshot_id, facts, consistency, paused_ms)
+            except BaseException as exc:
+                self.undo_create(snapshot_id, disks)
+                raise self._clone_failure(exc)
+        return self._cut_fields({'id': snapshot_id, 'vm_id': vm_id, 'disks': views},
+                                consistency, paused_ms)
+
+    @staticmethod
+    def _cut_fields(view, consistency, paused_ms):
+        view['consistency'] = consistency or 'per-disk'  # older records: cut one by one
+        if consistency == 'paused' and paused_ms is not None:
+            view['paused_ms'] = paused_ms
+        return view
+
+    def _clone_each(self, snapshot_id, disks):
+        methods = {}
+        for disk in disks:
+            methods[disk['name']] = method = self.folders.copy(disk['source'], disk['path'])
+            log.info('snapshot %s: cloned %s with %s', snapshot_id, disk['parent_path'], method)
+        return methods
+
     def _check_mounted(self, mountpoints, consequence):
         problems = self.inventory.mount_problems(mountpoints)
         absent = [mp for mp in mountpoints if problems.get(mp)]
@@ -4552,7 +4556,7 @@ class SnapshotService(object):
             raise RepositoryUnavailable('repository %s cannot be used now (%s); %s' % (
                 absent[0], problems[absent[0]], consequence))
 
-    def _undo_create(self, snapshot_id, disks):
+    def undo_create(self, snapshot_id, disks):
         if self.folders.remove(snapshot_id, [d['repo_mountpoint'] for d in disks]):
             try:
                 self.store.forget(snapshot_id)
@@ -4648,7 +4652,7 @@ class SnapshotService(object):
             raise WrongVm('snapshot %s belongs to virtual machine %s, not %s'
                           % (snapshot_id, record['vm_id'], vm_id))
         with self.vm_locks.get(vm_id):
-            self._delete_record(record)
+            self.delete_record(record)
 
     def delete_all(self, vm_id):
         with self.vm_locks.get(vm_id):
@@ -4657,9 +4661,9 @@ class SnapshotService(object):
                                            for d in r['disks'])),
                                 'nothing was deleted; try again once it is mounted')
             for record in records:
-                self._delete_record(record)
+                self.delete_record(record)
 
-    def _delete_record(self, record):
+    def delete_record(self, record):
         self._check_mounted(sorted(set(d['repo_mountpoint'] for d in record['disks'])),
                             'snapshot %s was not deleted; try again once it is mounted'
                             % record['id'])
@@ -4741,53 +4745,54 @@ class SnapshotService(object):
             answer['blocks'] = blocks
         return answer
 
-    # -- crash recovery
-    def reconcile(self):
-        """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict.
-        Only what is provably gone is forgotten or deleted: a record or folder in a repository
-        that is not mounted now is kept as it is."""
-        summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
-                   'vanished': 0, 'kept_unmounted': 0}
-        all_mountpoints = set(self.store.repo_mountpoints())
-        try:
-            all_mountpoints.update(r['mount_point'] for r in self.inventory.repositories())
-        except Exception as exc:
-            log.warning('cannot list repositories while reconciling: %s', exc)
-        problems = self.inventory.mount_problems(sorted(all_mountpoints))
-        for record in self.store.list_all():
-            mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
-            absent = [mp for mp in mountpoints if problems.get(mp)]
-            if absent:
-                log.warning('keeping snapshot %s of %s (%s) as it is: repository %s cannot be '
-                            'used now (%s)', record['id'], record['vm_id'], record['state'],
-                            absent[0], problems[absent[0]])
-                summary['kept_unmounted'] += 1
-            elif record['state'] == 'creating':
-                log.warning('undoing snapshot %s of %s interrupted while being created',
-                            record['id'], record['vm_id'])
-                self._undo_create(record['id'], record['disks'])
-                summary['undone_creates'] += 1
-            elif record['state'] == 'deleting':
-                log.warning('finishing the deletion of snapshot %s', record['id'])
-                try:
-                    self._delete_record(record)
-                    summary['finished_deletes'] += 1
-                except ServiceError as exc:
-                    log.error('%s', exc.details)
-            else:
-                missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
-                if missing:
-                    log.error('snapshot %s of %s lost its files (%s); forgetting it',
-                              record['id'], record['vm_id'], ', '.join(missing))
-                    self.folders.remove(record['id'], mountpoints)
-                    self.store.forget(record['id'])
-                    summary['vanished'] += 1
-        owned = set(record['id'] for record in self.store.list_all())
-        for mountpoint in sorted(problems):
-            if problems[mountpoint]:
-                continue
-            summary['orphans_removed'] += self.folders.sweep(mountpoint, owned)
-        return summary
+
+def reconcile(service):
+    """Finish or undo what a crash interrupted; remove orphans. Returns a summary dict.
+    Only what is provably gone is forgotten or deleted: a record or folder in a repository
+    that is not mounted now is kept as it is."""
+    summary = {'undone_creates': 0, 'finished_deletes': 0, 'orphans_removed': 0,
+               'vanished': 0, 'kept_unmounted': 0}
+    all_mountpoints = set(service.store.repo_mountpoints())
+    try:
+        all_mountpoints.update(r['mount_point'] for r in service.inventory.repositories())
+    except Exception as exc:
+        log.warning('cannot list repositories while reconciling: %s', exc)
+    problems = service.inventory.mount_problems(sorted(all_mountpoints))
+    for record in service.store.list_all():
+        mountpoints = sorted(set(d['repo_mountpoint'] for d in record['disks']))
+        absent = [mp for mp in mountpoints if problems.get(mp)]
+        if absent:
+            log.warning('keeping snapshot %s of %s (%s) as it is: repository %s cannot be '
+                        'used now (%s)', record['id'], record['vm_id'], record['state'],
+                        absent[0], problems[absent[0]])
+            summary['kept_unmounted'] += 1
+        elif record['state'] == 'creating':
+            log.warning('undoing snapshot %s of %s interrupted while being created',
+                        record['id'], record['vm_id'])
+            service.undo_create(record['id'], record['disks'])
+            summary['undone_creates'] += 1
+        elif record['state'] == 'deleting':
+            log.warning('finishing the deletion of snapshot %s', record['id'])
+            try:
+                service.delete_record(record)
+                summary['finished_deletes'] += 1
+            except ServiceError as exc:
+                log.error('%s', exc.details)
+        else:
+            missing = [d['path'] for d in record['disks'] if _is_missing(d['path'])]
+            if missing:
+                log.error('snapshot %s of %s lost its files (%s); forgetting it',
+                          record['id'], record['vm_id'], ', '.join(missing))
+                service.folders.remove(record['id'], mountpoints)
+                service.store.forget(record['id'])
+                summary['vanished'] += 1
+    owned = set(record['id'] for record in service.store.list_all())
+    for mountpoint in sorted(problems):
+        if problems[mountpoint]:
+            continue
+        summary['orphans_removed'] += service.folders.sweep(mountpoint, owned)
+    return summary
+
 
 # ------------------------------------------------- authentication: JWT, Manager login, brake ---
 #
@@ -4814,10 +4819,6 @@ class SnapshotService(object):
 # (no SSLContext) ssl.wrap_socket is used (it is gone in 3.12, which always has SSLContext).
 # In both cases the peer certificate is read with getpeercert(binary_form=True) and compared
 # inside HTTPSConnection.connect(), before any byte of the request is written.
-
-
-
-
 
 
 JWT_MAX_TOKEN_LENGTH = 4096
@@ -5096,40 +5097,41 @@ class _ManagerDeadline(object):
 
 
 class _ManagerTlsCheck(object):
-    """Certificate policy for one login attempt; remembers the certificate seen."""
+    """A ManagerClient's certificate policy for one login attempt; remembers the certificate
+    seen."""
 
-    def __init__(self, endpoint, ca_file, fingerprint, pinned, tofu_path, deadline=None):
-        self.endpoint = endpoint
-        self.ca_file = ca_file
-        self.fingerprint = fingerprint
+    def __init__(self, client, pinned, deadline=None):
+        self.client = client
         self.pinned = pinned
-        self.tofu_path = tofu_path
         self.deadline = deadline
         self.seen_fingerprint = None
 
     def wrap(self, sock, host):
         # No name check, by design (see the section comment).
-        return client_tls(sock, host, self.ca_file, verify=bool(self.ca_file))
+        ca_file = self.client.ca_file
+        return client_tls(sock, host, ca_file, verify=bool(ca_file))
 
     def check_peer(self, tls_sock):
+        client = self.client
         der = tls_sock.getpeercert(True)
         if not der:
             raise ManagerUnavailable('TLS failure talking to the OVM Manager at {0}: it presented '
-                                     'no certificate'.format(self.endpoint))
+                                     'no certificate'.format(client.endpoint))
         seen = certificate_fingerprint_sha256(der)
         self.seen_fingerprint = seen
-        if self.fingerprint is not None:
-            if not constant_time_equal(seen, self.fingerprint):
+        if client.fingerprint is not None:
+            if not constant_time_equal(seen, client.fingerprint):
                 raise ManagerUnavailable(
                     'the OVM Manager at {0} presents certificate sha256 {1}, not the configured '
-                    'ovm_certificate_fingerprint {2}'.format(self.endpoint, seen, self.fingerprint))
+                    'ovm_certificate_fingerprint {2}'.format(client.endpoint, seen,
+                                                             client.fingerprint))
         elif self.pinned is not None:
             if not constant_time_equal(seen, self.pinned):
                 raise ManagerCertificateChanged(
                     'the OVM Manager at {0} now presents certificate sha256 {1}, not the one first '
                     'seen ({2}); if this change is expected, delete {3} or set '
-                    'ovm_certificate_fingerprint'.format(self.endpoint, seen, self.pinned,
-                                                         self.tofu_path))
+                    'ovm_certificate_fingerprint'.format(client.endpoint, seen, self.pinned,
+                                                         client.tofu_path))
 
 
 class _ManagerHTTPResponse(http_client.HTTPResponse):  # novm (httplib on 2)
@@ -5302,8 +5304,7 @@ class ManagerClient(object):
         pinned = self.pinned_fingerprint()
         deadline = _ManagerDeadline(self.timeout)
         try:
-            tls_check = _ManagerTlsCheck(self.endpoint, self.ca_file, self.fingerprint, pinned,
-                                         self.tofu_path, deadline)
+            tls_check = _ManagerTlsCheck(self, pinned, deadline)
             status = self._ask(tls_check, user_bytes, password_bytes)
         except Exception:
             if deadline.expired:
@@ -6976,8 +6977,8 @@ ERROR_STATUSES = (
     (LoginRefused, 401, 'Not Authorized'),
     (TooManyLogins, 429, 'Too Many Requests'),
     (ManagerUnavailable, 502, 'Bad Gateway'),
-    (StoreBusy, 503, 'Service Unavailable'),
-    (StoreFull, 507, 'Insufficient Storage'),
+    (StoreBusyError, 503, 'Service Unavailable'),
+    (StoreFullError, 507, 'Insufficient Storage'),
     (ServiceError, 500, 'Internal Server Error'),
     (StoreError, 500, 'Internal Server Error'),
 )
@@ -6993,7 +6994,7 @@ def api_error(exc):
             break
     if not isinstance(exc, StoreError):
         return ApiError(status, title, exc.details, exc.headers)
-    if isinstance(exc, StoreBusy):
+    if isinstance(exc, StoreBusyError):
         log.warning('%s', exc)
         return ApiError(status, title, str(exc),
                         {'Retry-After': '%d' % math.ceil(STORE_BUSY_TIMEOUT)})
@@ -7755,11 +7756,8 @@ def build_application(config):
 
 
 def write_pid_file(path):
-    handle = open(path, 'w')
-    try:
+    with open(path, 'w') as handle:
         handle.write('%d\n' % os.getpid())
-    finally:
-        handle.close()
 
 
 def raise_file_limit():
@@ -7780,8 +7778,8 @@ def serve(config, pid_file=None, ready=None):
     """Run the service until SIGTERM/SIGINT. `ready(server)` is called once listening.
     Returns how many connection threads did not end."""
     app, service = build_application(config)
-    service.unpause_leftovers()
-    summary = service.reconcile()
+    service.cut.unpause_leftovers()
+    summary = reconcile(service)
     if any(summary.values()):
         log.warning('start-up recovery: %s', json_dumps(summary))
     raise_file_limit()
@@ -7900,11 +7898,11 @@ def command_vms(options, args):
         config = default_config()
     inventory = build_inventory(config)
     try:
-        vms = [vm_public_fields(vm) for vm in inventory.list_vms()]
+        vms = inventory.list_vms()
     except (BerkeleyDBError, IOError, OSError) as exc:
         return cli_error('cannot list repositories: %s' % exc, 1)
     if options.json:
-        print(json.dumps(vms, indent=2, sort_keys=True))
+        print(json.dumps([vm.to_json() for vm in vms], indent=2, sort_keys=True))
     else:
         write_text(sys.stdout, format_vm_table(vms) + u'\n')
     return 0
@@ -8136,7 +8134,6 @@ def command_demo(options, args):
             return cli_error('the demo needs the openssl command to make a certificate: %s' % exc)
         password = binascii.hexlify(os.urandom(6)).decode('ascii')
         config = default_config()
-        config.demo = True
         config.values.update({
             'db_file': os.path.join(folder, 'exporter.db'),
             'ovm_fingerprint_file': os.path.join(folder, 'ovm-manager.fingerprint'),
@@ -8150,9 +8147,8 @@ def command_demo(options, args):
         setup_logging(config, options.debug)
         tls_wrap = make_server_tls(config)
         manager = start_demo_manager(tls_wrap, 'admin', password)
-        config.values['ovm_endpoint'] = 'https://127.0.0.1:%d' % manager.server_address[1]
-        config = Config(config.values, 'demo')
-        config.demo = True
+        config.values['ovm_endpoint'] = config.ovm_endpoint = (
+            'https://127.0.0.1:%d' % manager.server_address[1])
         validate_config(config)
         preflight(config)
 

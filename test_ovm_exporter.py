@@ -3016,7 +3016,7 @@ def test_probe_tells_xfs_from_plain_folder(host):
 def test_listing_matches_contract_field_by_field(host):
     inv = host_inventory(host)
     vms = inv.list_vms()
-    public = [ox.vm_public_fields(vm) for vm in vms]
+    public = [vm.to_json() for vm in vms]
     expected = host['expected']
     assert [v['name'] for v in public] == [v['name'] for v in expected]
     for got, want in zip(public, expected):
@@ -3035,44 +3035,42 @@ def test_listing_matches_contract_field_by_field(host):
 
 def test_internal_fields(host):
     inv = host_inventory(host)
-    vms = dict((vm['name'], vm) for vm in inv.list_vms())
+    vms = dict((vm.name, vm) for vm in inv.list_vms())
     std = vms['0004fb0000060000000000000000a001']
-    assert std['_repo_id'] == REPO_A
-    assert std['_config_path'] == os.path.join(host['a'], 'VirtualMachines',
-                                               '0004fb0000060000000000000000a001', 'vm.cfg')
-    assert std['_compat_reason'] == ''
-    assert [dk['_kind'] for dk in std['disks']] == ['file', 'cdrom']
-    assert [dk['_repo_mountpoint'] for dk in std['disks']] == [host['a'], host['b']]
-    assert std['disks'][1]['_object_type'] == 'ISO'
-    assert [dk['_kind'] for dk in vms['phy-vm']['disks']] == ['file', 'phy']
-    assert vms['phy-vm']['disks'][1]['_repo_mountpoint'] == ''
-    assert 'physical' in vms['phy-vm']['_compat_reason']
-    assert vms['meta-iso-vm']['disks'][1]['_kind'] == 'cdrom'
-    assert vms['symlink-vm']['disks'][0]['_repo_id'] == REPO_A
-    assert vms['b-vm']['disks'][0]['_repo_id'] == REPO_B
-    assert 'cannot clone' in vms['b-vm']['_compat_reason']
-    assert 'FICLONE failed' in vms['b-vm']['disks'][0]['_reason']
-    assert 'no data disks' in vms['cd-only-vm']['_compat_reason']
-    assert 'not in a known repository' in vms['unknown-repo-vm']['_compat_reason']
-    assert 'VM_TEMPLATE' in vms['template-vm']['_compat_reason']
-    assert vms['weird-vm']['_unparsed_disks'] == ['tap:qcow:/srv/x.qcow,xvdb,w']
+    assert std.repo_id == REPO_A
+    assert std.config_path == os.path.join(host['a'], 'VirtualMachines',
+                                           '0004fb0000060000000000000000a001', 'vm.cfg')
+    assert std.compat_reason == ''
+    assert [dk.kind for dk in std.disks] == ['file', 'cdrom']
+    assert [dk.repo_mountpoint for dk in std.disks] == [host['a'], host['b']]
+    assert std.disks[1].object_type == 'ISO'
+    assert [dk.kind for dk in vms['phy-vm'].disks] == ['file', 'phy']
+    assert vms['phy-vm'].disks[1].repo_mountpoint == ''
+    assert 'physical' in vms['phy-vm'].compat_reason
+    assert vms['meta-iso-vm'].disks[1].kind == 'cdrom'
+    assert vms['symlink-vm'].disks[0].repo_id == REPO_A
+    assert vms['b-vm'].disks[0].repo_id == REPO_B
+    assert 'cannot clone' in vms['b-vm'].compat_reason
+    assert 'FICLONE failed' in vms['b-vm'].disks[0].reason
+    assert 'no data disks' in vms['cd-only-vm'].compat_reason
+    assert 'not in a known repository' in vms['unknown-repo-vm'].compat_reason
+    assert 'VM_TEMPLATE' in vms['template-vm'].compat_reason
+    assert vms['weird-vm'].unparsed_disks == ['tap:qcow:/srv/x.qcow,xvdb,w']
     for vm in vms.values():
-        for key in vm:
-            assert key in ('friendly_name', 'name', 'uuid', 'disks', 'snapshot_compatible') or \
-                key.startswith('_')
-        assert 'snapshots' not in vm
+        assert sorted(vm.to_json()) == ['disks', 'friendly_name', 'name', 'snapshot_compatible',
+                                        'uuid']
 
 
 def test_get_vm(host):
     inv = host_inventory(host)
     vm = inv.get_vm('exa-vm-01')
-    assert vm['friendly_name'] == u'Exadata VM \u00e9'
+    assert vm.friendly_name == u'Exadata VM \u00e9'
     assert inv.get_vm('no-such-vm') is None
     assert inv.get_vm('../etc') is None
     assert inv.get_vm('bigline-vm') is None
     assert inv.get_vm('hostile-name') is None
     # the duplicate in B is not what get_vm returns
-    assert inv.get_vm('0004fb0000060000000000000000a001')['_repo_id'] == REPO_A
+    assert inv.get_vm('0004fb0000060000000000000000a001').repo_id == REPO_A
 
 
 def test_repositories_from_database(host):
@@ -3083,11 +3081,10 @@ def test_repositories_from_database(host):
                         'alias': u'R\u00e9po A', 'manager_uuid': '0004fb00000100000af70d20dcce7d65',
                         'version': '3.0', 'fs_location': '/dev/loop'}
     assert repos[1]['manager_uuid'] == '' and repos[1]['fs_location'] == ''
-    assert inv.repository_clone_support(REPO_A)[0] is True
-    assert inv.repository_clone_support(REPO_B)[0] is False
-    ok, why = inv.repository_clone_support(REPO_C)
+    assert inv.probes(repos[0])[0] is True
+    assert inv.probes(repos[1])[0] is False
+    ok, why = inv.probes(repos[2])
     assert ok is False and 'does not exist' in why
-    assert inv.repository_clone_support('nope') is None
 
 
 def test_problems_logged_once_and_others_listed(host, caplog):
@@ -3130,8 +3127,8 @@ def test_problem_logged_again_after_it_went_away(host, caplog, tmp_path):
 def test_hostile_files_never_execute(host):
     inv = host_inventory(host)
     vm = inv.get_vm('hostile-vm')
-    assert vm['friendly_name'] == 'hostile-vm'
-    assert vm['uuid'] == ''
+    assert vm.friendly_name == 'hostile-vm'
+    assert vm.uuid == ''
     assert not os.path.exists(host['marker'])
 
 
@@ -3181,7 +3178,8 @@ def probe(directory):
 loader = lambda: ox.load_repositories(None, None, args['configured'])
 inv = ox.HostInventory(loader, meta_reader, probe)
 vms = inv.list_vms()
-out = json.dumps({'vms': vms, 'again': inv.list_vms() == vms, 'reads': inv.cfg_reads,
+out = json.dumps({'vms': vms, 'public': [vm.to_json() for vm in vms],
+                  'again': inv.list_vms() == vms, 'reads': inv.vm_cfgs.reads,
                   'table': ox.format_vm_table(vms)}, sort_keys=True, indent=1, separators=(',', ': '))
 sys.stdout.write(out)
 '''
@@ -3224,8 +3222,7 @@ def test_python27_gives_identical_results(host, listing_script):
     assert result['again'] is True
     assert result['reads'] == 17  # 15 vm.cfg in A, 2 in B; once each
     # the same public answer as the in-process inventory that uses the real FICLONE probe
-    assert [ox.vm_public_fields(vm) for vm in result['vms']] == \
-        [ox.vm_public_fields(vm) for vm in json.loads(json.dumps(host_inventory(host).list_vms()))]
+    assert result['public'] == [vm.to_json() for vm in host_inventory(host).list_vms()]
     assert not os.path.exists(host['marker'])
 
 
@@ -3264,37 +3261,37 @@ def test_vm_cfg_reread_only_when_changed(tmp_path):
     inv = ox.HostInventory(lambda: ox.load_repositories(None, None, configured), json_ovsmeta_reader,
                            probe, probe_ttl=300.0, clock=clock)
     vms = inv.list_vms()
-    assert [v['name'] for v in vms] == ['vm0', 'vm1', 'vm2']
-    assert inv.cfg_reads == 3
+    assert [v.name for v in vms] == ['vm0', 'vm1', 'vm2']
+    assert inv.vm_cfgs.reads == 3
     assert calls == [repo]            # one probe for the repository, not one per disk
-    assert vms[0]['disks'][0]['snapshot_compatible'] is False
+    assert vms[0].disks[0].snapshot_compatible is False
     inv.list_vms()
     inv.get_vm('vm1')
-    assert inv.cfg_reads == 3
+    assert inv.vm_cfgs.reads == 3
     # content + size change
     cfg1 = os.path.join(repo, 'VirtualMachines', 'vm1', 'vm.cfg')
     write(cfg1, "name = 'vm1'\nOVM_simple_name = 'renamed'\ndisk = []\n")
-    assert inv.get_vm('vm1')['friendly_name'] == 'renamed'
-    assert inv.cfg_reads == 4
+    assert inv.get_vm('vm1').friendly_name == 'renamed'
+    assert inv.vm_cfgs.reads == 4
     # same size, new mtime
     write(cfg1, "name = 'vm1'\nOVM_simple_name = 'renamex'\ndisk = []\n")
     st = os.stat(cfg1)
     os.utime(cfg1, (st.st_atime, st.st_mtime + 5))
-    assert inv.get_vm('vm1')['friendly_name'] == 'renamex'
-    assert inv.cfg_reads == 5
+    assert inv.get_vm('vm1').friendly_name == 'renamex'
+    assert inv.vm_cfgs.reads == 5
     # replaced by rename (new inode, same size, same mtime)
     tmp = cfg1 + '.new'
     write(tmp, "name = 'vm1'\nOVM_simple_name = 'renamey'\ndisk = []\n")
     os.utime(tmp, (st.st_atime, st.st_mtime + 5))
     os.rename(tmp, cfg1)
-    assert inv.get_vm('vm1')['friendly_name'] == 'renamey'
-    assert inv.cfg_reads == 6
+    assert inv.get_vm('vm1').friendly_name == 'renamey'
+    assert inv.vm_cfgs.reads == 6
     # a new VM appears, one disappears: directories are re-listed every time
     make_vm(repo, 'vm3', "name = 'vm3'\n")
     shutil.rmtree(os.path.join(repo, 'VirtualMachines', 'vm0'))
-    names = sorted(v['name'] for v in inv.list_vms())
+    names = sorted(v.name for v in inv.list_vms())
     assert names == ['vm1', 'vm2', 'vm3']
-    assert inv.cfg_reads == 7
+    assert inv.vm_cfgs.reads == 7
     # probe cached for probe_ttl seconds, then re-probed
     assert calls == [repo]
     clock.now += 299
@@ -3307,9 +3304,6 @@ def test_vm_cfg_reread_only_when_changed(tmp_path):
     clock.now -= 1000
     inv.list_vms()
     assert len(calls) == 3
-    inv.reset_caches()
-    inv.list_vms()
-    assert inv.cfg_reads == 10 and len(calls) == 4
 
 
 def test_broken_cfg_parsed_once(tmp_path, caplog):
@@ -3319,12 +3313,12 @@ def test_broken_cfg_parsed_once(tmp_path, caplog):
     configured = [{'id': 'r', 'mount_point': repo}]
     inv = ox.HostInventory(lambda: ox.load_repositories(None, None, configured), json_ovsmeta_reader,
                            ficlone_probe)
-    assert [v['name'] for v in inv.list_vms()] == ['bad']
-    assert inv.cfg_reads == 1
+    assert [v.name for v in inv.list_vms()] == ['bad']
+    assert inv.vm_cfgs.reads == 1
     n = len(caplog.records)
     assert n >= 2
     inv.list_vms()
-    assert inv.cfg_reads == 1 and len(caplog.records) == n
+    assert inv.vm_cfgs.reads == 1 and len(caplog.records) == n
 
 
 def test_repository_loader_failure_keeps_last_list(tmp_path, caplog):
@@ -3355,7 +3349,7 @@ def test_unreadable_ovsmeta_ignored(tmp_path, caplog):
     inv = ox.HostInventory(lambda: ox.load_repositories(None, None, configured), json_ovsmeta_reader,
                            lambda d: (True, 'yes'))
     vm = inv.get_vm('v')
-    assert vm['snapshot_compatible'] is True
+    assert vm.snapshot_compatible is True
     assert '.ovsmeta' in caplog.text
     caplog.clear()
     inv.list_vms()
@@ -3372,8 +3366,8 @@ def test_probe_exception_means_not_compatible(tmp_path):
 
     inv = ox.HostInventory(lambda: [{'id': 'r', 'mount_point': repo}], json_ovsmeta_reader, probe)
     vm = inv.get_vm('v')
-    assert vm['snapshot_compatible'] is False
-    assert 'Permission denied' in vm['_compat_reason']
+    assert vm.snapshot_compatible is False
+    assert 'Permission denied' in vm.compat_reason
 
 
 def test_nested_mount_points_longest_prefix_wins(tmp_path):
@@ -3384,8 +3378,8 @@ def test_nested_mount_points_longest_prefix_wins(tmp_path):
     os.makedirs(inner)
     repos = [{'id': 'o', 'mount_point': outer}, {'id': 'i', 'mount_point': inner}]
     inv = ox.HostInventory(lambda: repos, json_ovsmeta_reader, lambda d: (True, 'ok'))
-    disks = inv.get_vm('v')['disks']
-    assert [dk['_repo_id'] for dk in disks] == ['i', 'o', '']
+    disks = inv.get_vm('v').disks
+    assert [dk.repo_id for dk in disks] == ['i', 'o', '']
 
 
 def test_duplicate_disk_names_in_one_vm(tmp_path):
@@ -3395,8 +3389,8 @@ def test_duplicate_disk_names_in_one_vm(tmp_path):
     inv = ox.HostInventory(lambda: [{'id': 'r', 'mount_point': repo}], json_ovsmeta_reader,
                            lambda d: (True, 'ok'))
     vm = inv.get_vm('v')
-    assert vm['snapshot_compatible'] is False
-    assert 'two disks are named x.img' in vm['_compat_reason']
+    assert vm.snapshot_compatible is False
+    assert 'two disks are named x.img' in vm.compat_reason
 
 
 # ----------------------------------------------------------------- parse_vm_cfg itself ---

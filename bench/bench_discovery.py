@@ -119,15 +119,15 @@ def main():
         vm = inventory.get_vm('0004fb00000600000000000000000500')
         get_one = time.time() - t0
         assert len(vms) == VMS and len(again) == VMS, len(vms)
-        assert all(v['snapshot_compatible'] for v in vms)
-        assert inventory.cfg_reads == VMS
-        assert vm['friendly_name'] == 'bench-vm-0500'
+        assert all(v.snapshot_compatible for v in vms)
+        assert inventory.vm_cfgs.reads == VMS
+        assert vm.friendly_name == 'bench-vm-0500'
         print('python %s: %d VMs over %d repositories in %s' % (
             sys.version.split()[0], VMS, REPOS, base))
         print('  cold list_vms: %.3f s (target < 1.5 s)' % cold)
         print('  warm list_vms: %.3f s (target < 0.3 s); mean of 10 more: %.3f s' % (warm, warm10))
         print('  warm get_vm:   %.3f s' % get_one)
-        print('  vm.cfg reads: %d, probe calls: %d' % (inventory.cfg_reads, inventory.probe_calls))
+        print('  vm.cfg reads: %d, probe calls: %d' % (inventory.vm_cfgs.reads, inventory.probes.calls))
     finally:
         shutil.rmtree(base)
 
