@@ -5568,7 +5568,11 @@ class Authenticator(object):
 # runs their TLS handshakes and reads their request heads without blocking, each within a
 # deadline, and parses the heads with bounds (parse_request_head). Complete requests go to a
 # bounded pool of worker threads, so that a connection that waits costs no thread, and no
-# client that is slow to send can hold a worker.
+# client that is slow to send can hold a worker. A small range of a snapshot the service's
+# index holds needs neither the state database nor a worker: the front end answers it itself.
+# Three layers: ExporterServer owns sockets; ExporterRequestHandler turns one connection's
+# Request into bytes on the wire and an access-log line; ApiApplication maps a Request to a
+# Response through the route table and the service, and never sees a socket.
 
 REQUEST_LINE_LIMIT = 8192
 HEADER_LINE_LIMIT = 8192
