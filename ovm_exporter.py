@@ -6027,20 +6027,17 @@ class Request(object):
         return body
 
 
-class Response(object):
+class Response(collections.namedtuple('Response',
+                                       'status headers body file parts tail closes_file')):
     """An answer: a status, header pairs, and a body of bytes or of `parts` of an open
     `file`: (part head or None, start, length) each, then `tail`. Whoever sends it closes
     it."""
+    __slots__ = ()
 
-    def __init__(self, status, headers=(), body=b'', file=None, parts=(), tail=b'',
-                 closes_file=True):
-        self.status = status
-        self.headers = headers
-        self.body = body
-        self.file = file
-        self.parts = parts
-        self.tail = tail
-        self.closes_file = closes_file
+    def __new__(cls, status, headers=(), body=b'', file=None, parts=(), tail=b'',
+                closes_file=True):
+        return super(Response, cls).__new__(cls, status, headers, body, file, parts, tail,
+                                            closes_file)
 
     @classmethod
     def json(cls, status, obj, headers=()):
@@ -6404,13 +6401,20 @@ class ExporterServer(object):
             log.debug('TLS handshake with %s failed: %s', connection.address[0], exc)
             self._close(connection)
             return
+        connection.handler = ExporterRequestHandler(connection, self)
+        self._await_request(connection)
+        self._receive(connection)
+
+    def _await_request(self, connection, register=False):
+        """The connection waits for a request, for at most idle_timeout from now."""
         now = time.time()
         connection.state = _WAITING
         connection.since = now
         connection.deadline = now + self.idle_timeout
-        connection.handler = ExporterRequestHandler(connection, self)
-        self._poller.modify(connection.fd, select.POLLIN)
-        self._receive(connection)
+        if register:
+            self._poller.register(connection.fd, select.POLLIN)
+        else:
+            self._poller.modify(connection.fd, select.POLLIN)
 
     def _receive(self, connection):
         """Read what the client sent; pass each request on once its head (and small body)
@@ -6524,11 +6528,7 @@ class ExporterServer(object):
         if not connection.keep or self._stopping:
             self._close(connection)
             return
-        now = time.time()
-        connection.state = _WAITING
-        connection.since = now
-        connection.deadline = now + self.idle_timeout
-        self._poller.modify(connection.fd, select.POLLIN)
+        self._await_request(connection)
         if polled and (connection.buffer or connection.tls.pending()):
             self._receive(connection)
 
@@ -6616,14 +6616,11 @@ class ExporterServer(object):
         with self._lock:
             returned, self._returned = self._returned, []
             self._signalled = False
-        now = time.time()
         for connection in returned:
             if connection.state != _WAITING:
                 self._close(connection)
                 continue
-            connection.since = now
-            connection.deadline = now + self.idle_timeout
-            self._poller.register(connection.fd, select.POLLIN)
+            self._await_request(connection, register=True)
             if connection.buffer or connection.tls.pending():
                 self._receive(connection)
 

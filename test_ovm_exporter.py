@@ -424,21 +424,27 @@ def certs(tmp_path_factory):
     return make_manager_certificates(str(tmp_path_factory.mktemp('manager-certs')))
 
 
+def running_manager(cert, key, **kw):
+    """A fixture's stand-in Manager: started, yielded, stopped."""
+    fake = FakeManager(cert, key, **kw)
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
 @pytest.fixture
 def manager(certs):
-    fake = FakeManager(certs['server_cert'], certs['server_key'])
-    fake.start()
-    yield fake
-    fake.stop()
+    for fake in running_manager(certs['server_cert'], certs['server_key']):
+        yield fake
 
 
 @pytest.fixture
 def other_manager(certs):
     """A second Manager on another port presenting a different self-signed certificate."""
-    fake = FakeManager(certs['other_cert'], certs['other_key'])
-    fake.start()
-    yield fake
-    fake.stop()
+    for fake in running_manager(certs['other_cert'], certs['other_key']):
+        yield fake
 
 
 TLS_PATHS = ['sslcontext'] + (['wrap_socket'] if hasattr(ssl, 'wrap_socket') else [])
@@ -646,11 +652,9 @@ class ExporterProcess(object):
 
 @pytest.fixture
 def manager_for_exporter(certs):
-    fake = FakeManager(certs['server_cert'], certs['server_key'],
-                       users={ADMIN: ADMIN_PASSWORD})
-    fake.start()
-    yield fake
-    fake.stop()
+    for fake in running_manager(certs['server_cert'], certs['server_key'],
+                                users={ADMIN: ADMIN_PASSWORD}):
+        yield fake
 
 
 @pytest.fixture
@@ -7609,16 +7613,22 @@ def test_client_download_batches_small_chunks_into_few_requests(exporter_factory
     assert exporter.log().count('/disks/%s HTTP/1.1" 206 ' % disk['name']) <= 30
 
 
+def snapshots_before_and_after_a_write(client, host):
+    """Two snapshots of the sample VM, with 8,000 bytes written at 30 MiB of its first disk
+    between them."""
+    first = client.create_snapshot(host.vm)
+    with open(host.vm_disks[0], 'r+b') as handle:
+        handle.seek(30 << 20)
+        handle.write(b'new data' * 1000)
+    return first, client.create_snapshot(host.vm)
+
+
 @pytest.mark.parametrize('python', FULL_SUITE_PYTHONS)
 def test_client_command_downloads_an_incremental_image(exporter_factory, xfs_host, tmp_path,
                                                        python):
     exporter = exporter_factory(python, repositories=xfs_host.repositories)
     client = exporter.client()
-    first = client.create_snapshot(xfs_host.vm)
-    with open(xfs_host.vm_disks[0], 'r+b') as handle:
-        handle.seek(30 << 20)
-        handle.write(b'new data' * 1000)
-    second = client.create_snapshot(xfs_host.vm)
+    first, second = snapshots_before_and_after_a_write(client, xfs_host)
     image = str(tmp_path / 'disk.img')
     env = dict(os.environ, OVM_EXPORTER_PASSWORD=ADMIN_PASSWORD)
     base = [python_path(python), EXPORTER, 'client', '--url',
@@ -9574,11 +9584,7 @@ def test_client_download_verify_repairs_an_incremental_image(exporter_factory, x
     repair (immutable) it exits non-zero."""
     exporter = exporter_factory(repositories=xfs_host.repositories)
     client = exporter.client()
-    first = client.create_snapshot(xfs_host.vm)
-    with open(xfs_host.vm_disks[0], 'r+b') as handle:
-        handle.seek(30 << 20)
-        handle.write(b'new data' * 1000)
-    second = client.create_snapshot(xfs_host.vm)
+    first, second = snapshots_before_and_after_a_write(client, xfs_host)
     image = str(tmp_path / 'disk.img')
     disk = first['disks'][0]['name']
     client.sync_disk(xfs_host.vm, first['id'], disk, image)
