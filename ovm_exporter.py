@@ -5404,8 +5404,6 @@ class LoginBrake(object):
         return stamps
 
     def _sweep(self, now):
-        self.app.close_stale_files()
-        self._budget = self._descriptor_budget()  # the limit can change under a running process
         horizon = now - self.window_seconds
         for key in list(self._failures.keys()):
             if self._failures[key][-1][0] <= horizon:
