@@ -145,11 +145,18 @@ class ManagerHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class ManagerServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # like a real Manager's; 5 (the default) drops SYNs of a crowd
+
+
 def start_manager(certs):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs['srv-pub.pem'], certs['srv-key.pem'])
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), ManagerHandler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server = ManagerServer(('127.0.0.1', 0), ManagerHandler)
+    # The handshake happens in each connection's thread (on its first read), not in accept:
+    # a crowd of logins must not queue behind one another here, or overflow the backlog.
+    server.socket = context.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.1})
     thread.daemon = True
     thread.start()
