@@ -7573,6 +7573,7 @@ class ExporterClient(object):
         if _image_checksum(image_path, size) == remote:
             return 0
         repaired = 0
+        fetching = False  # an OSError while fetching is the connection's, not the image's
         try:
             with open(image_path, 'r+b', 0) as image:  # unbuffered: blocks are rewritten by fd
                 if os.fstat(image.fileno()).st_size != size:
@@ -7580,18 +7581,24 @@ class ExporterClient(object):
                 span = block_size * CHECKSUM_MAX_BLOCKS
                 for offset in range(0, size, span):
                     length = min(span, size - offset)
+                    fetching = True
                     theirs = self.checksum(vm_id, snapshot_id, disk_name, offset, length,
                                            block_size)['blocks']
+                    fetching = False
                     ours = range_checksums(image, None, size, offset, length, block_size)[1]
                     for index in range(len(ours)):
                         if index < len(theirs) and theirs[index] == ours[index]:
                             continue
                         start = offset + index * block_size
                         count = min(block_size, size - start)
+                        fetching = True
                         data = self.read_range(vm_id, snapshot_id, disk_name, start, count)
+                        fetching = False
                         _write_at(image.fileno(), start, data)
                         repaired += count
         except (IOError, OSError) as exc:
+            if fetching:
+                raise
             raise ClientError('mismatch', 'image %s differs from disk %s of snapshot %s and '
                               'cannot be repaired: %s' % (image_path, disk_name, snapshot_id,
                                                           exc))

@@ -9619,6 +9619,31 @@ def test_client_download_verify_repairs_an_incremental_image(exporter_factory, x
         run(['chattr', '-i', image])
 
 
+
+def test_client_verify_reports_a_lost_connection_as_such(exporter_factory, xfs_host,
+                                                         tmp_path):
+    """The server goes away while a damaged image is being repaired: verify_disk raises the
+    connection's error, not "cannot be repaired" (the image itself is fine to write)."""
+    exporter = exporter_factory(repositories=xfs_host.repositories)
+    client = exporter.client()
+    made = client.create_snapshot(xfs_host.vm)
+    disk = made['disks'][0]['name']
+    image = str(tmp_path / 'disk.img')
+    client.sync_disk(xfs_host.vm, made['id'], disk, image)
+    with open(image, 'r+b') as handle:
+        handle.seek(12345)
+        handle.write(b'X')
+    read_range = client.read_range
+
+    def read_range_after_the_server_stopped(*args):
+        exporter.stop()
+        return read_range(*args)
+    client.read_range = read_range_after_the_server_stopped
+    with pytest.raises(Exception) as raised:
+        client.verify_disk(xfs_host.vm, made['id'], disk, image)
+    assert isinstance(raised.value, (OSError, http_client.HTTPException)), raised.value
+    assert 'cannot be repaired' not in str(raised.value)
+
 # ============================================== the connection layer: quick answers ===
 # Small ranges of indexed snapshots are answered by the front end itself, from disk files it
 # keeps open while the snapshots stay as they are.
