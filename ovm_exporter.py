@@ -6244,6 +6244,7 @@ class ExporterServer(object):
         self._threads = []        # the workers' threads, joined at shutdown
         self._idle_workers = 0
         self._signalled = False
+        self._signal = None       # the signal that stopped the server
         self._stopping = False
         self._connections = {}    # fd -> _Connection, all of them
         self._poller = None
@@ -6272,8 +6273,11 @@ class ExporterServer(object):
     def stopping(self):
         return self._stopping
 
-    def stop(self):
-        """Stop accepting; running transfers get SHUTDOWN_GRACE_SECONDS to finish."""
+    def stop(self, signum=None):
+        """Stop accepting; running transfers get SHUTDOWN_GRACE_SECONDS to finish. Safe in a
+        signal handler: it takes no lock and logs nothing (the handler runs in the front end's
+        thread, maybe inside a logging call: Python 2's RLock would deadlock there)."""
+        self._signal = signum
         self._stopping = True
         self._wake()
 
@@ -6709,6 +6713,9 @@ class ExporterServer(object):
         connections are cut and the workers get SHUTDOWN_CUT_SECONDS more to end. The
         interpreter must not exit under a running thread (Python 2 then prints tracebacks
         from its teardown). Returns how many workers are still running."""
+        if self._signal is not None:
+            log.info('signal %d: stopping (running transfers get %ds)', self._signal,
+                     SHUTDOWN_GRACE_SECONDS)
         self.listener.close()
         for connection in list(self._connections.values()):
             if connection.state <= _SENDING:
@@ -7792,9 +7799,7 @@ def serve(config, pid_file=None, ready=None):
     server = ExporterServer(config, app, make_server_tls(config))
 
     def stop(signum, frame):
-        log.info('signal %d: stopping (running transfers get %ds)', signum,
-                 SHUTDOWN_GRACE_SECONDS)
-        server.stop()
+        server.stop(signum)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if pid_file:
