@@ -3501,19 +3501,23 @@ def run_command(argv, timeout):
     poller.register(process.stdout.fileno(), select.POLLIN)
     try:
         while True:
+            # Past the deadline, a command that has exited is not killed: the time may have
+            # passed while this process was not running (a loaded or stopped host).
             remaining = deadline - time.time()
-            if remaining <= 0:
+            if remaining <= 0 and process.poll() is None:
                 process.kill()
                 process.wait()
                 raise ToolstackError(argv, 'did not finish within %.1fs (killed)' % timeout,
                                      _command_text(output))
             try:
-                events = poller.poll(int(remaining * 1000) + 1)
+                events = poller.poll(max(0, int(remaining * 1000) + 1))
             except (select.error, IOError, OSError) as exc:
                 if exc.args and exc.args[0] == errno.EINTR:
                     continue
                 raise
             if not events:
+                if remaining <= 0:  # it exited; whatever still holds its output is not it
+                    break
                 continue
             data = os.read(process.stdout.fileno(), 65536)
             if not data:
@@ -3522,7 +3526,7 @@ def run_command(argv, timeout):
                 output.append(data)
                 kept += len(data)
         while process.poll() is None:
-            if time.time() > deadline:
+            if time.time() > deadline and process.poll() is None:
                 process.kill()
                 process.wait()
                 raise ToolstackError(argv, 'did not exit within %.1fs (killed)' % timeout,
