@@ -5957,9 +5957,6 @@ class RequestHeaders(object):
         values = self._fields.get(name.lower())
         return list(values) if values else failobj
 
-    def getheaders(self, name):
-        return self.get_all(name, [])
-
     def items(self):
         return list(self._order)
 
